@@ -1,0 +1,332 @@
+"""Pydantic v2 models of a run's config, one per section, and the loader that reports
+bad input by file, field path and fix.
+
+The `train` section carries every argument of the FM9G usage guide's parameter list
+(参数详细介绍) under its original name.  The three guide arguments that describe the
+data (`dataset_config`, `tokenizer_path`, `max_length`) and the dataloader knobs live in
+`data`, and the model config name (`config`) lives in `model`; the loader's "did you
+mean" points there when someone writes them under `train`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the field and the fix."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterConfig(Section):
+    """Where and how the jobs run (Slurm options; the local executor ignores most)."""
+
+    partition: str | None = Field(None, description="Slurm partition (-p). None: the cluster's default partition.")
+    nodes: int = Field(1, ge=1, description="Nodes in a training stage; each node is its own single-node job.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, requested as --gres=gpu:N; also torchrun's --nproc-per-node when > 0.")
+    procs_per_node: int | None = Field(None, ge=1, description="Trainer processes per node; default: gpus_per_node, or 1 on CPU.")
+    cpus_per_task: int | None = Field(None, ge=1, description="--cpus-per-task for each node job.")
+    mem: str | None = Field(None, description="--mem, e.g. '200G'.")
+    time: str | None = Field(None, description="Walltime (--time), e.g. '2-00:00:00'.")
+    account: str | None = Field(None, description="--account.")
+    qos: str | None = Field(None, description="--qos.")
+    constraint: str | None = Field(None, description="--constraint (node features).")
+    exclude: list[str] = Field(default_factory=list, description="Nodes never to use (--exclude).")
+    extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' options, each like '--reservation=x'.")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the node agent: module load, conda/venv activation, exports. Trusted, rendered verbatim.")
+    python: str | None = Field(None, description="Python interpreter on the compute nodes; default: the one running fm9g-launch.")
+    signal_lead: int = Field(120, ge=0, description="Seconds before the walltime at which Slurm sends USR1 (--signal=B:USR1@lead) so the trainer checkpoints.")
+    requeue: bool = Field(False, description="Let Slurm requeue a job on node failure (--requeue). Off: the supervisor owns resubmission (never both).")
+
+
+class ModelConfig(Section):
+    """The architecture to build."""
+
+    config: str = Field("tiny", description="A named model config (tiny, 2.4b, 8b) or a path to a model config JSON.")
+    backend: Literal["torch", "bmtrain"] = Field("torch", description="torch: DDP (FSDP2 with fsdp=true); bmtrain: ZeRO-3, GPU only.")
+    fsdp: bool = Field(False, description="Shard parameters with FSDP2 (torch backend) for models that do not fit one device.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.")
+
+
+class DataConfig(Section):
+    """The dataset mixture, the tokenizer and the dataloader."""
+
+    dataset_config: str | None = Field(None, description="Path to the mixture JSON list (guide format: dataset_name, task_name, abs_weight, path, transforms, allow_repeat, ...).")
+    tokenizer_path: str | None = Field(None, description="sentencepiece tokenizer.model (2B) or cpm vocab.txt (8B). None: train a sentencepiece model from the data into the run directory.")
+    tokenizer_vocab_size: int = Field(2000, ge=300, description="Vocabulary size when the tokenizer is trained from the data.")
+    max_length: int = Field(4096, ge=8, description="Tokens per packed sequence.")
+    oversize_rule: Literal["segment", "drop", "head"] = Field("segment", description="What to do with a sample longer than max_length.")
+    sft: bool = Field(False, description="Chat format (<用户>…<AI>…) with loss on the answer only.")
+    dataloader_num_threads: int = Field(1, ge=1, description="Reader threads per task per worker.")
+    dataloader_prefetch: int = Field(1, ge=1, description="Slices buffered per reader.")
+    dataloader_prefetch_factor: int = Field(1, ge=1, description="torch DataLoader prefetch_factor.")
+    dataloader_num_workers: int = Field(1, ge=0, description="torch DataLoader worker processes.")
+    parallel_load_datastate: int = Field(8, ge=1, description="Threads used to load data-state files on resume.")
+
+
+class TrainConfig(Section):
+    """Every argument of the guide's parameter list, plus the optimiser knobs the FM9G
+    shell script hard-coded (seed, clip_grad, weight_decay)."""
+
+    model_unique: str = Field("", description="Run name: checkpoints, logs and TensorBoard go under runs/<model_unique>/. Empty: the config file's name.")
+    resume_ckpt: str = Field("", description="Step to resume from ('' = the latest checkpoint of this run, if any; 'none' = start fresh).")
+    flash: Literal["auto", "cuda", "none"] = Field("auto", description="Attention kernel: cuda = flash-attn varlen (needs a GPU and flash-attn), none = torch SDPA, auto = cuda when available.")
+    local: bool = Field(False, description="Kept for compatibility with the guide; the original script's two branches were identical, so it changes nothing.")
+    dataloader: Literal["indexed"] = Field("indexed", description="Only the indexed dataloader exists.")
+    save: bool = Field(True, description="Write checkpoints every save_iters and at the end.")
+    load_grad: bool = Field(True, description="On resume, load optimizer states as well as weights.")
+    grad_ckpt_num: int = Field(0, ge=0, description="Number of per-rank optimizer files in a checkpoint written by a different world size; 0 = same world size.")
+    exp_group: str = Field("", description="Prefix of the TensorBoard directory (tensorboard/<exp_group><name>).")
+    ignore_cuda_oom: bool = Field(True, description="Skip a batch that runs out of GPU memory instead of dying (GPU only).")
+    tensorboard_all_tasks: bool = Field(True, description="Log Loss/train/<task> for every task.")
+    stop_when_end: bool = Field(True, description="Stop at train_iters. False: run until the data is exhausted.")
+    only_run_dataloader: bool = Field(False, description="Only iterate the data (measure the loader); no forward/backward.")
+    eps: float | None = Field(None, gt=0, description="RMSNorm epsilon; None: the model config's value.")
+    inspect_iters: int = Field(100, ge=0, description="Every N steps log parameter/gradient statistics (0 = never).")
+    strict_state_dict: bool = Field(True, description="Loading weights requires exactly matching keys.")
+    resume_no_optimze: int = Field(0, ge=0, description="(sic, the guide's spelling) Steps after a resume with lr 0 (cosine) or a re-warmup from 0 (WSD).")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel size; only 1 is supported by the torch backend.")
+    async_save: bool = Field(False, description="Write checkpoints in a background thread.")
+    batch_size: int = Field(1, ge=1, description="Sequences of max_length packed per step per rank.")
+    save_iters: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    train_iters: int = Field(10000, ge=1, description="Total steps; also the LR schedule's end.")
+    lr: float = Field(1e-2, gt=0, description="Base learning rate (matrices get lr / scale_width under muP).")
+    warmup_iters: float = Field(20, ge=0, description="Warmup steps; a value below 1 is a fraction of train_iters.")
+    drop_iters: float = Field(0.1, ge=0, description="WSD decay length; a value below 1 is a fraction of train_iters.")
+    only_load_model: bool = Field(False, description="With resume_ckpt: load weights only and start at step 0.")
+    lr_scheduler: Literal["cosine", "warmupstabledrop", "warmupstableexp"] = Field("cosine", description="LR schedule (case-insensitive).")
+    load_dataloader_ckpt: bool = Field(True, description="On resume, restore the dataloader position so no sample is seen twice.")
+    drop_begin: int = Field(-1, description="warmupstableexp: step where the exponential decay begins (-1 = after warmup).")
+    drop_rate: float = Field(0.5, gt=0, description="warmupstableexp: lr factor per drop_iters steps.")
+    use_checkpoint: bool = Field(False, description="Activation (gradient) checkpointing of every layer.")
+    seed: int = Field(1234, description="Seed of model init, data order and dropout.")
+    clip_grad: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    log_iters: int = Field(1, ge=1, description="Log metrics every N steps.")
+    step_sleep: float = Field(0.0, ge=0, description="Seconds to sleep after each step (tests use it to make fault injection land mid-run).")
+
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def _lower_scheduler(cls, value: Any) -> Any:
+        # The guide writes "Cosine"; the original trainer compared lower-case strings.
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("tp_size")
+    @classmethod
+    def _only_tp1(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("tensor parallelism is not implemented; use tp_size: 1 (FSDP2 via model.fsdp shards large models instead)")
+        return value
+
+
+class RendezvousConfig(Section):
+    """torchrun rendezvous across the single-node jobs."""
+
+    max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts (a budget per generation).")
+    join_timeout: int = Field(600, ge=10, description="Seconds torchrun waits for all nodes to join.")
+    endpoint_timeout: int = Field(900, ge=1, description="Seconds a worker waits for the master to publish its endpoint.")
+    keep_alive_interval: int = Field(1, ge=1, description="rdzv keep-alive interval (s); small values detect a lost node fast.")
+    keep_alive_max_attempt: int = Field(3, ge=1, description="Missed keep-alives before a node counts as lost.")
+    term_grace: float = Field(3.0, ge=0, description="Seconds between SIGTERM and SIGKILL of a stale torchrun.")
+    port: int = Field(0, ge=0, le=65535, description="Store port on the master; 0 = any free port (published in endpoint.json).")
+
+
+class SuperviseConfig(Section):
+    """Retry budgets and watchdogs of the supervisor."""
+
+    infra_retries: int = Field(10, ge=0, description="Resubmissions for infrastructure failures (NODE_FAIL, PREEMPTED, TIMEOUT, ...).")
+    app_retries: int = Field(3, ge=0, description="Resubmissions for application failures (non-zero exit, comm errors).")
+    replacement_timeout: int = Field(600, ge=1, description="Seconds healthy nodes wait for a replacement before a full restart.")
+    hang_timeout: int = Field(900, ge=10, description="Seconds without step progress before the generation is restarted.")
+    stall_checkpoints: int = Field(3, ge=1, description="Stop when this many recoveries in a row did not advance the latest checkpoint.")
+    exclude_after: int = Field(2, ge=1, description="Exclude a node after this many failures on it.")
+    exclude_for: int = Field(3600, ge=1, description="Seconds a node stays excluded.")
+    poll_interval: float = Field(2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes).")
+
+
+class RunConfig(Section):
+    """A whole run."""
+
+    run_root: str = Field("runs", description="Directory that holds runs/<name>/.")
+    executor: Literal["local", "slurm"] = Field("local", description="local: processes on this machine; slurm: sbatch.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rendezvous: RendezvousConfig = Field(default_factory=RendezvousConfig)
+    supervise: SuperviseConfig = Field(default_factory=SuperviseConfig)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "RunConfig":
+        warmup = self.train.warmup_iters
+        if warmup >= 1 and warmup > self.train.train_iters:
+            raise ValueError(f"train.warmup_iters ({warmup:g}) is longer than train.train_iters ({self.train.train_iters}); lower it or give a fraction below 1")
+        return self
+
+    def run_name(self, source: Path | None) -> str:
+        """model_unique, else the config file's stem."""
+        return self.train.model_unique or (source.stem if source else "run")
+
+
+# ---------------------------------------------------------------------------- loading
+
+# Fields whose relative paths are resolved against the config file's directory.
+_PATH_FIELDS = (("data", "dataset_config"), ("data", "tokenizer_path"), ("model", "config"))
+
+
+def _all_field_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.extend(_all_field_paths(annotation, f"{prefix}{name}."))
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+def suggest(path: str) -> str | None:
+    """The closest valid dotted field name to `path`, across all sections."""
+    candidates = _all_field_paths()
+    leaf = path.rsplit(".", 1)[-1]
+    # Exact leaf in another section first (train.max_length -> data.max_length).
+    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[match[0]] if match else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        hint = suggest(loc)
+        fix = f"did you mean '{hint}'?" if hint else "remove it (see `fm9g-launch config --help` for the fields)"
+        return f"unknown key '{loc}': {fix}"
+    got = error.get("input")
+    shown = json.dumps(got, ensure_ascii=False, default=str) if not isinstance(got, dict) else "a mapping"
+    if kind == "missing":
+        return f"'{loc}' is required"
+    return f"'{loc}': {error['msg']} (got {shown})" if loc else f"{error['msg']}"
+
+
+def validate(raw: dict[str, Any], source: str) -> RunConfig:
+    """Validate a raw mapping; errors become one ConfigError naming `source` and each field."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  - {_describe(err)}" for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], value), the value parsed as a YAML scalar ('3' -> 3, 'true' -> True)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"--set {item!r}: '{key}' is not a dotted field name like train.lr")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # YAML reads 1e-4 as a string; let pydantic see a float.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        value = float(value)
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{key}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML or JSON config file into a mapping, with the line of a syntax error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass an existing file to --config (see examples/)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (cluster, model, data, train, ...), not {type(data).__name__}")
+    return data
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, field in _PATH_FIELDS:
+        node = raw.get(section)
+        if not isinstance(node, dict):
+            continue
+        value = node.get(field)
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        if section == "model" and not (value.endswith(".json") or "/" in value):
+            continue  # a named model config, not a path
+        node[field] = str((base / value).resolve())
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
+    """Load, override and validate a config; returns (config, run name)."""
+    source = Path(path) if path else None
+    raw = read_file(source) if source else {}
+    if source:
+        _resolve_paths(raw, source.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    if source is None:
+        _resolve_paths(raw, Path.cwd())
+    config = validate(raw, str(source) if source else "--set")
+    return config, config.run_name(source)
+
+
+def load_resolved(path: str | Path) -> RunConfig:
+    """Read `runs/<name>/config.yaml`, the already resolved config of a run."""
+    source = Path(path)
+    return validate(read_file(source), str(source))
+
+
+def dump(config: RunConfig) -> str:
+    """YAML text of the fully resolved config (every default spelled out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,118 @@
+"""`RunDir` owns every path under `runs/<name>/`; nobody else spells those paths.
+
+    runs/<name>/
+      config.yaml                 the resolved, validated config
+      state.db                    SQLite (WAL): stages, jobs, attempts, events
+      scripts/                    rendered scripts, one per job attempt
+      rendezvous/endpoint.json    {host, port, generation, job_id, rdzv_id}
+      logs/<stage>/<job>.out
+      heartbeats/<node>.json      last step, time, pid
+      control/                    flags the supervisor raises (checkpoint-now, done)
+      checkpoints/<step>/  checkpoints/latest
+      tensorboard/
+      metrics.jsonl
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run; cheap to build and safe to pass to any process."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | Path) -> "RunDir":
+        return cls(Path(root).resolve())
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def scripts(self) -> Path:
+        return self.root / "scripts"
+
+    @property
+    def rendezvous(self) -> Path:
+        return self.root / "rendezvous"
+
+    @property
+    def endpoint(self) -> Path:
+        return self.rendezvous / "endpoint.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def stage_logs(self, stage: str) -> Path:
+        return self.logs / stage
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.root / "heartbeats"
+
+    def heartbeat(self, node_rank: int) -> Path:
+        return self.heartbeats / f"node{node_rank}.json"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def done_flag(self) -> Path:
+        """Written by rank 0 when training finished; agents stop restarting once it exists."""
+        return self.control / "DONE"
+
+    @property
+    def checkpoint_now_flag(self) -> Path:
+        """Raised by a node agent on USR1 (preemption/walltime); ranks read it at step boundaries."""
+        return self.control / "checkpoint_now"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def indexed(self) -> Path:
+        """Index directories built by the run's `index` stage for raw datasets."""
+        return self.root / "indexed"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "supervisor.lock"
+
+    def make(self) -> "RunDir":
+        """Create the directories every stage expects."""
+        for path in (self.scripts, self.rendezvous, self.logs, self.heartbeats, self.control,
+                     self.checkpoints, self.tensorboard):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
