@@ -155,6 +155,7 @@ class SuperviseConfig(Section):
     stall_checkpoints: int = Field(3, ge=1, description="Stop when this many recoveries in a row did not advance the latest checkpoint.")
     exclude_after: int = Field(2, ge=1, description="Exclude a node after this many failures on it.")
     exclude_for: int = Field(3600, ge=1, description="Seconds a node stays excluded.")
+    repair_local: bool = Field(False, description="Repair failed nodes with the local executor too (default: a local node failure stops the run with a clear message).")
     poll_interval: float = Field(2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes).")
 
 

@@ -1,0 +1,117 @@
+"""`fm9g-launch`: the command line.  Each command reads its input, calls the library and
+returns an exit code.  Only argparse is imported up front: login nodes have slow shared
+filesystems, so torch, textual and the rest load inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Prepare data for, pretrain, fine-tune, convert and serve FM9G (九格) models on a Slurm
+cluster, or on this machine, with one command.
+
+typical session:
+  fm9g-launch pretrain --config examples/tiny/pretrain.yaml               # local, 1 node
+  fm9g-launch pretrain --nodes 4 --executor slurm --config examples/fm9g_2b/pretrain.yaml
+  fm9g-launch status                       # every run under ./runs, or one: status runs/NAME
+  fm9g-launch logs runs/NAME --role worker --node 2 -f
+  fm9g-launch cancel runs/NAME
+
+A run lives in runs/<name>/ (config.yaml, state.db, scripts/, logs/, checkpoints/,
+tensorboard/, metrics.jsonl).  Running the same command again resumes the run from its
+latest checkpoint, or reports that it is complete; it never silently starts over.
+"""
+
+RUN_EPILOG = """\
+config:
+  A YAML or JSON file with the sections cluster, model, data, train, rendezvous,
+  supervise (see examples/).  The train section takes every argument of the FM9G usage
+  guide under its original name (lr, warmup_iters, lr_scheduler, save_iters, ...).
+  --set overrides any field:  --set train.lr=3e-4 --set cluster.partition=gpu
+
+examples:
+  fm9g-launch pretrain --config examples/tiny/pretrain.yaml --nodes 2
+  fm9g-launch pretrain --config examples/fm9g_2b/pretrain.yaml --nodes 4 --executor slurm --dry-run
+  fm9g-launch sft --config examples/tiny/sft.yaml --set train.train_iters=50
+"""
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--nodes", "-N", type=int, help="nodes for the training stage (cluster.nodes)")
+    parser.add_argument("--executor", choices=["local", "slurm"],
+                        help="local: processes on this machine (default); slurm: sbatch jobs")
+    parser.add_argument("--name", help="run name (default: train.model_unique, else the config file name)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="render every script into the run directory, print where, submit nothing")
+    parser.add_argument("--detach", action="store_true",
+                        help="run the supervisor in the background and return at once")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fm9g-launch", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for name, text in (("pretrain", "pretrain a model on a dataset mixture"),
+                       ("sft", "fine-tune with the chat format (<用户>…<AI>…), loss on answers only")):
+        command = sub.add_parser(name, help=text, description=text, epilog=RUN_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_run_options(command)
+
+    resume = sub.add_parser("resume", help="re-adopt a run after the supervisor or the login session died",
+                            description="Re-adopt the jobs of a run by their ids and supervise it to the end.")
+    resume.add_argument("run", type=Path, help="the run directory (runs/NAME)")
+    resume.add_argument("--detach", action="store_true", help="supervise in the background")
+    resume.add_argument("--no-progress", dest="progress", action="store_false")
+
+    index = sub.add_parser("index", help="turn txt/jsonl data into an FM9G index directory",
+                           description="txt or jsonl (a file or a directory) -> data.jsonl, index, index.h5, meta.json, "
+                                       "the format of the guide's convert_json2index.py.")
+    index.add_argument("path", type=Path, help="a .jsonl/.txt file or a directory of them")
+    index.add_argument("--output", "-o", type=Path, required=True, help="index directory to create (not the input directory)")
+    index.add_argument("--language", choices=["zh", "en", "code"], default="zh",
+                       help="token estimate rule when no tokenizer is given (zh: 0.7/char, en: 1.5/word)")
+    index.add_argument("--tokenizer", type=Path, help="count tokens with this tokenizer.model / vocab.txt")
+    index.add_argument("--processes", "-j", type=int, default=1, help="worker processes (default 1)")
+    index.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                       help="fail (default): stop at the first bad line, naming file:line; skip: drop bad lines and count them")
+    index.add_argument("--no-progress", dest="progress", action="store_false")
+
+    status = sub.add_parser("status", help="show runs, their jobs, and training progress (reads state, never polls Slurm)")
+    status.add_argument("run", nargs="?", type=Path, help="a run directory (default: every run under ./runs)")
+    status.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/status-schema.md)")
+    status.add_argument("--failures", action="store_true", help="the recovery timeline of every failure")
+    status.add_argument("--runs-root", type=Path, default=Path("runs"), help="where runs live (default ./runs)")
+
+    logs = sub.add_parser("logs", help="print or follow a job's log")
+    logs.add_argument("run", type=Path)
+    logs.add_argument("--role", choices=["master", "worker"], default="master")
+    logs.add_argument("--node", type=int, help="node rank (default: 0 for the master, 1 for workers)")
+    logs.add_argument("--stage", default="train")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
+
+    cancel = sub.add_parser("cancel", help="cancel a run's jobs (or one job)")
+    cancel.add_argument("run", type=Path)
+    cancel.add_argument("--job", help="cancel only this job id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from fm9g.orchestrator.commands import dispatch
+
+    return dispatch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

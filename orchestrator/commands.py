@@ -1,0 +1,149 @@
+"""The body of each CLI command: read input, call the library, close in `finally`.
+Errors of every layer become one line on stderr with a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fm9g.orchestrator.config import ConfigError
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.launch import LaunchError
+
+    handlers = {"pretrain": run_launch, "sft": run_launch, "resume": run_resume, "index": run_index,
+                "status": run_status, "logs": run_logs, "cancel": run_cancel}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, LaunchError) as exc:
+        print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them", file=sys.stderr)
+        return 130
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.launch import LaunchOptions, launch
+
+    options = LaunchOptions(config_path=args.config, overrides=args.overrides, nodes=args.nodes,
+                            executor=args.executor, name=args.name, dry_run=args.dry_run, detach=args.detach,
+                            sft=args.command == "sft", progress=args.progress)
+    return launch(options)
+
+
+def _run_dir(path: Path) -> "RunDir":  # noqa: F821
+    from fm9g.orchestrator.launch import LaunchError
+    from fm9g.orchestrator.rundir import RunDir
+
+    run = RunDir.of(path)
+    if not run.config.exists():
+        candidate = RunDir.of(Path("runs") / path)
+        if candidate.config.exists():
+            return candidate
+        raise LaunchError(f"{path} is not a run directory (no config.yaml); runs live under ./runs/<name>")
+    return run
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.launch import SupervisorLock, detach, say, supervise
+
+    run = _run_dir(args.run)
+    lock = SupervisorLock(run)
+    lock.acquire()
+    if args.detach:
+        lock.release()
+        return detach(run)
+    try:
+        say(f"resuming run {run.name}")
+        return supervise(run, progress=args.progress)
+    finally:
+        lock.release()
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from fm9g.data.indexer import build_index
+    from fm9g.data.progress import ProgressBar
+
+    if args.output.resolve() == args.path.resolve() or (args.path.is_dir() and args.output.resolve() == args.path.resolve()):
+        raise ConfigError(f"--output {args.output} is the input; write the index to a different directory")
+    try:
+        with ProgressBar(f"index {args.path.name}", enabled=args.progress) as bar:
+            result = build_index(args.path, args.output, language=args.language, tokenizer=args.tokenizer,
+                                 processes=args.processes, on_error=args.on_error, progress=bar.update)
+    except Exception as exc:
+        if type(exc).__name__ == "DataError":
+            print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {args.output}")
+    skipped = getattr(result, "skipped", None)
+    if skipped:
+        for name, count in skipped.items():
+            print(f"  skipped {count} bad lines in {name}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator import status
+
+    runs = [_run_dir(args.run)] if args.run else status.find_runs(args.runs_root)
+    if args.json:
+        print(status.render_json(runs))
+        return 0
+    if args.failures:
+        status.print_failures(runs)
+        return 0
+    status.print_tables(runs)
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.state import StateStore
+
+    run = _run_dir(args.run)
+    node = args.node if args.node is not None else (0 if args.role == "master" else 1)
+    store = StateStore(run.state_db, readonly=True)
+    try:
+        rows = [r for r in store.jobs(args.stage) if r.role == args.role and r.node_rank == node]
+    finally:
+        store.close()
+    if not rows:
+        raise ConfigError(f"no {args.role} job for node {node} in stage {args.stage} of {run.name}")
+    path = Path(rows[-1].log)
+    follow_log(path, follow=args.follow)
+    return 0
+
+
+def follow_log(path: Path, follow: bool, interval: float = 0.5) -> None:
+    """Print a log; with follow, keep printing as it grows and start over if it shrinks."""
+    position = 0
+    while True:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < position:  # truncated or rotated
+            position = 0
+        if size > position:
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                chunk = handle.read(size - position)
+            position = size
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        if not follow:
+            return
+        time.sleep(interval)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.actions import cancel_run
+
+    run = _run_dir(args.run)
+    cancelled = cancel_run(run, job_id=args.job)
+    print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled) or '-'}")
+    return 0

@@ -1,0 +1,103 @@
+"""`LocalExecutor`: runs the same rendered node scripts as local processes, with the
+SLURM_* variables a job would see, so a laptop runs exactly what a cluster would.
+
+Each job is `bash SCRIPT` under a small wrapper that records the exit code in
+`<log>.rc` (written atomically), so another fm9g-launch process (status, cancel,
+resume) can tell a finished job from a killed one.  Job ids are the wrapper's pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from fm9g.orchestrator.executors.base import JobStatus
+
+# Runs the script, then writes its exit code next to the log (temp name + rename).
+_WRAPPER = 'bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$rc"'
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self) -> None:
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._rc_files: dict[str, Path] = {}
+        self._started: dict[str, float] = {}
+
+    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        rc_file = log.with_name(log.name + ".rc")
+        rc_file.unlink(missing_ok=True)
+        job_env = dict(os.environ)
+        job_env.update({
+            "SLURM_JOB_NAME": tag, "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURMD_NODENAME": "localhost", "SLURM_RESTART_COUNT": "0", "SLURM_SUBMIT_DIR": os.getcwd(),
+            # Local nodes all live on loopback; torchrun must not guess an external address.
+            "FM9G_HOST": "127.0.0.1",
+        })
+        job_env.update(env or {})
+        with open(log, "ab") as out:
+            child = subprocess.Popen(["bash", "-c", _WRAPPER, "fm9g-local-job", str(script), str(rc_file)],
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=job_env, start_new_session=True)
+        job_id = str(child.pid)
+        job_env["SLURM_JOB_ID"] = job_id
+        self._children[job_id] = child
+        self._rc_files[job_id] = rc_file
+        self._started[job_id] = time.time()
+        return job_id
+
+    def track(self, job_id: str, log: Path) -> None:
+        """Adopt a job started by another fm9g-launch process (resume, status)."""
+        self._rc_files.setdefault(job_id, log.with_name(log.name + ".rc"))
+
+    def _status(self, job_id: str) -> JobStatus:
+        child = self._children.get(job_id)
+        if child is not None:
+            child.poll()  # reap, so a dead child is not a zombie that looks alive
+        rc_file = self._rc_files.get(job_id)
+        if rc_file is not None and rc_file.exists():
+            try:
+                code = int(rc_file.read_text().strip())
+            except ValueError:
+                return JobStatus("UNKNOWN")
+            return JobStatus("COMPLETED" if code == 0 else "FAILED", exit_code=code, node="localhost",
+                             ended_at=rc_file.stat().st_mtime, started_at=self._started.get(job_id))
+        if _alive(int(job_id)):
+            return JobStatus("RUNNING", node="localhost", started_at=self._started.get(job_id))
+        if rc_file is None:
+            return JobStatus("UNKNOWN")
+        # Gone without writing its exit code: the wrapper itself was killed.
+        return JobStatus("CANCELLED", node="localhost", reason="process killed", ended_at=time.time())
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        return {job_id: self._status(job_id) for job_id in job_ids}
+
+    def cancel(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                os.killpg(int(job_id), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError, ValueError):
+                continue
+
+    def kill(self, job_id: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a job's whole process group (tests use it to simulate a lost node)."""
+        os.killpg(int(job_id), sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True

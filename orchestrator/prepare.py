@@ -1,0 +1,113 @@
+"""The stages that run on the login node before training: index every dataset of the
+mixture that is not indexed yet, and train the tokenizer when none is given.
+
+Both write their results into the run directory and rewrite the run's config to point
+at them, so the training stage reads only finished, indexed data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fm9g.orchestrator.atomic import write_json
+from fm9g.orchestrator.config import ConfigError, RunConfig
+from fm9g.orchestrator.rundir import RunDir
+from fm9g.orchestrator.state import StateStore
+
+Say = Callable[[str], None]
+
+
+def _mixture_entries(config: RunConfig) -> tuple[Path, list[dict]]:
+    if not config.data.dataset_config:
+        raise ConfigError("data.dataset_config is not set: point it at a mixture JSON list (see examples/tiny/mixture.json)")
+    path = Path(config.data.dataset_config)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"data.dataset_config: {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if isinstance(entries, dict):  # the GUI wrapper of the original wrote a single dict
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: a mixture is a JSON list of datasets, got {type(entries).__name__}")
+    return path, entries
+
+
+def index_stage_names(config: RunConfig) -> list[str]:
+    """Names of the index stages this run needs (one per raw dataset)."""
+    from fm9g.data.mixture import needs_index, load_mixture
+
+    path, _ = _mixture_entries(config)
+    mixture = load_mixture(path, path.parent, require_indexed=False)
+    return [f"index:{task.task_name}" for task in mixture.tasks if needs_index(task)]
+
+
+def index_datasets(config: RunConfig, run: RunDir, store: StateStore, say: Say, progress: bool = True) -> Path:
+    """Index raw datasets into the run, write the resolved mixture, return its path."""
+    from fm9g.data.indexer import build_index
+    from fm9g.data.mixture import load_mixture, needs_index
+    from fm9g.data.progress import ProgressBar
+
+    path, entries = _mixture_entries(config)
+    mixture = load_mixture(path, path.parent, require_indexed=False)
+    resolved = []
+    for entry, task in zip(entries, mixture.tasks):
+        entry = dict(entry)
+        entry["path"] = str(task.path)
+        if task.transforms:
+            entry["transforms"] = str(task.transforms)
+        if needs_index(task):
+            stage = f"index:{task.task_name}"
+            output = run.indexed / task.task_name
+            store.upsert_stage(stage, "index")
+            if (output / "meta.json").exists():
+                store.set_stage(stage, "SKIPPED", detail=f"already indexed: {output}")
+            else:
+                store.set_stage(stage, "RUNNING", detail=f"{task.path} -> {output}")
+                say(f"indexing {task.path} -> {output}")
+
+                def report(done: int, total: int, stage: str = stage) -> None:
+                    store.set_stage_progress(stage, done / total if total else 1.0)
+
+                with ProgressBar(f"index {task.task_name}", enabled=progress) as bar:
+                    result = build_index(task.path, output, language=getattr(task, "language", None) or "zh",
+                                         processes=1, cache_dir=run.indexed / ".cache",
+                                         progress=lambda d, t: (bar.update(d, t), report(d, t)))
+                store.set_stage(stage, "COMPLETED", detail=f"{result.nlines} lines", progress=1.0)
+            entry["path"] = str(output)
+        resolved.append(entry)
+    out = run.root / "mixture.json"
+    write_json(out, resolved)
+    return out
+
+
+def train_tokenizer(config: RunConfig, run: RunDir, store: StateStore, say: Say) -> Path:
+    """Train a sentencepiece model from the (indexed) mixture into the run directory."""
+    from fm9g.data.reader import IndexedDataset
+    from fm9g.data.tokenizer import train_sentencepiece
+
+    target = run.tokenizer_dir / "tokenizer.model"
+    store.upsert_stage("tokenizer", "tokenizer")
+    if target.exists():
+        store.set_stage("tokenizer", "SKIPPED", detail=str(target))
+        return target
+    store.set_stage("tokenizer", "RUNNING")
+    _, entries = _mixture_entries(config)
+
+    def texts() -> object:
+        for entry in entries:
+            dataset = IndexedDataset(Path(entry["path"]))
+            for i in range(len(dataset)):
+                record = dataset.get_json(i)
+                for key in ("input", "output"):
+                    value = record.get(key)
+                    if isinstance(value, str) and value:
+                        yield value
+
+    say(f"training a sentencepiece tokenizer (vocab {config.data.tokenizer_vocab_size}) -> {target}")
+    train_sentencepiece(texts(), target, config.data.tokenizer_vocab_size)
+    store.set_stage("tokenizer", "COMPLETED", detail=str(target), progress=1.0)
+    return target
