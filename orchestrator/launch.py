@@ -51,7 +51,16 @@ def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str]:
     if options.sft:
         overrides.append("data.sft=true")
     config, name = config_mod.load(options.config_path, overrides)
-    return config, options.name or name
+    name = options.name or name
+    check_run_name(name)
+    return config, name
+
+
+def check_run_name(name: str) -> None:
+    """A run name becomes one directory under run_root: no '/', no '..', nothing hidden."""
+    if not name or "/" in name or "\0" in name or name in (".", "..") or name.startswith((".", "-")):
+        raise ConfigError(f"run name {name!r} cannot be a directory name under runs/: use letters, digits, "
+                          f"'-', '_' or '.' (no '/', not starting with '.' or '-'), via --name or train.model_unique")
 
 
 class SupervisorLock:
