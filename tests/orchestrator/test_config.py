@@ -1,0 +1,98 @@
+"""Config loading: bad input is reported by file, field and fix; overrides work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fm9g.orchestrator import config as cfg
+from fm9g.orchestrator.config import ConfigError
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lrr: 0.1\n  warmup_iter: 3\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "unknown key 'train.lrr'" in message and "did you mean 'train.lr'" in message
+    assert "did you mean 'train.warmup_iters'" in message
+
+
+def test_key_in_wrong_section_points_to_the_right_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  max_length: 512\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'data.max_length'"):
+        cfg.load(path)
+
+
+def test_wrong_type_says_what_was_expected(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.json", '{"cluster": {"nodes": "four"}}')
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    assert "'cluster.nodes'" in str(info.value) and "integer" in str(info.value) and '"four"' in str(info.value)
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+:\d+: invalid YAML"):
+        cfg.load(path)
+
+
+def test_overrides_win_and_parse_scalars(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lr: 0.1\n")
+    config, name = cfg.load(path, ["train.lr=3e-4", "cluster.nodes=4", "train.use_checkpoint=true",
+                                   "cluster.exclude=[node1, node2]"])
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.cluster.nodes == 4 and config.train.use_checkpoint is True
+    assert config.cluster.exclude == ["node1", "node2"]
+    assert name == "run"
+
+
+def test_override_of_unknown_field_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'cluster.partion'.*cluster.partition"):
+        cfg.load(None, ["cluster.partion=gpu"])
+
+
+def test_guide_scheduler_spelling_is_accepted() -> None:
+    config, _ = cfg.load(None, ["train.lr_scheduler=Cosine"])
+    assert config.train.lr_scheduler == "cosine"
+
+
+def test_every_guide_argument_is_a_field() -> None:
+    guide = ["model_unique", "resume_ckpt", "flash", "local", "dataloader", "save", "load_grad", "grad_ckpt_num",
+             "exp_group", "ignore_cuda_oom", "tensorboard_all_tasks", "stop_when_end", "only_run_dataloader", "eps",
+             "inspect_iters", "strict_state_dict", "resume_no_optimze", "tp_size", "async_save", "batch_size",
+             "save_iters", "train_iters", "lr", "warmup_iters", "drop_iters", "only_load_model", "lr_scheduler",
+             "load_dataloader_ckpt", "drop_begin", "drop_rate", "use_checkpoint"]
+    data_args = ["max_length", "tokenizer_path", "dataset_config", "dataloader_num_threads", "dataloader_prefetch",
+                 "dataloader_prefetch_factor", "dataloader_num_workers", "parallel_load_datastate"]
+    assert not [a for a in guide if a not in cfg.TrainConfig.model_fields]
+    assert not [a for a in data_args if a not in cfg.DataConfig.model_fields]
+    assert "config" in cfg.ModelConfig.model_fields
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    path = write(sub, "run.yaml", "data:\n  dataset_config: mix.json\nmodel:\n  config: tiny\n")
+    config, _ = cfg.load(path)
+    assert config.data.dataset_config == str(sub / "mix.json")
+    assert config.model.config == "tiny"
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config, _ = cfg.load(None, ["train.lr=0.5", "cluster.setup=['module load cuda']"])
+    path = write(tmp_path, "config.yaml", cfg.dump(config))
+    assert cfg.load_resolved(path) == config
+
+
+def test_tp_size_above_one_is_rejected_with_reason() -> None:
+    with pytest.raises(ConfigError, match="tensor parallelism is not implemented"):
+        cfg.load(None, ["train.tp_size=2"])

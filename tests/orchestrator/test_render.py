@@ -1,0 +1,84 @@
+"""Rendered node scripts: quoted, syntactically valid, stable (golden files)."""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fm9g.orchestrator.config import ClusterConfig, ConfigError
+from fm9g.orchestrator.render import NodeJob, render_node, slug
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
+
+
+def node_job(role: str = "master", rank: int = 0, name: str = "demo", run_dir: str = "/shared/runs/demo") -> NodeJob:
+    return NodeJob(run_name=name, run_dir=run_dir, stage="train", role=role, node_rank=rank, attempt=1, generation=0,  # type: ignore[arg-type]
+                   python="/opt/venv/bin/python", config_hash="0123456789ab")
+
+
+def full_cluster() -> ClusterConfig:
+    return ClusterConfig(partition="gpu", nodes=4, gpus_per_node=8, cpus_per_task=64, time="2-00:00:00",
+                         account="proj1", qos="high", constraint="a100", exclude=["g3001", "g3002"],
+                         extra_sbatch=["--reservation=llm"], mem="500G",
+                         setup=["module load cuda/12.1", "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN"])
+
+
+def check_golden(name: str, text: str, regen: bool) -> None:
+    path = GOLDEN / name
+    if regen or not path.exists():
+        path.write_text(text)
+        if not regen:
+            pytest.fail(f"{path} did not exist; written now, review and commit it")
+        return
+    expected = path.read_text()
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
+        pytest.fail(f"rendered script differs from {path} (rerun with --regen-golden if intended):\n{diff}")
+
+
+@pytest.mark.parametrize("role,rank", [("master", 0), ("worker", 1)])
+def test_golden_scripts(role: str, rank: int, request: pytest.FixtureRequest) -> None:
+    text = render_node(node_job(role, rank), full_cluster())
+    check_golden(f"{role}.sbatch", text, request.config.getoption("--regen-golden"))
+
+
+def test_every_option_reaches_the_script() -> None:
+    text = render_node(node_job(), full_cluster())
+    for flag in ("--partition=gpu", "--account=proj1", "--qos=high", "--gres=gpu:8", "--constraint=a100",
+                 "--exclude=g3001,g3002", "--time=2-00:00:00", "--cpus-per-task=64", "--mem=500G",
+                 "--reservation=llm", "--open-mode=append", "--signal=B:USR1@120", "--no-requeue"):
+        assert f"#SBATCH {flag}\n" in text
+    assert "module load cuda/12.1\n" in text and "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in text
+    sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch_lines == sorted(sbatch_lines)
+
+
+def test_hostile_run_name_injects_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / HOSTILE
+    run_dir.mkdir()
+    text = render_node(node_job(name=HOSTILE, run_dir=str(run_dir)), ClusterConfig())
+    script = tmp_path / "job.sh"
+    # Replace the final exec with a probe that prints what the agent would receive.
+    probe = text.replace("exec ", "printf '%s\\n' ", 1)
+    script.write_text(probe)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert str(run_dir) in out.splitlines()  # the path arrived as one word, unchanged
+    assert not (tmp_path / "PWNED").exists()
+    for line in text.splitlines():
+        if line.startswith("#SBATCH"):
+            assert "$(" not in line and "`" not in line and " " not in line.removeprefix("#SBATCH ")
+
+
+def test_sbatch_value_with_whitespace_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cluster.partition"):
+        render_node(node_job(), ClusterConfig(partition="gpu --wrap=x"))
+
+
+def test_slug_keeps_distinct_names_distinct() -> None:
+    assert slug("a b") != slug("a_b")
+    assert slug("plain-name_1.0") == "plain-name_1.0"
