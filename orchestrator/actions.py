@@ -36,3 +36,18 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> list[str]:
         return ids
     finally:
         store.close()
+
+
+def resubmit_failed(run: RunDir) -> str:
+    """Resubmit a run's failed nodes: start a detached supervisor (`fm9g-launch resume
+    --detach`), which re-adopts live jobs and submits what is missing."""
+    import subprocess
+    import sys
+
+    if not run.state_db.exists():
+        raise ValueError(f"{run.root} has no state.db: nothing to resubmit")
+    result = subprocess.run([sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--detach"],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip() or result.stdout.strip())
+    return result.stdout.strip()
