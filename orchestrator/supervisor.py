@@ -125,6 +125,12 @@ class TrainSupervisor:
     def start(self) -> None:
         """Submit every node that has no live job (a fresh stage, or a continue)."""
         self.store.upsert_stage(STAGE, "train")
+        previous = self.store.stage(STAGE)
+        if previous is not None and previous.status in ("FAILED", "CANCELLED"):
+            # A person restarted a stopped run: its retry budgets start afresh.
+            self.store.set_meta("retries_used", {})
+            self.store.set_meta("checkpoint_at_failure", [])
+            self.store.event("restart", f"restarting a {previous.status.lower()} training stage", stage=STAGE)
         rows = self.latest_rows()
         live = {rank for rank, row in rows.items() if row.live}
         if len(live) == self.config.cluster.nodes:
