@@ -118,6 +118,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     log_iters: int = Field(1, ge=1, description="Log metrics every N steps.")
     step_sleep: float = Field(0.0, ge=0, description="Seconds to sleep after each step (tests use it to make fault injection land mid-run).")
+    max_session_steps: int = Field(0, ge=0, description="Checkpoint and exit (without DONE, like checkpoint-now) after this many steps of one trainer session; 0 = no limit. For time-boxed allocations and resume tests.")
+    keep_checkpoints: int = Field(0, ge=0, description="Keep only the newest N complete checkpoints (0 = keep all).")
+    peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s of one device for the MFU figure; None: a table of known GPUs (H100/H200/A100/...), and no MFU on CPU.")
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL",
-                             "PREEMPTED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+                             "PREEMPTED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED"})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fm9g.launchers import protocol
@@ -171,6 +171,12 @@ class TrainSupervisor:
 
     def update_row(self, row: JobRow, status: JobStatus) -> bool:
         fields: dict[str, object] = {}
+        if self.config.cluster.requeue and status.state in ("NODE_FAIL", "PREEMPTED"):
+            # Slurm owns requeue for this run (--requeue): the same job id comes back by
+            # itself, so this end is not final and must not be repaired a second time.
+            status = replace(status, state="REQUEUED", reason=f"{status.state}, Slurm requeues it")
+        if row.state == "RUNNING" and status.state in ("PENDING", "REQUEUED") and status.restarts <= row.restarts:
+            status = replace(status, restarts=row.restarts + 1)
         if status.restarts > row.restarts:
             # Slurm requeued this job by itself (NODE_FAIL + requeue): same id, it comes
             # back on its own; resubmitting too would give two masters.
