@@ -1,0 +1,72 @@
+"""`SlurmExecutor`: submits rendered scripts with sbatch and polls every live job with one
+squeue call per tick; sacct, bounded by a start time, only for jobs that left the queue.
+
+A failed squeue raises PollError (the tick is skipped); a job missing from both squeue
+and sacct (accounting lags slurmctld by seconds) is UNKNOWN, never FAILED.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from fm9g.orchestrator.executors.base import JobStatus
+from fm9g.orchestrator.slurm import commands
+from fm9g.orchestrator.slurm.parse import SacctRow, SqueueRow
+from fm9g.orchestrator.supervisor import PollError
+
+
+def _from_squeue(row: SqueueRow, now: float) -> JobStatus:
+    started = now - row.elapsed.total_seconds() if row.elapsed and row.state.value in ("RUNNING", "COMPLETING") else None
+    return JobStatus(row.state.value, node=row.batch_host or row.nodes, reason=row.reason, started_at=started)
+
+
+def _from_sacct(row: SacctRow) -> JobStatus:
+    # A job killed by a signal reports 0:<signal>; a shell would call that 128+signal.
+    code = row.exit_code if not row.signal else 128 + row.signal
+    return JobStatus(row.state.value, exit_code=code, node=row.node_list, restarts=row.restarts,
+                     started_at=row.start.timestamp() if row.start else None,
+                     ended_at=row.end.timestamp() if row.end else None)
+
+
+class SlurmExecutor:
+    name = "slurm"
+
+    def __init__(self, client: commands.SlurmClient | None = None, since: datetime | None = None) -> None:
+        self.client = client or commands.SlurmClient()
+        # sacct only searches from here on: a bounded query stays cheap for slurmdbd.
+        self.since = since or datetime.now() - timedelta(days=2)
+
+    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # '%' starts a filename pattern for sbatch (%j, %N); a literal one is '%%'.
+        output = str(log).replace("%", "%%")
+        job_id = self.client.submit(script, extra_args=[f"--output={output}", f"--error={output}"], env=env)
+        return str(job_id)
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        ids = [int(job_id) for job_id in job_ids]
+        try:
+            queued = self.client.squeue(ids)
+        except commands.PollError as exc:
+            raise PollError(str(exc)) from None
+        now = time.time()
+        result = {str(job_id): _from_squeue(row, now) for job_id, row in queued.items()}
+        gone = [job_id for job_id in ids if job_id not in queued]
+        if gone:
+            try:
+                accounted = self.client.sacct(gone, self.since)
+            except commands.PollError:
+                accounted = {}
+            for job_id in gone:
+                row = accounted.get(job_id)
+                result[str(job_id)] = _from_sacct(row) if row is not None else JobStatus("UNKNOWN")
+        return result
+
+    def cancel(self, job_ids: list[str]) -> None:
+        self.client.cancel(int(job_id) for job_id in job_ids)
+
+    def signal(self, job_id: str, signal: str, batch_only: bool = True) -> None:
+        """Send a signal (e.g. USR1) to a job's batch shell, as Slurm does before the walltime."""
+        self.client.cancel([int(job_id)], signal=signal, batch_only=batch_only)
