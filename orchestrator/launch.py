@@ -178,17 +178,40 @@ def detach(run: RunDir) -> int:
     return 0
 
 
+def preflight(config: RunConfig, run: RunDir) -> list[str]:
+    """Checks against the cluster before anything waits in the queue (Slurm only)."""
+    if config.executor != "slurm":
+        return []
+    from fm9g.orchestrator.slurm import preflight as slurm_preflight
+    from fm9g.orchestrator.slurm.commands import SlurmClient
+
+    python = Path(config.cluster.python or sys.executable)
+    paths = [("cluster.python", python), ("run directory", run.root)]
+    for label, value in (("data.dataset_config", config.data.dataset_config), ("data.tokenizer_path", config.data.tokenizer_path)):
+        if value:
+            paths.append((label, Path(value)))
+    try:
+        return slurm_preflight.check(config.cluster.partition, config.cluster.nodes, config.cluster.gpus_per_node,
+                                     paths, SlurmClient(), exclude=config.cluster.exclude)
+    except slurm_preflight.PreflightError as exc:
+        raise ConfigError(f"not submitted: {exc}") from None
+
+
 def supervise(run: RunDir, progress: bool = True) -> int:
-    """Prepare the data and tokenizer, then run the training stage to its end."""
+    """Check, prepare the data and tokenizer, then run the training stage to its end."""
     from fm9g.orchestrator import prepare
     from fm9g.orchestrator.executors import make_executor
     from fm9g.orchestrator.supervisor import TrainSupervisor
 
     config = config_mod.load_resolved(run.config)
+    for warning in preflight(config, run):
+        say(f"warning: {warning}")
     store = StateStore(run.state_db)
     store.set_meta("owner", os.environ.get("USER") or str(os.getuid()))
     store.set_meta("executor", config.executor)
     store.set_meta("nodes", config.cluster.nodes)
+    if store.meta("created_at") is None:
+        store.set_meta("created_at", time.time())
     started = time.time()
     try:
         try:
@@ -203,11 +226,7 @@ def supervise(run: RunDir, progress: bool = True) -> int:
                 raise ConfigError(str(exc)) from None
             raise
         write_text(run.config, config_mod.dump(config))
-        if config.executor == "slurm":
-            from fm9g.orchestrator.slurm.preflight import check_run
-            for warning in check_run(config, run):
-                say(f"warning: {warning}")
-        executor = make_executor(config.executor)
+        executor = make_executor(config.executor, since=store.meta("created_at"))
         supervisor = TrainSupervisor(run, config, store, executor, say=say,
                                      repair=config.executor == "slurm" or config.supervise.repair_local,
                                      python=config.cluster.python or sys.executable)
