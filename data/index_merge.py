@@ -1,0 +1,292 @@
+"""Merge indexed shards into the final index directory.
+
+The index directory holds data.jsonl (the kept input lines, byte for byte, each
+ending in \\n), `index` (text, N+1 line bounds starting at 0, one per line),
+index.h5 (dataset "index", int64, the same bounds) and meta.json. It is assembled in a
+temporary directory next to the output; an existing output is swapped out only when
+the new one is complete, and only if it looks like an index (never a user's folder).
+
+Each shard's bytes are copied into place at its final offset with copy_file_range
+(in the kernel, no Python buffers), so the copy of several shards can run in
+parallel. Run the merge of a Slurm array build as
+`python -m fm9g.data.index_merge --plan PLAN.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from fm9g.data.errors import DataError
+from fm9g.data.files import fsync_dir
+from fm9g.data.index_plan import plan_shard_dir, read_plan
+from fm9g.data.index_shard import failure_message, load_shard_result
+from fm9g.data.index_stats import length_distribute, unit_factor
+from fm9g.data.index_types import IndexResult, ShardResult
+from fm9g.orchestrator.atomic import replace_dir, write_json
+
+# (shard_dir, data_path, data_offset, part_path) for one shard's share of the output.
+WriteJob = tuple[str, str, int, str]
+# Runs write jobs (in parallel when a pool is at hand).
+WriteRunner = Callable[[list[WriteJob]], None]
+
+_INDEX_FILES = {"data.jsonl", "index", "index.h5", "meta.json"}
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    """Copy count bytes between file descriptors at the given offsets."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        except OSError as error:
+            # Older kernels and some network filesystems refuse copy_file_range.
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            done = 0
+        if done == 0:
+            chunk = os.pread(src, min(count, 8 << 20), src_offset)
+            if not chunk:
+                raise DataError("an input file shrank while the index was being written; re-run")
+            done = os.pwrite(dst, chunk, dst_offset)
+        src_offset += done
+        dst_offset += done
+        count -= done
+
+
+def write_shard_part(job: WriteJob) -> None:
+    """Copy one shard's kept bytes into data.jsonl at its offset and write its `index` lines."""
+    shard_dir, data_path, data_offset, part_path = job
+    result = load_shard_result(shard_dir)
+    assert result is not None
+    bounds = np.load(Path(shard_dir) / "bounds.npy")
+    out = os.open(data_path, os.O_WRONLY)
+    try:
+        position = data_offset
+        own = Path(shard_dir) / "data.jsonl"
+        for seg in result.segments:
+            if not seg.pieces:
+                continue
+            src = os.open(seg.path, os.O_RDONLY) if any(p[0] == "range" for p in seg.pieces) else -1
+            own_fd = os.open(own, os.O_RDONLY) if any(p[0] == "file" for p in seg.pieces) else -1
+            try:
+                for piece in seg.pieces:
+                    if piece[0] == "newline":
+                        os.pwrite(out, b"\n", position)
+                        position += 1
+                        continue
+                    _, start, end = piece
+                    _copy_range(src if piece[0] == "range" else own_fd, out, start, position, end - start)
+                    position += end - start
+            finally:
+                for fd in (src, own_fd):
+                    if fd >= 0:
+                        os.close(fd)
+        if position - data_offset != result.nbytes:
+            raise DataError(f"shard {result.index}: wrote {position - data_offset} bytes, expected {result.nbytes}")
+    finally:
+        os.close(out)
+    text = "\n".join(map(str, (bounds[1:] + data_offset).tolist()))
+    Path(part_path).write_text(text + "\n" if text else "", encoding="ascii")
+
+
+def _looks_like_index(path: Path) -> bool:
+    """An empty directory, or one holding only index files."""
+    return {p.name for p in path.iterdir()} <= _INDEX_FILES
+
+
+def check_replaceable(output: Path) -> None:
+    """Refuse to overwrite an existing path that is not an index directory."""
+    if output.exists() and (not output.is_dir() or not _looks_like_index(output)):
+        raise DataError(
+            f"{output}: exists and is not an index directory (expected only {', '.join(sorted(_INDEX_FILES))}); "
+            "choose a new output path or remove it yourself"
+        )
+
+
+def install_dir(tmp: Path, output: Path) -> None:
+    """Move the complete `tmp` to `output`, replacing an older index only at the very end."""
+    check_replaceable(output)
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, old)
+        try:
+            replace_dir(tmp, output)
+        except BaseException:
+            os.replace(old, output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        replace_dir(tmp, output)
+    fsync_dir(output.parent)
+
+
+def _global_lines(results: list[ShardResult]) -> list[list[int]]:
+    """For each shard and segment, the number of source lines of its file before it."""
+    seen: dict[str, int] = {}
+    out: list[list[int]] = []
+    for result in results:
+        row = []
+        for seg in result.segments:
+            row.append(seen.get(seg.path, 0))
+            seen[seg.path] = seen.get(seg.path, 0) + seg.source_lines
+        out.append(row)
+    return out
+
+
+def raise_first_failure(results: Sequence[ShardResult | None]) -> None:
+    """Raise the DataError of the first failed shard in input order (fail mode)."""
+    done = [r for r in results if r is not None]
+    before = _global_lines(done)
+    for result, offsets in zip(done, before):
+        if result.failure is not None:
+            failed = result.failure
+            seg = result.segments[failed["segment"]]
+            line = failed["line"] + offsets[failed["segment"]] if failed["line"] > 0 else 0
+            raise DataError(failure_message(seg.path, line, failed["kind"], failed["message"]))
+
+
+def merge_shards(
+    shard_dirs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    durable: bool = True,
+    runner: WriteRunner | None = None,
+    shards_cached: int = 0,
+) -> IndexResult:
+    """Assemble the index directory `output` from finished shard results, in the given order."""
+    output = Path(output).absolute()
+    dirs = [Path(d) for d in shard_dirs]
+    results: list[ShardResult] = []
+    for number, directory in enumerate(dirs):
+        result = load_shard_result(directory)
+        if result is None:
+            raise DataError(f"shard {number} ({directory}) has no result; run its index_shard task first")
+        results.append(result)
+    raise_first_failure(results)
+    if not results:
+        raise DataError("no shards to merge")
+    methods = {(r.method, r.language) for r in results}
+    if len(methods) != 1:
+        raise DataError(f"shards were indexed with different settings {sorted(methods)}; re-plan and re-run")
+    method, language = methods.pop()
+    nlines = sum(r.nlines for r in results)
+    before = _global_lines(results)
+    errors: dict[str, dict[str, int]] = {}
+    examples: list[str] = []
+    for result, offsets in zip(results, before):
+        for seg, offset in zip(result.segments, offsets):
+            for kind, count in seg.errors.items():
+                per_file = errors.setdefault(seg.path, {})
+                per_file[kind] = per_file.get(kind, 0) + count
+            for line, kind, message in seg.examples:
+                if len(examples) < 20:
+                    where = f"{seg.path}:{line + offset}" if line > 0 else seg.path
+                    examples.append(f"{where}: {kind}: {message}")
+            if any(p[0] == "range" for p in seg.pieces):
+                stat = os.stat(seg.path)
+                if (stat.st_size, stat.st_mtime_ns) != (seg.size, seg.mtime_ns):
+                    raise DataError(f"{seg.path}: changed after it was indexed; run the index again")
+    skipped = sum(sum(kinds.values()) for kinds in errors.values())
+    if nlines == 0:
+        detail = f" ({skipped} bad lines skipped)" if skipped else ""
+        raise DataError(f"{output}: no valid lines in the inputs{detail}; nothing to index")
+    check_replaceable(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        offsets = np.zeros(len(results) + 1, dtype=np.int64)
+        np.cumsum([r.nbytes for r in results], out=offsets[1:])
+        data_path = tmp / "data.jsonl"
+        with open(data_path, "wb") as handle:
+            handle.truncate(int(offsets[-1]))
+        jobs: list[WriteJob] = [
+            (str(d), str(data_path), int(offsets[k]), str(tmp / f"index.part{k}")) for k, d in enumerate(dirs)
+        ]
+        (runner or (lambda js: [write_shard_part(j) for j in js]))(jobs)
+        with open(tmp / "index", "wb") as index:
+            index.write(b"0\n")
+            for job in jobs:
+                with open(job[3], "rb") as part:
+                    shutil.copyfileobj(part, index, 1 << 20)
+                os.unlink(job[3])
+            if durable:
+                os.fsync(index.fileno())
+        bounds = np.concatenate(
+            [np.zeros(1, dtype=np.int64)] + [np.load(d / "bounds.npy")[1:] + offsets[k] for k, d in enumerate(dirs)]
+        )
+        with h5py.File(tmp / "index.h5", "w") as h5:
+            h5.create_dataset("index", data=bounds)
+        if durable:
+            for name in ("data.jsonl", "index.h5"):
+                fd = os.open(tmp / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        units = sum(r.units for r in results)
+        buckets = np.sum([r.buckets for r in results], axis=0)
+        meta: dict[str, Any] = {
+            "language": language,
+            "nlines": nlines,
+            "nbytes": int(offsets[-1]),
+            "length_distribute": length_distribute(buckets),
+            "avg_token_per_line": unit_factor(method) * units / nlines,
+            # Kept for readers of the old format; nothing is uploaded to HDFS.
+            "hdfs_path": None,
+            "data_sample": next((r.sample for r in results if r.sample is not None), None),
+            "token_count_method": method,
+            "errors": errors,
+            "skipped_lines": skipped,
+            "sources": list(dict.fromkeys(seg.path for r in results for seg in r.segments)),
+        }
+        write_json(tmp / "meta.json", meta)
+        install_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return IndexResult(
+        output=output,
+        nlines=nlines,
+        nbytes=int(meta["nbytes"]),
+        meta=meta,
+        errors=errors,
+        skipped_lines=skipped,
+        examples=examples,
+        shards_total=len(results),
+        shards_cached=shards_cached,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Slurm entry point: merge every shard of --plan into the plan's output."""
+    parser = argparse.ArgumentParser(prog="python -m fm9g.data.index_merge", description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", required=True, type=Path, help="PLAN.json written by plan_shards")
+    args = parser.parse_args(argv)
+    try:
+        plan = read_plan(args.plan)
+        dirs = [plan_shard_dir(plan, k) for k in range(len(plan["shards"]))]
+        result = merge_shards(dirs, plan["output"])
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {result.output}")
+    with contextlib.suppress(Exception):
+        for line in result.examples:
+            print(f"skipped {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

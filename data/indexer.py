@@ -1,0 +1,167 @@
+"""Build an FM9G index directory from jsonl/txt inputs: `build_index`.
+
+The work is split into shards (`index_plan`), each shard is validated and counted
+(`index_shard`) in a process pool (`index_pool`), and the shard results are merged
+into the output (`index_merge`). The same pieces run as a Slurm array:
+`plan_shards` → `python -m fm9g.data.index_shard --plan P --task-id K` per shard →
+`python -m fm9g.data.index_merge --plan P`.
+
+Caching: with `cache_dir`, each shard's result is kept under `<cache_dir>/shards/<key>`
+(key: see `index_plan`) and a re-run skips shards whose result is there, e.g. after an
+interrupted build. Without it the shard results live in a temporary directory next
+to the output that is removed when the build ends, successfully or not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from fm9g.data.errors import DataError
+from fm9g.data.index_merge import check_replaceable, merge_shards, raise_first_failure
+from fm9g.data.index_plan import (
+    check_output,
+    choose_shard_count,
+    collect_inputs,
+    plan_shards,
+    shard_key,
+    split_shards,
+    tokenizer_identity,
+)
+from fm9g.data.index_pool import IndexPool
+from fm9g.data.index_shard import index_shard, load_shard_result
+from fm9g.data.index_types import IndexOptions, IndexResult, ShardResult, ShardSpec
+from fm9g.data.tokenizer import Tokenizer
+
+__all__ = ["IndexResult", "build_index", "index_shard", "merge_shards", "plan_shards"]
+
+ProgressCallback = Callable[[int, int], None]
+
+_LANGUAGES = ("zh", "en", "code")
+
+
+def validate_options(language: str, on_error: str, processes: int) -> None:
+    """Reject unknown languages, error policies and process counts up front."""
+    if language not in _LANGUAGES:
+        raise DataError(f"language must be one of {', '.join(_LANGUAGES)} (got {language!r})")
+    if on_error not in ("fail", "skip"):
+        raise DataError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
+    if processes < 1:
+        raise DataError(f"processes must be at least 1 (got {processes})")
+
+
+def _run_shards(
+    jobs: list[tuple[ShardSpec, Path, str]],
+    options: IndexOptions,
+    pool: IndexPool | None,
+    report: Callable[[int], None],
+) -> list[ShardResult | None]:
+    """Index the shards not yet cached; None for shards stopped after an earlier failure."""
+    results: list[ShardResult | None] = [None] * len(jobs)
+    if pool is None:
+        for number, (spec, out_dir, key) in enumerate(jobs):
+            result = index_shard(spec, out_dir, options=options, key=key, progress=report)
+            results[number] = result
+            if result.failure is not None:
+                break  # the first bad line in input order is found; later shards are moot
+        return results
+
+    def on_result(number: int, status: str, value: Any) -> None:
+        if status == "data_error":
+            raise DataError(value)
+        if status == "ok":
+            results[number] = value
+            if value.failure is not None:
+                pool.stop_after(jobs[number][0].index)
+
+    pool.run([("index", spec, str(out_dir), options, key) for spec, out_dir, key in jobs], on_result, lambda: report(0))
+    return results
+
+
+def build_index(
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    language: Literal["zh", "en", "code"] = "zh",
+    tokenizer: str | Path | Tokenizer | None = None,
+    processes: int = 1,
+    on_error: Literal["fail", "skip"] = "fail",
+    progress: ProgressCallback | None = None,
+    cache_dir: str | Path | None = None,
+    durable: bool = True,
+) -> IndexResult:
+    """Index jsonl/txt `inputs` (files or directories) into the index directory `output`.
+
+    Token statistics use `tokenizer` when given, else the original estimate rule for
+    `language`. `on_error="fail"` raises a DataError naming the first bad file:line;
+    "skip" drops bad lines and reports counts per file (meta.json and the result).
+    `progress(done_bytes, total_bytes)` is called as input is read. `durable` fsyncs
+    the output before it is renamed into place.
+    """
+    validate_options(language, on_error, processes)
+    out = Path(output).absolute()
+    files = collect_inputs(inputs)
+    check_output(files, inputs, out)
+    check_replaceable(out)
+    tok_path, tok_sha = tokenizer_identity(tokenizer)
+    options = IndexOptions(language=language, tokenizer=tok_path, tokenizer_sha1=tok_sha, on_error=on_error)
+    total = sum(path.stat().st_size for path in files)
+    specs = split_shards(files, choose_shard_count(total, processes))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_dir is None
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent)) if temporary else Path(cache_dir).absolute()  # type: ignore[arg-type]
+    pool: IndexPool | None = None
+    failed = True
+    try:
+        dirs = [work / "shards" / shard_key(spec, options) for spec in specs]
+        keys = [d.name for d in dirs]
+        cached = [
+            k for k, d in enumerate(dirs) if (r := load_shard_result(d)) is not None and r.failure is None and r.key == keys[k]
+        ]
+        todo = [(specs[k], dirs[k], keys[k]) for k in range(len(specs)) if k not in set(cached)]
+        done_before = sum(specs[k].nbytes for k in cached)
+        read_here = [0]
+
+        def report(count: int) -> None:
+            read_here[0] += count
+            if progress is not None:
+                done = done_before + read_here[0] + (pool.done_bytes() if pool is not None else 0)
+                progress(min(done, total), total)
+
+        report(0)
+        if processes > 1 and len(todo) > 1:
+            pool = IndexPool(min(processes, len(todo)))
+        elif processes > 1 and len(specs) > 1:
+            pool = IndexPool(min(processes, len(specs)))  # only the parallel copy is left to do
+        fresh = _run_shards(todo, options, pool, report) if todo else []
+        raise_first_failure(_in_order(specs, cached, todo, fresh, dirs))
+        if progress is not None:
+            progress(total, total)
+        result = merge_shards(
+            dirs, out, durable=durable, runner=pool.run_writes if pool is not None else None, shards_cached=len(cached)
+        )
+        failed = False
+        return result
+    finally:
+        if pool is not None:
+            pool.close(terminate=failed)
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _in_order(
+    specs: list[ShardSpec],
+    cached: list[int],
+    todo: list[tuple[ShardSpec, Path, str]],
+    fresh: list[ShardResult | None],
+    dirs: list[Path],
+) -> list[ShardResult | None]:
+    """All shard results in input order (None where a shard was stopped early)."""
+    by_index: dict[int, ShardResult | None] = {k: load_shard_result(dirs[k]) for k in cached}
+    for (spec, _, _), result in zip(todo, fresh):
+        by_index[spec.index] = result
+    return [by_index.get(k) for k in range(len(specs))]
