@@ -15,7 +15,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.launch import LaunchError
 
     handlers = {"pretrain": run_launch, "sft": run_launch, "resume": run_resume, "index": run_index,
-                "status": run_status, "logs": run_logs, "cancel": run_cancel}
+                "status": run_status, "logs": run_logs, "cancel": run_cancel, "tui": run_tui, "plot": run_plot}
     try:
         return handlers[args.command](args)
     except (ConfigError, LaunchError) as exc:
@@ -146,4 +146,33 @@ def run_cancel(args: argparse.Namespace) -> int:
     run = _run_dir(args.run)
     cancelled = cancel_run(run, job_id=args.job)
     print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled) or '-'}")
+    return 0
+
+
+def run_tui(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.launch import LaunchError
+    from fm9g.orchestrator.tui.app import make_app
+
+    target: Path = args.run or Path("runs")
+    if args.run is not None and not (target / "config.yaml").exists() and (Path("runs") / target / "config.yaml").exists():
+        target = Path("runs") / target
+    if not target.is_dir():
+        raise LaunchError(f"{target} is neither a run directory nor a directory of runs; runs live under ./runs/<name>")
+    if args.interval <= 0:
+        raise ConfigError(f"--interval {args.interval}: give a positive number of seconds")
+    make_app(target, interval=args.interval).run()
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.plot import PlotError, plot_run
+
+    run = _run_dir(args.run)
+    output = args.output or Path(f"{run.name}-curves.png")
+    try:
+        plot_run(run, output)
+    except PlotError as exc:
+        print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
     return 0
