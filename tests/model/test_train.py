@@ -1,0 +1,223 @@
+"""The trainer end to end on a tiny model and the real data pipeline (CPU, gloo).
+
+Sessions run in-process through `fm9g.model.train.run` (one-process group), except one
+torchrun launch with two processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fm9g.launchers import protocol
+from fm9g.model import train
+from fm9g.orchestrator import config as config_mod
+from fm9g.orchestrator.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("fm9g.data.loader", reason="the trainer needs fm9g.data.loader (PackedLoader)")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A sentencepiece tokenizer and a two-task indexed mixture from the tiny example data."""
+    from fm9g.data.indexer import build_index
+    from fm9g.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("corpus")
+    sources = {"en": REPO / "examples/tiny/data/en.jsonl", "zh": REPO / "examples/tiny/data/zh.txt"}
+    entries = []
+    for task, source in sources.items():
+        small = root / f"{task}{source.suffix}"
+        small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")
+        build_index(small, root / f"{task}_index", language="en" if task == "en" else "zh", durable=False)
+        entries.append({"dataset_name": task, "task_name": task, "abs_weight": 0.5, "path": str(root / f"{task}_index"),
+                        "allow_repeat": True, "ave_tokens_per_line": 60})
+    mixture = root / "mixture.json"
+    mixture.write_text(json.dumps(entries))
+    tokenizer = train_sentencepiece([root / "en.jsonl", root / "zh.txt"], root / "tokenizer.model", 500)
+    return {"mixture": mixture, "tokenizer": tokenizer}
+
+
+def make_run(path: Path, corpus: dict[str, Path], model: dict[str, Any] | None = None, **train_args: Any) -> RunDir:
+    """A run directory with a resolved config.yaml for the tiny model."""
+    run = RunDir.of(path).make()
+    train_section = {"train_iters": 12, "save_iters": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 2,
+                     "inspect_iters": 0, "seed": 7, **train_args}
+    config = config_mod.RunConfig.model_validate({
+        "model": {"config": "tiny", **(model or {})},
+        "data": {"dataset_config": str(corpus["mixture"]), "tokenizer_path": str(corpus["tokenizer"]),
+                 "max_length": 64, "dataloader_num_workers": 0},
+        "train": train_section})
+    run.config.write_text(config_mod.dump(config))
+    return run
+
+
+def set_train(run: RunDir, **values: Any) -> None:
+    raw = yaml.safe_load(run.config.read_text())
+    raw["train"].update(values)
+    run.config.write_text(yaml.safe_dump(raw))
+
+
+def metrics(run: RunDir) -> dict[int, dict[str, Any]]:
+    """The last record of every step in metrics.jsonl."""
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return {record["step"]: record for record in records}
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every TensorBoard event file under `folder` (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in folder.rglob("events.out.tfevents.*"):
+        data = file.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    straight = make_run(tmp_path / "straight", corpus)
+    assert train.run(straight.root) == 0
+    split = make_run(tmp_path / "split", corpus, max_session_steps=6)
+    assert train.run(split.root) == 0
+    first = json.loads(split.summary.read_text())
+    assert first["outcome"] == "session_limit" and first["final_step"] == 6
+    assert not split.done_flag.exists() and (split.checkpoints / "latest").read_text().strip() == "6"
+    set_train(split, max_session_steps=0)
+    assert train.run(split.root) == 0
+    second = json.loads(split.summary.read_text())
+    assert (second["start_step"], second["final_step"], second["steps_run"]) == (6, 12, 6)
+    assert split.done_flag.exists() and second["checkpoint"].endswith("checkpoints/12")
+
+    a, b = metrics(straight), metrics(split)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, step
+        assert a[step]["lr"] == b[step]["lr"]
+    assert set().union(*(record["task_loss"] for record in a.values())) == {"en", "zh"}
+    # Training on real text lowers the loss even in 12 steps.
+    losses = [a[step]["loss"] for step in sorted(a)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+
+
+def test_tensorboard_heartbeat_and_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "tb", corpus, train_iters=4, save_iters=2, peak_tflops=1.0, inspect_iters=2)
+    assert train.run(run.root) == 0
+    summary = json.loads(run.summary.read_text())
+    scalars = read_scalars(Path(summary["tensorboard"]))
+    for tag in ("Loss/train", "Optimizer/lr", "Optimizer/grad_norm", "Throughput/tokens_per_s",
+                "Throughput/tflops", "Throughput/mfu", "Loss/train/en", "Loss/train/zh"):
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
+    assert [round(v, 4) for _, v in scalars["Loss/train"]] == [round(metrics(run)[s]["loss"], 4) for s in (1, 2, 3, 4)]
+    assert any(tag.startswith("Inspect/") for tag in scalars)
+    beat = json.loads(run.heartbeat(0).read_text())
+    assert beat["step"] == 4 and beat["pid"] == os.getpid() and beat["generation"] == 0
+    step_dir = run.checkpoints / "4"
+    assert {p.name for p in step_dir.iterdir()} >= {
+        "fm9g_live_checkpoint-4.pt", "fm9g_live_checkpoint-4.rank-0.opt", "fm9g_live_checkpoint-4.log_ckpt",
+        "dataset_ckpt", "trainer_state.pt", "config.json", "COMPLETE", "tokenizer"}
+    assert json.loads((step_dir / "fm9g_live_checkpoint-4.log_ckpt").read_text())["iteration"] == 4
+    keys = set(torch.load(step_dir / "fm9g_live_checkpoint-4.pt"))
+    assert "encoder.layers.0.self_att.self_attention.project_q.weight" in keys and "input_embedding.weight" in keys
+
+
+def test_train_step_lowers_the_loss(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "step", corpus, warmup_iters=0, lr=0.02)
+    ctx = train.init_distributed()
+    try:
+        trainer = train.Trainer(run, config_mod.load_resolved(run.config), ctx)
+        trainer.load()
+        batch = next(iter(trainer.loader))
+        losses = [trainer.train_step([batch])["loss"] for _ in range(8)]
+        trainer.close()
+    finally:
+        ctx.close()
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_checkpoint_now_saves_and_exits_without_done(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "now", corpus)
+    run.checkpoint_now_flag.write_text("{}")
+    assert train.run(run.root) == protocol.EXIT_OK
+    assert not run.done_flag.exists()
+    assert (run.checkpoints / "latest").read_text().strip() == "1"
+    assert json.loads(run.summary.read_text())["outcome"] == "checkpoint_now"
+    run.checkpoint_now_flag.unlink()
+    set_train(run, train_iters=3)
+    assert train.run(run.root) == 0 and run.done_flag.exists()
+    assert sorted(metrics(run)) == [1, 2, 3]
+
+
+def test_only_load_model_starts_at_step_zero(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    base = make_run(tmp_path / "base", corpus, train_iters=8, save_iters=8)
+    assert train.run(base.root) == 0
+    tuned = make_run(tmp_path / "tuned", corpus, train_iters=2, resume_ckpt=str(base.checkpoints / "8"),
+                     only_load_model=True)
+    assert train.run(tuned.root) == 0
+    summary = json.loads(tuned.summary.read_text())
+    assert (summary["start_step"], summary["final_step"]) == (0, 2)
+    # The loaded weights are trained ones: the first loss is far below a fresh model's.
+    assert metrics(tuned)[1]["loss"] < metrics(base)[1]["loss"] - 0.3
+
+
+def test_config_errors_are_fatal(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "bad", corpus, model={"config": "13b"})
+    assert train.run(run.root) == protocol.EXIT_CONFIG
+    assert "13b" in json.loads((run.control / "fatal.json").read_text())["reason"]
+    cpu_bmtrain = make_run(tmp_path / "bmt", corpus, model={"backend": "bmtrain"})
+    if not torch.cuda.is_available():
+        assert train.run(cpu_bmtrain.root) == protocol.EXIT_CONFIG
+        assert "CUDA" in json.loads((cpu_bmtrain.control / "fatal.json").read_text())["reason"]
+    missing = make_run(tmp_path / "missing", corpus, resume_ckpt="99")
+    assert train.run(missing.root) == protocol.EXIT_CONFIG
+    assert "incomplete" in json.loads((missing.control / "fatal.json").read_text())["reason"]
+
+
+def test_torchrun_two_processes(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "ddp", corpus, train_iters=4, save_iters=2)
+    env = {**os.environ, protocol.ENV_NODE_RANK: "0", protocol.ENV_GENERATION: "3", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "fm9g.model.train", "--run-dir", str(run.root)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size=2" in result.stdout
+    assert run.done_flag.exists() and sorted(metrics(run)) == [1, 2, 3, 4]
+    assert json.loads(run.heartbeat(0).read_text())["generation"] == 3
+    files = {p.name for p in (run.checkpoints / "4").iterdir()} | {p.name for p in (run.checkpoints / "4" / "dataset_ckpt").iterdir()}
+    assert {"fm9g_live_checkpoint-4.rank-0.opt", "fm9g_live_checkpoint-4.rank-1.opt", "dataset_0.data", "dataset_1.data"} <= files
+
+
+def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    transformers = pytest.importorskip("transformers")
+    from fm9g.model.convert import convert
+    from fm9g.model.dragonfly import build_model
+    from fm9g.model.args import ModelArgs
+
+    run = make_run(tmp_path / "conv", corpus, train_iters=2, save_iters=2)
+    assert train.run(run.root) == 0
+    folder = convert(run.root)
+    assert folder == run.root / "hf" / "2"
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model"} <= {p.name for p in folder.iterdir()}
+    step_dir = run.checkpoints / "2"
+    ours = build_model(ModelArgs.model_validate(json.loads((step_dir / "config.json").read_text())), seed=0).eval()
+    ours.load_state_dict(torch.load(step_dir / "fm9g_live_checkpoint-2.pt"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, ours.args.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
