@@ -47,7 +47,7 @@ def collect(run: RunDir) -> dict[str, Any]:
     """Everything `status` shows about one run, as plain JSON-able data."""
     result: dict[str, Any] = {"name": run.name, "path": str(run.root), "status": "NEW", "stages": [], "jobs": [],
                               "progress": None, "endpoint": read_json(run.endpoint), "serve": read_json(run.root / "serve" / "endpoint.json"),
-                              "done": run.done_flag.exists(), "recoveries": []}
+                              "done": run.done_flag.exists(), "recoveries": [], "owner": None, "executor": None}
     if run.state_db.exists():
         store = StateStore(run.state_db, readonly=True)
         try:

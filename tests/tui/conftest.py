@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fm9g.launchers.endpoint import Endpoint, publish_endpoint
 from fm9g.orchestrator.config import RunConfig, TrainConfig, dump
 from fm9g.orchestrator.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
@@ -103,6 +104,8 @@ def make_demo_run(root: Path, name: str = "demo", *, owner: str | None = None,
             store.db.execute("UPDATE events SET time=? WHERE kind=?", (when, kind))
     finally:
         store.close()
+    publish_endpoint(run.endpoint, Endpoint(host="cn01", port=29400, generation=0, job_id=ids["r0a1"],
+                                            rdzv_id=f"{name}-0"))
     (run.stage_logs("index") / "index-a1.out").write_text("indexed wiki: 1200 docs\nindexed code: 800 docs\n")
     for key in ("r0a1", "r1a1", "r2a1", "r2a2"):
         demo.log(key).write_text("".join(f"[{key}] step {s} loss {6.0 * 0.99 ** s + 1.5:.4f}\n" for s in range(1, 6)))
