@@ -69,6 +69,8 @@ class RunReader:
         self._jobs: dict[int, JobRow] = {}
         self._since: float | None = None
         self._last_event = 0
+        self._order: list[int] = []
+        self._order_stages: tuple[str, ...] = ()
         self._train_iters: int | None = None
         self._train_iters_read = False
 
@@ -129,9 +131,14 @@ class RunReader:
                     store.close()
             except sqlite3.Error as exc:  # locked or half-written: show the last view, say why
                 error = f"state.db: {exc}"
-        order = {stage.name: index for index, stage in enumerate(stages)}
-        jobs = sorted(self._jobs.values(),
-                      key=lambda j: (order.get(j.stage, len(order)), j.stage, j.attempt, j.node_rank, j.id))
+        stage_names = tuple(stage.name for stage in stages)
+        if len(self._order) != len(self._jobs) or stage_names != self._order_stages:
+            # Re-sort only when jobs or stages appear; a changed row keeps its place.
+            rank = {name: index for index, name in enumerate(stage_names)}
+            self._order = sorted(self._jobs, key=lambda i: (rank.get(self._jobs[i].stage, len(rank)), self._jobs[i].stage,
+                                                            self._jobs[i].attempt, self._jobs[i].node_rank, i))
+            self._order_stages = stage_names
+        jobs = [self._jobs[i] for i in self._order]
         self.metrics.poll()
         return RunView(run=self.run, now=now, status=overall(stages) if stages else "NEW",
                        owner=meta.get("owner"), executor=meta.get("executor"), stages=tuple(stages),

@@ -205,13 +205,14 @@ class MainScreen(Screen[None]):
         path = None
         if job is not None and job.log and self.run is not None:
             path = Path(job.log) if Path(job.log).is_absolute() else self.run.root / job.log
-        if path == self.log_path and job is not None:
-            return
-        self.log_path = path
         label = "-"
         if job is not None:
             label = f"{job.stage} r{job.node_rank} {job.role} a{job.attempt} · job {job.job_id or '-'}"
-        self.query_one(LogPane).follow(path, label)
+        pane = self.query_one(LogPane)
+        if path == self.log_path and pane.border_title == f"log · {label}":
+            return  # the same job (this message comes after every table update)
+        self.log_path = path
+        pane.follow(path, label)
         if path is not None:
             self.tick()
 

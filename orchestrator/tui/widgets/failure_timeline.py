@@ -25,6 +25,7 @@ class FailureTimeline(DataTable[Text | str]):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="none", show_cursor=False, **kwargs)  # type: ignore[arg-type]
         self._count = 0
+        self._last_id = 0
 
     def on_mount(self) -> None:
         self.add_column("time", key="time", width=8)
@@ -35,6 +36,7 @@ class FailureTimeline(DataTable[Text | str]):
     def reset(self) -> None:
         self.clear()
         self._count = 0
+        self._last_id = 0
 
     @staticmethod
     def describe(event: EventRow, jobs: Mapping[int, JobRow]) -> tuple[str, str]:
@@ -52,6 +54,9 @@ class FailureTimeline(DataTable[Text | str]):
         at_end = self.is_vertical_scroll_end
         added = False
         for event in events:
+            if event.id <= self._last_id:
+                continue  # already shown
+            self._last_id = event.id
             node, what = self.describe(event, jobs)
             self.add_row(format_clock(event.time), Text(event.kind, style=KIND_STYLES.get(event.kind, "")),
                          node, what, key=f"event:{event.id}")

@@ -7,7 +7,7 @@ recomputed and only the cells that differ are written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 from rich.text import Text
@@ -26,6 +26,7 @@ from fm9g.orchestrator.tui.reader import RunView
 COLUMNS = (("job", "job", 14), ("id", "job id", 8), ("node", "node", 8), ("state", "state", 18),
            ("restarts", "rst", 3), ("generation", "gen", 3), ("elapsed", "elapsed", 7))
 STATE_MIN, STATE_MAX = 18, 44
+assert COLUMNS[-1][0] == "elapsed"  # sync() rewrites the last cell alone for live jobs
 Cells = tuple[Union[str, Text], ...]
 
 
@@ -75,6 +76,9 @@ class JobTable(DataTable[Union[str, Text]]):
         self._lines: dict[str, Line] = {}
         self._cells: dict[str, Cells] = {}
         self._state_width = STATE_MIN
+        self._stage_names: tuple[str, ...] = ()
+        self._job_count = -1
+        self._seconds: dict[str, int] = {}
 
     def on_mount(self) -> None:
         self._add_columns()
@@ -89,7 +93,6 @@ class JobTable(DataTable[Union[str, Text]]):
             self._state_width = width
             self.clear(columns=True)
             self._add_columns()
-            self._keys = []
             self.sync(rebuild=True)
 
     # ----------------------------------------------------------------- layout
@@ -150,26 +153,47 @@ class JobTable(DataTable[Union[str, Text]]):
             self.clear()
             self._keys, self._lines, self._cells = [], {}, {}
             return
-        lines = self.layout_lines(view)
-        keys = [line.key for line in lines]
-        if rebuild or keys != self._keys:
-            self._rebuild(lines, view.now)
-            return
         changed = view.changed
-        for line in lines:
+        stage_names = tuple(stage.name for stage in view.stages)
+        # The rows can only move when jobs or stages appear, or, under a filter, when a
+        # changed job may start or stop matching; otherwise the layout is kept as it is.
+        if rebuild or stage_names != self._stage_names or len(view.jobs) != self._job_count \
+                or (changed and self.filter_text.strip()):
+            self._stage_names, self._job_count = stage_names, len(view.jobs)
+            lines = self.layout_lines(view)
+            if rebuild or [line.key for line in lines] != self._keys:
+                self._rebuild(lines, view.now)
+                return
+            self._lines = {line.key: line for line in lines}
+        else:
+            if changed:
+                for job in view.jobs:
+                    if job.id in changed and f"job:{job.id}" in self._lines:
+                        self._lines[f"job:{job.id}"] = replace(self._lines[f"job:{job.id}"], job=job)
+            for stage in view.stages:
+                key = f"stage:{stage.name}"
+                if key in self._lines:
+                    self._lines[key] = replace(self._lines[key], stage=stage)
+        for key, line in self._lines.items():
             job = line.job
-            if job is not None and job.id not in changed and job.state in TERMINAL_STATES:
-                continue  # nothing about a finished, unchanged job can differ
-            cells = self.cells(line, view.now)
-            old = self._cells[line.key]
-            self._lines[line.key] = line
-            if cells == old:
-                continue
-            self._cells[line.key] = cells
-            for (column, _, _), new, before in zip(COLUMNS, cells, old):
-                if new != before:
-                    self.update_cell(line.key, column, new)
+            if job is None or job.id in changed:
+                self._write(key, self.cells(line, view.now))
+            elif job.state not in TERMINAL_STATES and job.started_at is not None:
+                # An unchanged live job: only its elapsed time moves, once a second.
+                seconds = max(0, int(view.now - job.started_at))
+                if seconds != self._seconds.get(key):
+                    self._seconds[key] = seconds
+                    self._write(key, self._cells[key][:-1] + (format_elapsed(seconds),))
         self._post_highlight()
+
+    def _write(self, key: str, cells: Cells) -> None:
+        old = self._cells[key]
+        if cells == old:
+            return
+        self._cells[key] = cells
+        for (column, _, _), new, before in zip(COLUMNS, cells, old):
+            if new != before:
+                self.update_cell(key, column, new)
 
     def _rebuild(self, lines: list[Line], now: float) -> None:
         current = self._current_key()
@@ -177,6 +201,7 @@ class JobTable(DataTable[Union[str, Text]]):
         self._keys = [line.key for line in lines]
         self._lines = {line.key: line for line in lines}
         self._cells = {line.key: self.cells(line, now) for line in lines}
+        self._seconds = {}
         for line in lines:
             self.add_row(*self._cells[line.key], key=line.key)
         if current in self._lines:
