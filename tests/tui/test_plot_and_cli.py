@@ -76,3 +76,12 @@ def test_status_step_matches_the_fixture(demo_run: DemoRun, capsys: pytest.Captu
     assert main(["status", str(demo_run.run.root), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)["runs"][0]
     assert facts["progress"]["step"] == STEPS
+
+
+def test_screenshot_module_writes_an_svg(demo_run: DemoRun, tmp_path: Path) -> None:
+    from fm9g.orchestrator.tui.screenshot import main as screenshot
+
+    output = tmp_path / "shot" / "tui.svg"
+    assert screenshot([str(demo_run.run.root), str(output), "--size", "100x30", "--keys", "t"]) == 0
+    svg = output.read_text(encoding="utf-8")
+    assert svg.startswith("<svg") and "fm9g-launch&#160;tui&#160;demo" in svg and "recovery" in svg
