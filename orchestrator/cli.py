@@ -110,7 +110,81 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot a run's loss and lr curves (overall and per task) to a PNG")
     plot.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     plot.add_argument("--output", "-o", type=Path, help="PNG to write (default: ./<run name>-curves.png)")
+    _add_inference_commands(sub)
     return parser
+
+
+INFER_EPILOG = """\
+prompt file: one JSON object per line with "prompt" (or "input", as in training data):
+  {"prompt": "中国的首都是"}
+Runs fine-tuned with the chat format (data.sft) get <用户>{prompt}<AI>.  Output: one line per
+prompt, same order: {"line", "prompt", "input", "text", "outputs": [{"text", "finish_reason",
+"tokens"}], "sampling", "model", "engine"}.  Engine: vLLM's LLM.generate on a GPU node with
+vllm installed, else transformers generate.
+
+examples:
+  fm9g-launch infer runs/tiny-sft --prompts examples/tiny/prompts.jsonl --output out.jsonl
+  fm9g-launch infer runs/tiny-sft/hf/60 --prompts p.jsonl --output o.jsonl --executor slurm --temperature 0
+"""
+
+SERVE_EPILOG = """\
+The server is OpenAI-compatible (/v1/completions, /v1/chat/completions, /v1/models,
+/health): `vllm serve` on a GPU node with vllm, else transformers serve's app behind an
+API-key gate.  The key is generated into runs/NAME/serve/api_key (mode 0600); the job
+publishes runs/NAME/serve/endpoint.json {host, port, url, job_id, engine, model}; the
+command returns once GET /health answers.  examples/client.py talks to it.
+
+examples:
+  fm9g-launch serve runs/tiny-sft --executor slurm
+  fm9g-launch serve runs/tiny-sft --stop
+"""
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", type=Path, metavar="RUN_OR_MODEL",
+                        help="a run directory (its latest checkpoint is converted first) or a Hugging Face model folder")
+    parser.add_argument("--executor", choices=["local", "slurm"],
+                        help="where the job runs (default: the run's executor; local for a model folder)")
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                        help="auto (default): vLLM on a GPU node that has it, else transformers")
+    parser.add_argument("--name", help="run directory name for a model folder (default: the folder's name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)")
+
+
+def _add_inference_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from fm9g.orchestrator.inference.infer_job import add_sampling_options
+
+    convert = sub.add_parser("convert", help="export a run's checkpoint to a Hugging Face folder (stage convert)",
+                             description="Export checkpoint STEP (default: the latest) of a run to a Hugging Face "
+                                         "folder (safetensors, config, tokenizer, FM9G chat template), as a job. "
+                                         "Skipped when that step was already converted.")
+    convert.add_argument("run", type=Path, help="the run directory (runs/NAME)")
+    convert.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
+    convert.add_argument("--output", type=Path, help="output folder (default: runs/NAME/hf/STEP)")
+    convert.add_argument("--executor", choices=["local", "slurm"], help="default: the run's executor")
+
+    infer = sub.add_parser("infer", help="offline batch generation over a jsonl prompt file (stage infer)",
+                           description="Generate completions for every prompt of a jsonl file, as a job.",
+                           epilog=INFER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_target_options(infer)
+    infer.add_argument("--prompts", type=Path, required=True, help="jsonl prompt file")
+    infer.add_argument("--output", type=Path, required=True, help="jsonl of completions to write")
+    infer.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                       help="wrap prompts in <用户>…<AI> (default: the run's data.sft; off for a model folder)")
+    infer.add_argument("--force", action="store_true", help="run again even if OUTPUT is up to date")
+    add_sampling_options(infer)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server for a run or model, as a job (stage serve)",
+                           description="Start an OpenAI-compatible server as a job and wait until /health answers; "
+                                       "--stop cancels it.", epilog=SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_target_options(serve)
+    serve.add_argument("--port", type=int, default=0, help="server port (default 0: any free port, published)")
+    serve.add_argument("--stop", action="store_true", help="cancel the run's server job and remove its endpoint")
+    serve.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted")
+    serve.add_argument("--wait-timeout", type=float, default=None,
+                       help="give up waiting after this many seconds (default: wait while the job lives)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,15 @@ from fm9g.orchestrator.config import ConfigError
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.inference.errors import InferenceError
     from fm9g.orchestrator.launch import LaunchError
 
     handlers = {"pretrain": run_launch, "sft": run_launch, "resume": run_resume, "index": run_index,
-                "status": run_status, "logs": run_logs, "cancel": run_cancel, "tui": run_tui, "plot": run_plot}
+                "status": run_status, "logs": run_logs, "cancel": run_cancel, "tui": run_tui, "plot": run_plot,
+                "convert": run_convert, "infer": run_infer, "serve": run_serve}
     try:
         return handlers[args.command](args)
-    except (ConfigError, LaunchError) as exc:
+    except (ConfigError, LaunchError, InferenceError) as exc:
         print(f"fm9g-launch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -175,4 +177,79 @@ def run_plot(args: argparse.Namespace) -> int:
         print(f"fm9g-launch: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.inference.jobs import open_context
+    from fm9g.orchestrator.inference.stages import convert_stage, resolve_target
+    from fm9g.orchestrator.launch import say
+
+    target = resolve_target(_run_dir(args.run).root)
+    ctx = open_context(target.run, target.config, args.executor or target.config.executor, say)
+    try:
+        print(convert_stage(ctx, step=args.step, output=args.output))
+    finally:
+        ctx.store.close()
+    return 0
+
+
+def _target_context(args: argparse.Namespace) -> tuple["Target", "StageContext"]:  # noqa: F821
+    from fm9g.orchestrator.inference.jobs import open_context
+    from fm9g.orchestrator.inference.stages import resolve_target
+    from fm9g.orchestrator.launch import say
+
+    target = resolve_target(args.target, name=args.name, overrides=args.overrides)
+    return target, open_context(target.run, target.config, args.executor or target.config.executor, say)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.inference.infer_job import sampling_from
+    from fm9g.orchestrator.inference.prompts import read_prompts
+    from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
+
+    sampling = sampling_from(args)
+    read_prompts(args.prompts)  # a bad prompt file fails before any conversion
+    target, ctx = _target_context(args)
+    try:
+        model = target.model or convert_stage(ctx)
+        chat = args.chat if args.chat is not None else (target.config.data.sft if target.model is None else False)
+        print(infer_stage(ctx, model=model, prompts=args.prompts, output=args.output, sampling=sampling, chat=chat,
+                          engine=args.engine, force=args.force))
+    finally:
+        ctx.store.close()
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.config import load_resolved
+    from fm9g.orchestrator.inference.jobs import open_context
+    from fm9g.orchestrator.inference.serve_stage import EXECUTOR_META, serve_stage, stop_serve
+    from fm9g.orchestrator.inference.stages import convert_stage
+    from fm9g.orchestrator.launch import say
+    from fm9g.orchestrator.state import StateStore
+
+    if args.stop:
+        run = _run_dir(args.target)
+        store = StateStore(run.state_db)
+        try:  # cancel through the executor that started the server, whatever the config says now
+            kind = store.meta(EXECUTOR_META) or load_resolved(run.config).executor
+        finally:
+            store.close()
+        ctx = open_context(run, load_resolved(run.config), kind, say)
+        try:
+            ids = stop_serve(ctx)
+        finally:
+            ctx.store.close()
+        print(f"stopped serving {run.name}: cancelled {len(ids)} job(s): {' '.join(ids) or '-'}")
+        return 0
+    target, ctx = _target_context(args)
+    try:
+        model = target.model or convert_stage(ctx)
+        endpoint = serve_stage(ctx, model=model, port=args.port, engine=args.engine, wait=args.wait,
+                               timeout=args.wait_timeout)
+    finally:
+        ctx.store.close()
+    if endpoint:
+        print(endpoint["url"])
     return 0

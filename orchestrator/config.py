@@ -162,6 +162,27 @@ class SuperviseConfig(Section):
     poll_interval: float = Field(2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes).")
 
 
+class PipelineConfig(Section):
+    """Stages run after training (fm9g.orchestrator.inference.pipeline), in the order
+    convert -> infer -> serve, each only after the one before succeeded (afterok)."""
+
+    after_train: list[Literal["convert", "infer", "serve"]] = Field(default_factory=list, description="Stages to run once training completes; infer and serve convert the latest checkpoint first.")
+    eval_prompts: str | None = Field(None, description="jsonl prompt file ({\"prompt\": ...} per line) for the infer stage; required when after_train has infer.")
+    eval_output: str | None = Field(None, description="Where the infer stage writes its completions; default runs/<name>/infer/infer.jsonl.")
+    eval_temperature: float = Field(0.0, ge=0, description="Sampling temperature of the eval prompts (0 = greedy).")
+    eval_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass of the eval prompts.")
+    eval_max_tokens: int = Field(128, ge=1, description="New tokens per eval completion.")
+    eval_seed: int = Field(0, description="Sampling seed of the eval prompts (prompt i uses seed + i).")
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM on GPU nodes that have it, else transformers.")
+    serve_port: int = Field(0, ge=0, le=65535, description="Port of the serve stage's server; 0 = any free port (published in serve/endpoint.json).")
+
+    @model_validator(mode="after")
+    def _prompts_for_infer(self) -> "PipelineConfig":
+        if "infer" in self.after_train and not self.eval_prompts:
+            raise ValueError("pipeline.after_train has infer but pipeline.eval_prompts is not set: point it at a jsonl prompt file (see examples/tiny/prompts.jsonl)")
+        return self
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -173,6 +194,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     rendezvous: RendezvousConfig = Field(default_factory=RendezvousConfig)
     supervise: SuperviseConfig = Field(default_factory=SuperviseConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "RunConfig":
@@ -189,7 +211,8 @@ class RunConfig(Section):
 # ---------------------------------------------------------------------------- loading
 
 # Fields whose relative paths are resolved against the config file's directory.
-_PATH_FIELDS = (("data", "dataset_config"), ("data", "tokenizer_path"), ("model", "config"))
+_PATH_FIELDS = (("data", "dataset_config"), ("data", "tokenizer_path"), ("model", "config"),
+                ("pipeline", "eval_prompts"), ("pipeline", "eval_output"))
 
 
 def _all_field_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:

@@ -1,0 +1,143 @@
+"""The `serve` stage: an OpenAI-compatible server as a job, its API key, its readiness,
+and `--stop`.
+
+The key is generated once per run (secrets.token_urlsafe) into serve/api_key with mode
+0600; the job reads it from there, so it never appears in a script, a command line or a
+log.  The job publishes serve/endpoint.json itself; the server is ready when GET
+/health answers 200, and we keep asking only while the job is alive (PENDING or
+RUNNING): a job that ends first is reported with its log, there is no fixed deadline.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fm9g.orchestrator.atomic import read_json, write_text
+from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
+from fm9g.orchestrator.inference.errors import InferenceError
+from fm9g.orchestrator.inference.jobs import StageContext, adopt, log_tail, refresh, submit
+from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
+from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
+
+STAGE = "serve"
+EXECUTOR_META = "serve:executor"
+
+
+def ensure_api_key(path: Path) -> str:
+    """The run's API key, generated on first use and stored with mode 0600."""
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        key = ""
+    if not key:
+        key = secrets.token_urlsafe(32)
+        write_text(path, key + "\n", mode=0o600)
+    return key
+
+
+def healthy(endpoint: dict[str, Any], timeout: float = 2.0) -> bool:
+    """GET http://host:port/health answers 200.  Proxies are bypassed: the server is on
+    the cluster network (or loopback), never behind the login node's HTTP proxy."""
+    url = f"http://{endpoint['host']}:{endpoint['port']}/health"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return int(response.status) == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> dict[str, Any]:
+    """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
+    path = serve_endpoint(ctx.run)
+    started = time.monotonic()
+    while True:
+        status = refresh(ctx, row)
+        if status.state in TERMINAL_STATES:
+            ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state} before it was ready")
+            raise InferenceError(f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
+                                 f"its server answered /health; log {row.log}:\n{log_tail(row.log)}")
+        endpoint = read_json(path)
+        if endpoint and str(endpoint.get("job_id")) == str(row.job_id) and healthy(endpoint):
+            return endpoint
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise InferenceError(f"serve job {row.job_id} is {status.state} but not ready after {timeout:g}s; it keeps "
+                                 f"running: watch {row.log}, or stop it with `fm9g-launch serve {ctx.run.root} --stop`")
+        time.sleep(ctx.poll_interval)
+
+
+def _current_job(ctx: StageContext) -> JobRow | None:
+    """The newest serve job of the run that is still alive, if any."""
+    rows = [row for row in ctx.store.jobs(STAGE) if row.job_id]
+    if not rows:
+        return None
+    row = rows[-1]
+    adopt(ctx, row)
+    status = refresh(ctx, row)
+    return None if status.state in TERMINAL_STATES else row
+
+
+def serve_stage(ctx: StageContext, *, model: Path, port: int = 0, engine: EngineChoice = "auto",
+                wait: bool = True, timeout: float | None = None) -> dict[str, Any] | None:
+    """Start (or find) the run's server; with `wait`, return its endpoint once /health answers."""
+    run, store = ctx.run, ctx.store
+    model = model.resolve()
+    check_model_dir(model)
+    store.upsert_stage(STAGE, "serve")
+    endpoint_path = serve_endpoint(run)
+    live = _current_job(ctx)
+    if live is not None:
+        ctx.say(f"serve: job {live.job_id} already serves this run (stop it first with --stop to change it)")
+        row = live
+    else:
+        endpoint_path.unlink(missing_ok=True)  # a stale endpoint of a job that has ended
+        ensure_api_key(api_key_file(run))
+        store.set_stage(STAGE, "RUNNING", detail=f"starting: {model}")
+        values = {"model": str(model), "endpoint": str(endpoint_path), "api_key_file": str(api_key_file(run)),
+                  "engine": engine, "port": port}
+        row = submit(ctx, stage=STAGE, template="serve.sbatch.j2", values=values, why=f"serving {model}")
+        store.set_meta(EXECUTOR_META, ctx.executor.name)  # --stop must cancel through the same executor
+    if not wait:
+        return None
+    endpoint = wait_ready(ctx, row, timeout)
+    store.set_stage(STAGE, "RUNNING", detail=endpoint["url"])
+    store.event("serve", f"ready at {endpoint['url']} (job {row.job_id}, {endpoint.get('engine')})", stage=STAGE,
+                job=row.id, **{k: endpoint.get(k) for k in ("host", "port", "engine")})
+    ctx.say(f"serve: ready at {endpoint['url']} (job {row.job_id}, engine {endpoint.get('engine')}); "
+            f"model id {endpoint.get('model')!r}; API key in {api_key_file(run)}")
+    return endpoint
+
+
+def stop_serve(ctx: StageContext, grace: float = 60.0) -> list[str]:
+    """Cancel the run's serve jobs and remove the endpoint; returns the job ids cancelled."""
+    run, store = ctx.run, ctx.store
+    endpoint_path = serve_endpoint(run)
+    rows = []
+    for row in store.jobs(STAGE):
+        if row.job_id and row.live:
+            adopt(ctx, row)
+            # Asked afresh: a local job id is a pid, and an ended job's pid may belong to someone else now.
+            if refresh(ctx, row).state not in TERMINAL_STATES:
+                rows.append(row)
+    ids = [str(row.job_id) for row in rows]
+    if ids:
+        ctx.executor.cancel(ids)
+    # Bounded: a job that takes longer to end is still cancelled, just not seen ending here.
+    deadline = time.monotonic() + grace
+    pending = list(rows)
+    while pending and time.monotonic() < deadline:
+        pending = [row for row in pending if refresh(ctx, row).state not in TERMINAL_STATES]
+        if pending:
+            time.sleep(ctx.poll_interval)
+    endpoint_path.unlink(missing_ok=True)
+    if store.stage(STAGE) is not None:
+        store.set_stage(STAGE, "COMPLETED", detail="stopped (fm9g-launch serve --stop)")
+    store.event("serve", f"stopped: cancelled {' '.join(ids) or 'no live jobs'}", stage=STAGE)
+    if pending:
+        ctx.say(f"serve: job(s) {' '.join(str(r.job_id) for r in pending)} cancelled but still ending")
+    return ids
