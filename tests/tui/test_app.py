@@ -80,7 +80,13 @@ async def test_navigation_shows_stages_attempts_and_progress(demo_run: DemoRun, 
         await pilot.press("t")
         assert screen.query_one("#lower").has_class("-show-timeline")
         await pilot.press("l")
-        assert screen.query_one("#lower").has_class("-show-log")
+        assert screen.query_one("#lower").has_class("-show-log") and screen.maximized is None
+        # l again: the log takes the screen (on a wide one the first l focused it); esc gives it back
+        assert screen.has_class("-narrow" if size[0] < 120 else "-wide")
+        await pilot.press("l")
+        assert screen.maximized is log
+        await pilot.press("escape")
+        assert screen.maximized is None
 
 
 async def test_log_pane_follows_appends_truncation_and_rotation(demo_run: DemoRun, settle) -> None:

@@ -76,6 +76,7 @@ class MainScreen(Screen[None]):
         self._busy = False
         self._again = False
         self._ticks = 0
+        self._last_error = ""
         self._catalog_every = max(1, round(CATALOG_EVERY_S / interval))
 
     def compose(self) -> ComposeResult:
@@ -139,8 +140,9 @@ class MainScreen(Screen[None]):
     def apply(self, result: Refresh) -> None:
         """Set what the worker read on the widgets (event loop)."""
         self._busy = False
-        if result.error:
-            self.notify(result.error, title="refresh failed", severity="error", timeout=4)
+        if result.error and result.error != self._last_error:  # say it once, not every tick
+            self.notify(result.error, title="refresh failed", severity="error", timeout=6)
+        self._last_error = result.error
         if result.runs is not None:
             self.query_one(RunList).runs = result.runs
         if result.view is not None and result.reader is self.reader:
@@ -238,13 +240,17 @@ class MainScreen(Screen[None]):
         return True
 
     def action_logs(self) -> None:
+        """Show the log pane; pressed again, the log takes the whole screen (esc: back)."""
         lower = self.query_one("#lower")
         log = self.query_one(LogPane)
+        narrow = self.has_class("-narrow")
         if self.maximized is log:
             self.minimize()
-        elif lower.has_class("-show-log") and (log.has_focus or self.app.size.width < 120):
+        elif lower.has_class("-show-log") and (log.has_focus or narrow):
             self.maximize(log, container=False)
             log.focus()
+        elif not narrow:
+            log.focus()  # wide: the log is already on screen
         lower.set_class(True, "-show-log")
         lower.set_class(False, "-show-timeline")
 
@@ -272,6 +278,9 @@ class MainScreen(Screen[None]):
         line = self.query_one(JobTable).current_line()
         job = line.job if line is not None else None
         live_jobs = [j for j in (self.view.jobs if self.view else ()) if is_live(j) and j.job_id]
+        if not live_jobs:
+            self.notify(f"{run.name} has no live jobs to cancel")
+            return
         choices = []
         if job is not None and is_live(job) and job.job_id:
             choices.append(Choice("job", f"Cancel job {job.job_id}", "warning"))
@@ -281,7 +290,7 @@ class MainScreen(Screen[None]):
         question = (f"Cancel in run [b]{run.name}[/b]?  {len(live_jobs)} live job(s).{target}\n"
                     "A cancelled run is not resubmitted by its supervisor.")
 
-        def decided(choice: str | None) -> None:
+        def decided(choice: str | None) -> None:  # a Choice id: "job", "run", or None for back
             if choice == "job" and job is not None:
                 self.do_cancel(run, job.job_id)
             elif choice == "run":
