@@ -304,7 +304,10 @@ class SlurmClient:
         """Accounting records of `job_ids` started after `since`, in ONE sacct call.
 
         Accounting lags slurmctld by a few seconds, so a job that just left the queue
-        may be missing or still RUNNING here.  Raises PollError when sacct cannot answer.
+        may be missing or still RUNNING here.  A requeued job gets its new record only
+        when it starts again: one cancelled while waiting to restart stays REQUEUED in
+        sacct for good, and only squeue (for MinJobAge) shows it CANCELLED.
+        Raises PollError when sacct cannot answer.
         """
         ids = sorted(set(job_ids))
         if not ids:
@@ -345,7 +348,11 @@ class SlurmClient:
         )
 
     def requeue(self, job_id: int) -> None:
-        """Put a running job back in the queue under the same id (Restarts+1)."""
+        """Put a job back in the queue under the same id (Restarts+1).
+
+        Slurm 22.05 also requeues a job that has already ended, while slurmctld still
+        remembers it (MinJobAge), and runs it again: requeue only jobs seen RUNNING.
+        """
         argv = requeue_argv(job_id)
         result = self._run_checked_timeout(argv, self.timeout_s)
         if result.returncode != 0:
