@@ -248,8 +248,6 @@ class SlurmClient:
                 stdout=_text(exc.stdout),
                 stderr=_text(exc.stderr),
             ) from None
-        except SubmitError:
-            raise
         except SlurmError as exc:  # sbatch missing: still a submission that did not happen
             raise SubmitError(str(exc), argv=argv) from None
         if result.returncode != 0:
