@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from fm9g.model.args import load_model_config
 from fm9g.model.dragonfly import build_model
 from fm9g.model.hf import to_hf
@@ -68,9 +67,9 @@ def main() -> None:
         torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     heads = options.dim // 64
-    ours, theirs, args = make_models(dict(dim_model=options.dim, num_heads=heads, num_kv_heads=heads, dim_head=64,
-                                          dim_ff=options.dim * 5 // 2, num_layers=options.layers,
-                                          vocab_size=options.vocab, dim_model_base=options.dim // 4))
+    ours, theirs, _ = make_models({"dim_model": options.dim, "num_heads": heads, "num_kv_heads": heads, "dim_head": 64,
+                                   "dim_ff": options.dim * 5 // 2, "num_layers": options.layers,
+                                   "vocab_size": options.vocab, "dim_model_base": options.dim // 4})
     ids = torch.randint(0, options.vocab, (options.batch, options.seq))
     targets = torch.roll(ids, -1, dims=1)
     with torch.no_grad():  # same weights, same function: the comparison is like for like

@@ -63,7 +63,7 @@ class ModelArgs(BaseModel):
     tp: int = Field(0, ge=0, le=1, description="Tensor parallelism is not implemented (0 or 1).")
 
     @model_validator(mode="after")
-    def _supported(self) -> "ModelArgs":
+    def _supported(self) -> ModelArgs:
         if self.qk_norm:
             raise ValueError("qk_norm=true is not implemented by fm9g.model.dragonfly; set it to false")
         if self.moe_num_experts:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from fm9g.orchestrator.atomic import replace_dir, write_json, write_text
 
 SAVE_NAME = "fm9g_live_checkpoint"
@@ -119,7 +118,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
             (tmp / "dataset_ckpt").mkdir(parents=True)
         self.barrier()
-        payload = dict(model=model, optimizer=optimizer, data=data, trainer=trainer, log=log, config=config)
+        payload = {"model": model, "optimizer": optimizer, "data": data, "trainer": trainer, "log": log, "config": config}
         if blocking:
             self._write_files(tmp, step, payload, tokenizer)
             self._finalize(step)
@@ -130,7 +129,7 @@ class Checkpointer:
         def write() -> None:
             try:
                 self._write_files(tmp, step, snapshot, tokenizer)
-            except BaseException as exc:  # surfaced by finish()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by finish() on the training thread
                 errors.append(exc)
 
         thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)

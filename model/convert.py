@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from fm9g.model.args import ModelArgs
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.hf import Architecture, from_hf, to_hf
 from fm9g.orchestrator.atomic import replace_dir
 from fm9g.orchestrator.rundir import RunDir
+from safetensors.torch import load_file, save_file
 
 
 def _tokenizer_config(tokenizer: Any, main_file: Path) -> dict[str, Any] | None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from fm9g.model.args import ModelArgs
 from fm9g.model.attention import AttentionContext, AttentionKernel, SdpaAttention
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):

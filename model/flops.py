@@ -8,7 +8,6 @@ sample (block-diagonal, causal: 6 * dim_head * heads * len^2 per layer for fwd+b
 from __future__ import annotations
 
 import torch
-
 from fm9g.model.args import ModelArgs
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.

@@ -17,7 +17,6 @@ import re
 from typing import Any, Literal
 
 import torch
-
 from fm9g.model.args import ModelArgs
 
 Architecture = Literal["GraniteForCausalLM", "LlamaForCausalLM"]

@@ -17,30 +17,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
 from fm9g.launchers import protocol
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
-from fm9g.model.checkpoint import CheckpointError, Checkpointer
-from fm9g.model.distributed import (Dist, full_model_state, init_distributed, load_local_optimizer_state,
-                                    local_optimizer_state, unwrap, wrap_model)
+from fm9g.model.checkpoint import Checkpointer, CheckpointError
+from fm9g.model.distributed import (
+    Dist,
+    full_model_state,
+    init_distributed,
+    load_local_optimizer_state,
+    local_optimizer_state,
+    wrap_model,
+)
 from fm9g.model.dragonfly import build_model, count_parameters
 from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
 from fm9g.model.optim import build_optimizer
+from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
 from fm9g.orchestrator.atomic import write_json
 from fm9g.orchestrator.config import ConfigError, RunConfig, load_resolved
@@ -59,44 +62,6 @@ def _data_error() -> type[Exception]:
         return DataError
     except ImportError:  # the data layer is optional for importing this module
         return TrainerConfigError
-
-
-@dataclass
-class Progress:
-    """The trainer's own counters, saved with every checkpoint."""
-
-    step: int = 0
-    tokens_passed: int = 0
-    task_tokens: dict[str, int] = field(default_factory=dict)
-    origin: str = ""  # the train.resume_ckpt this line of checkpoints started from
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -145,6 +110,8 @@ class Trainer:
             if self.cfg.flash == "auto":
                 self.notes.append("flash=auto: torch SDPA with block-diagonal masks on CPU")
         self.notes.append("local, dataloader=indexed, model_unique: informational here (the run directory is chosen by the orchestrator)")
+        self.notes.append("data.dataloader_num_threads, dataloader_prefetch, parallel_load_datastate: not used by "
+                          "PackedLoader (it reads with dataloader_num_workers processes; each rank loads its own data state)")
 
     def _load_tokenizer(self) -> Any:
         from fm9g.data.tokenizer import load_tokenizer
@@ -180,7 +147,7 @@ class Trainer:
         return PackedLoader(mixture, self.tokenizer, batch_size=self.cfg.batch_size, max_length=data.max_length,
                             rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.cfg.seed, sft=data.sft,
                             oversize_rule=data.oversize_rule, num_workers=data.dataloader_num_workers,
-                            prefetch_factor=data.dataloader_prefetch_factor, on_error="raise")
+                            prefetch_factor=data.dataloader_prefetch_factor, on_error="fail")
 
     # ------------------------------------------------------------------ load
     def _resume_source(self) -> tuple[Path | None, bool]:
@@ -218,7 +185,7 @@ class Trainer:
                 self._load_optimizer(self.checkpointer.load_optimizer(source, self.cfg.grad_ckpt_num))
             rngs = trainer_state.get("rng") or []
             if len(rngs) == self.ctx.world_size:
-                _set_rng_state(rngs[self.ctx.rank])
+                set_rng_state(rngs[self.ctx.rank])
             if self.cfg.load_dataloader_ckpt:
                 data_state = self.checkpointer.load_data(source)
                 if data_state is None:
@@ -386,7 +353,7 @@ class Trainer:
 
     def save(self, blocking: bool | None = None) -> None:
         """Collective: write a checkpoint of the current step."""
-        rngs = self.ctx.gather_objects(_rng_state())
+        rngs = self.ctx.gather_objects(rng_state())
         model_state = full_model_state(self.model, self.fsdp)
         optimizer_state = local_optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
         step = self.progress.step

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fm9g.model.checkpoint import MARKER, CheckpointError, Checkpointer
+from fm9g.model.checkpoint import MARKER, Checkpointer, CheckpointError
 
 
 def save(ckpt: Checkpointer, step: int, value: float = 1.0, blocking: bool = True) -> Path:
@@ -27,7 +26,7 @@ def two_ranks(root: Path, action) -> list[Checkpointer]:
     def body(ckpt: Checkpointer) -> None:
         try:
             action(ckpt)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 -- handed to the main thread
             errors.append(exc)
             barrier.abort()
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fm9g.model.args import ModelConfigError, ModelArgs, load_model_config
-from fm9g.model.attention import (FlashAttention, SdpaAttention, cu_seqlens_from_segments,
-                                  flash_available, packed_causal_mask, select_attention, set_attention)
+from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
+from fm9g.model.attention import (
+    FlashAttention,
+    SdpaAttention,
+    cu_seqlens_from_segments,
+    flash_available,
+    packed_causal_mask,
+    select_attention,
+    set_attention,
+)
 from fm9g.model.dragonfly import build_model, count_parameters
 
 

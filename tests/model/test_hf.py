@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fm9g.model.args import ModelArgs, load_model_config
 from fm9g.model.convert import export_hf, import_hf
 from fm9g.model.dragonfly import build_model
@@ -17,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 STYLES = {
     # FM9G-2B-like: muP scalings, tied head, GQA.
-    "granite": dict(),
+    "granite": {},
     # FM9G-8B-like: no scaling, untied head.
-    "llama": dict(scale=False, scale_depth=-1, tie_lm_head=False, init_std=0.05),
+    "llama": {"scale": False, "scale_depth": -1, "tie_lm_head": False, "init_std": 0.05},
 }
 
 

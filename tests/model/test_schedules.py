@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from fm9g.model.args import load_model_config
 from fm9g.model.dragonfly import build_model
 from fm9g.model.optim import build_optimizer, is_hidden_matrix
@@ -58,7 +57,7 @@ def test_wse_formula() -> None:
 
 def test_groups_keep_their_ratio() -> None:
     opt = optimizer(lr=1.0, groups=2)
-    s = build_scheduler(opt, "cosine", lr=1.0, train_iters=50, warmup_iters=10, start_step=5)
+    build_scheduler(opt, "cosine", lr=1.0, train_iters=50, warmup_iters=10, start_step=5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.25])
 
 
