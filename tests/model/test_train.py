@@ -236,3 +236,24 @@ def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
     ids = torch.randint(0, ours.args.vocab_size, (1, 16))
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_options_accumulation_recompute_async_save_and_pruning(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    plain = make_run(tmp_path / "plain", corpus, train_iters=4, grad_accum=2)
+    assert train.run(plain.root) == 0
+    run = make_run(tmp_path / "opts", corpus, train_iters=4, save_iters=1, grad_accum=2, use_checkpoint=True,
+                   async_save=True, keep_checkpoints=2)
+    assert train.run(run.root) == 0
+    # Recomputing activations changes no number; async saves all became visible; only 2 are kept.
+    assert all(abs(metrics(plain)[s]["loss"] - metrics(run)[s]["loss"]) <= 1e-6 for s in (1, 2, 3, 4))
+    assert sorted(p.name for p in run.checkpoints.iterdir() if p.name.isdigit()) == ["3", "4"]
+    assert (run.checkpoints / "latest").read_text().strip() == "4"
+    assert metrics(run)[4]["tokens"] == metrics(plain)[4]["tokens"] > 4 * 2 * 64  # two micro-batches a step
+
+
+def test_only_run_dataloader(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    run = make_run(tmp_path / "data_only", corpus, train_iters=3, only_run_dataloader=True)
+    assert train.run(run.root) == 0 and run.done_flag.exists()
+    records = metrics(run)
+    assert sorted(records) == [1, 2, 3] and all("loss" not in r and r["tokens_per_s"] > 0 for r in records.values())
+    assert not any(p.name.isdigit() for p in run.checkpoints.iterdir())
