@@ -127,7 +127,10 @@ def print_tables(runs: list[RunDir]) -> None:
             line += f"\n  step {progress['step']}" + (f"/{total}" if total else "") + \
                     f"  loss {progress['loss']:.4f}  lr {progress['lr']:.3g}"
         if facts.get("serve"):
-            line += f"\n  serving at http://{facts['serve'].get('host')}:{facts['serve'].get('port')}/v1"
+            serve = facts["serve"]
+            line += f"\n  serving at http://{serve.get('host')}:{serve.get('port')}/v1"
+            if serve.get("job_id"):
+                line += f"  (job {serve['job_id']}, {serve.get('engine', '-')})"
         console.print(line)
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         for column in ("stage", "role", "node", "attempt", "job id", "host", "state", "elapsed"):

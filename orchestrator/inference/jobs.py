@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.orchestrator.atomic import write_text
-from fm9g.orchestrator.config import RunConfig
+from fm9g.orchestrator.config import ClusterConfig, RunConfig
 from fm9g.orchestrator.executors.base import Executor, JobStatus
 from fm9g.orchestrator.render import config_hash, job_name, job_tag, render_template, sbatch_flags
 from fm9g.orchestrator.rundir import RunDir
@@ -42,16 +42,23 @@ class StageContext:
             return "-"
 
 
+def render_stage(template: str, *, run_name: str, run_dir: str, stage: str, attempt: int, config_hash: str,
+                 python: str, cluster: ClusterConfig, values: dict[str, Any]) -> str:
+    """Script text of one stage job (pure: no I/O besides reading the template)."""
+    tag = job_tag(run_name, stage, stage, 0, attempt)
+    return render_template(template, run_name=run_name, run_dir=run_dir, stage=stage, attempt=attempt,
+                           config_hash=config_hash, python=python, setup=cluster.setup,
+                           sbatch_flags=sbatch_flags(cluster, name=job_name(run_name, stage, stage, 0), comment=tag),
+                           **values)
+
+
 def submit(ctx: StageContext, *, stage: str, template: str, values: dict[str, Any], why: str) -> JobRow:
     """Render `template` for the next attempt of `stage`, record it, submit it."""
     run, store = ctx.run, ctx.store
     attempt = len(store.jobs(stage)) + 1
     tag = job_tag(run.name, stage, stage, 0, attempt)
-    text = render_template(template, run_name=run.name, run_dir=str(run.root), stage=stage, attempt=attempt,
-                           config_hash=ctx.config_hash(), python=ctx.python, setup=ctx.config.cluster.setup,
-                           sbatch_flags=sbatch_flags(ctx.config.cluster, name=job_name(run.name, stage, stage, 0),
-                                                     comment=tag),
-                           **values)
+    text = render_stage(template, run_name=run.name, run_dir=str(run.root), stage=stage, attempt=attempt,
+                        config_hash=ctx.config_hash(), python=ctx.python, cluster=ctx.config.cluster, values=values)
     script = run.scripts / f"{stage}-a{attempt}.sbatch"
     write_text(script, text, mode=0o755)
     log = run.stage_logs(stage) / f"{stage}-a{attempt}.out"

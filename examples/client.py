@@ -1,0 +1,55 @@
+"""Talk to a model served by `fm9g-launch serve RUN` with the `openai` package.
+
+    fm9g-launch serve runs/tiny-sft            # prints the URL once /health answers
+    python examples/client.py runs/tiny-sft "你好"
+
+The base URL comes from runs/NAME/serve/endpoint.json (written by the serve job) and
+the API key from runs/NAME/serve/api_key; the model id from the server's /v1/models.
+Prints one completion and one chat completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from openai import OpenAI
+
+
+def connect(run_dir: Path) -> tuple[OpenAI, str]:
+    """An OpenAI client for the run's server, and the id of the model it serves."""
+    serve = run_dir / "serve"
+    try:
+        endpoint = json.loads((serve / "endpoint.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        sys.exit(f"{serve / 'endpoint.json'}: no server published; start one with `fm9g-launch serve {run_dir}`")
+    api_key = (serve / "api_key").read_text(encoding="utf-8").strip()
+    client = OpenAI(base_url=endpoint["url"], api_key=api_key, max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    return client, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="completion + chat completion against `fm9g-launch serve`")
+    parser.add_argument("run", type=Path, help="the run directory (runs/NAME)")
+    parser.add_argument("prompt", nargs="?", default="你好", help="what to ask (default: 你好)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    client, model = connect(args.run)
+
+    # Plain completion: the prompt is sent as is (add <用户>…<AI> yourself for a chat model).
+    completion = client.completions.create(model=model, prompt=f"<用户>{args.prompt}<AI>",
+                                           max_tokens=args.max_tokens, temperature=0)
+    print("completion:", completion.choices[0].text)
+
+    # Chat completion: the server applies the FM9G chat template (<用户>{content}<AI>).
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": args.prompt}],
+                                          max_tokens=args.max_tokens, temperature=0)
+    print("chat:", chat.choices[0].message.content)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Stage job scripts: strict, quoted, valid bash, stable (golden files), no API key inside."""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fm9g.orchestrator.config import ClusterConfig
+from fm9g.orchestrator.inference.jobs import render_stage
+from fm9g.orchestrator.inference.prompts import Sampling
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
+
+VALUES = {
+    "convert": {"step": 60, "output": "/shared/runs/demo/hf/60"},
+    "infer": {"model": "/shared/runs/demo/hf/60", "prompts": "/shared/p.jsonl", "output": "/shared/out.jsonl",
+              "chat": True, "engine": "auto", "sampling": Sampling(temperature=0.7, top_p=0.9, max_tokens=64, n=2, seed=5)},
+    "serve": {"model": "/shared/runs/demo/hf/60", "endpoint": "/shared/runs/demo/serve/endpoint.json",
+              "api_key_file": "/shared/runs/demo/serve/api_key", "engine": "auto", "port": 0},
+}
+
+
+def render(stage: str, *, run_dir: str = "/shared/runs/demo", values: dict | None = None) -> str:
+    cluster = ClusterConfig(partition="gpu", gpus_per_node=1, time="1:00:00", setup=["module load cuda/12.1"])
+    return render_stage(f"{stage}.sbatch.j2", run_name=Path(run_dir).name, run_dir=run_dir, stage=stage, attempt=1,
+                        config_hash="0123456789ab", python="/opt/venv/bin/python", cluster=cluster,
+                        values=values or VALUES[stage])
+
+
+@pytest.mark.parametrize("stage", sorted(VALUES))
+def test_golden(stage: str, request: pytest.FixtureRequest) -> None:
+    text, path = render(stage), GOLDEN / f"{stage}.sbatch"
+    if request.config.getoption("--regen-golden") or not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        if not request.config.getoption("--regen-golden"):
+            pytest.fail(f"{path} did not exist; written now, review and commit it")
+        return
+    expected = path.read_text()
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
+        pytest.fail(f"rendered script differs from {path} (rerun with --regen-golden if intended):\n{diff}")
+
+
+@pytest.mark.parametrize("stage", sorted(VALUES))
+def test_hostile_paths_stay_one_word(stage: str, tmp_path: Path) -> None:
+    values = {key: (f"{tmp_path}/{HOSTILE}/x" if isinstance(value, str) and value.startswith("/") else value)
+              for key, value in VALUES[stage].items()}
+    text = render(stage, run_dir=f"{tmp_path}/{HOSTILE}", values=values)
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    # Run everything but the final exec: nothing in a value may execute.
+    body = text.rsplit("\nexec ", 1)[0]
+    subprocess.run(["bash", "-c", body.replace("module load cuda/12.1", "true")], cwd=tmp_path, check=True)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_serve_script_names_the_key_file_not_the_key() -> None:
+    text = render("serve")
+    assert "--api-key-file /shared/runs/demo/serve/api_key" in text
+    assert "api-key " not in text and "VLLM_API_KEY" not in text
