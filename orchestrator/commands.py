@@ -68,24 +68,25 @@ def run_resume(args: argparse.Namespace) -> int:
 
 def run_index(args: argparse.Namespace) -> int:
     from fm9g.data.indexer import build_index
-    from fm9g.data.progress import ProgressBar
+    from fm9g.orchestrator.prepare import progress_bar
 
     if args.output.resolve() == args.path.resolve() or (args.path.is_dir() and args.output.resolve() == args.path.resolve()):
         raise ConfigError(f"--output {args.output} is the input; write the index to a different directory")
     try:
-        with ProgressBar(f"index {args.path.name}", enabled=args.progress) as bar:
+        with progress_bar(f"index {args.path.name}", args.progress) as bar:
             result = build_index(args.path, args.output, language=args.language, tokenizer=args.tokenizer,
-                                 processes=args.processes, on_error=args.on_error, progress=bar.update)
+                                 processes=args.processes, on_error=args.on_error, progress=bar)
     except Exception as exc:
         if type(exc).__name__ == "DataError":
             print(f"fm9g-launch: error: {exc}", file=sys.stderr)
             return 2
         raise
     print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {args.output}")
-    skipped = getattr(result, "skipped", None)
-    if skipped:
-        for name, count in skipped.items():
-            print(f"  skipped {count} bad lines in {name}")
+    for name, kinds in result.errors.items():
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        print(f"  skipped in {name}: {counts}")
+    for example in result.examples:
+        print(f"    e.g. {example}")
     return 0
 
 

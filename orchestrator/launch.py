@@ -183,18 +183,13 @@ def preflight(config: RunConfig, run: RunDir) -> list[str]:
     if config.executor != "slurm":
         return []
     from fm9g.orchestrator.slurm import preflight as slurm_preflight
-    from fm9g.orchestrator.slurm.commands import SlurmClient
 
-    python = Path(config.cluster.python or sys.executable)
-    paths = [("cluster.python", python), ("run directory", run.root)]
-    for label, value in (("data.dataset_config", config.data.dataset_config), ("data.tokenizer_path", config.data.tokenizer_path)):
-        if value:
-            paths.append((label, Path(value)))
     try:
-        return slurm_preflight.check(config.cluster.partition, config.cluster.nodes, config.cluster.gpus_per_node,
-                                     paths, SlurmClient(), exclude=config.cluster.exclude)
+        warnings = slurm_preflight.check_run(config, run)
     except slurm_preflight.PreflightError as exc:
         raise ConfigError(f"not submitted: {exc}") from None
+    write_text(run.config, config_mod.dump(config))  # check_run drops unknown excluded nodes
+    return warnings
 
 
 def supervise(run: RunDir, progress: bool = True) -> int:

@@ -91,10 +91,9 @@ class TrainSupervisor:
 
     def submit_node(self, node_rank: int, *, attempt: int, generation: int, why: str) -> JobRow:
         role = "master" if node_rank == 0 else "worker"
-        env = ()
         job = NodeJob(run_name=self.run.name, run_dir=str(self.run.root), stage=STAGE, role=role,
                       node_rank=node_rank, attempt=attempt, generation=generation, python=self.python,
-                      config_hash=self.config_hash, env=env)
+                      config_hash=self.config_hash)
         text = render_node(job, self.cluster_config())
         script = self.run.scripts / job.script_name
         write_text(script, text, mode=0o755)
@@ -102,7 +101,11 @@ class TrainSupervisor:
         row_id = self.store.record_intent(stage=STAGE, role=role, node_rank=node_rank, attempt=attempt,
                                           generation=generation, tag=job.tag, script=str(script),
                                           script_hash=config_hash(text), log=str(log))
-        job_id = self.executor.submit(script, log=log, tag=job.tag)
+        env = None
+        if self.executor.name == "local":
+            # Local "nodes" share this machine's cores; give each its share, as Slurm would.
+            env = {"SLURM_CPUS_ON_NODE": str(max(1, (os.cpu_count() or 1) // self.config.cluster.nodes))}
+        job_id = self.executor.submit(script, log=log, tag=job.tag, env=env)
         self.store.mark_submitted(row_id, job_id)
         self.store.event("submitted", f"{role}{node_rank} attempt {attempt} submitted as job {job_id} ({why})",
                          stage=STAGE, job=row_id, node_rank=node_rank, job_id=job_id, generation=generation)

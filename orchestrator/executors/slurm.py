@@ -61,7 +61,15 @@ class SlurmExecutor:
                 accounted = {}
             for job_id in gone:
                 row = accounted.get(job_id)
-                result[str(job_id)] = _from_sacct(row) if row is not None else JobStatus("UNKNOWN")
+                if row is None:
+                    result[str(job_id)] = JobStatus("UNKNOWN")  # accounting lags: ask again next tick
+                elif row.state.value == "REQUEUED":
+                    # Cancelled while waiting to restart: sacct keeps REQUEUED as its last
+                    # state for good, but the job is gone from the queue, so it has ended.
+                    result[str(job_id)] = JobStatus("CANCELLED", node=row.node_list, restarts=row.restarts,
+                                                    reason="cancelled while requeued")
+                else:
+                    result[str(job_id)] = _from_sacct(row)
         return result
 
     def cancel(self, job_ids: list[str]) -> None:
