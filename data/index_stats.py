@@ -84,9 +84,14 @@ class LineCounter:
             total = 0
             for i in lines:
                 total += self.count_line(block[starts[i] : ends[i]] + b"\n")
-        long_units = [
-            self.count_line(block[starts[i] : ends[i]] + b"\n") for i in lines if ends[i] + 1 - starts[i] >= self._long
-        ]
+        # Only lines long enough to reach 4k tokens need an exact per-line count.
+        lengths = np.asarray(ends, dtype=np.int64) - np.asarray(starts, dtype=np.int64) + 1
+        if kept is not None:
+            keep = np.asarray(kept, dtype=np.int64)
+            candidates = keep[lengths[keep] >= self._long] if len(keep) else keep
+        else:
+            candidates = np.flatnonzero(lengths >= self._long)
+        long_units = [self.count_line(block[starts[i] : ends[i]] + b"\n") for i in candidates.tolist()]
         buckets = bucket_counts(np.array(long_units, dtype=np.float64) * self.factor)
         buckets[0] += len(lines) - len(long_units)
         return total, buckets

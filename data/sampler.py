@@ -62,37 +62,46 @@ class LineOrder:
             # fewer lines than ranks: share a line only when repeats are allowed
             self.owned = 1 if (allow_repeat and nlines > 0) else 0
             self._shared = True
-        self._epoch = -1
-        self._block_order = np.zeros(0, dtype=np.int64)
-        self._block_starts = np.zeros(0, dtype=np.int64)
-        self._inner: dict[int, np.ndarray] = {}
+        # Small caches: the current read position and the prefetch look-ahead may sit
+        # in different blocks (or epochs), so keep a few of each.
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._blocks: dict[tuple[int, int], tuple[int, int, int, list[int]]] = {}
+        self._last: tuple[int, int, int, int, list[int]] = (-1, 0, 0, 0, [])
 
-    def _prepare(self, epoch: int) -> None:
-        if epoch == self._epoch:
-            return
-        blocks = (self.owned + BLOCK - 1) // BLOCK
-        order = _rng(self.seed, self.task_word, epoch, self.rank, 0xB10C).permutation(blocks)
-        sizes = np.minimum(BLOCK, self.owned - order * BLOCK)
-        self._block_order = order
-        self._block_starts = np.concatenate([[0], np.cumsum(sizes)])
-        self._epoch = epoch
-        self._inner = {}
+    def _epoch_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block order, first position of each slot) of an epoch."""
+        found = self._epochs.get(epoch)
+        if found is None:
+            blocks = (self.owned + BLOCK - 1) // BLOCK
+            order = _rng(self.seed, self.task_word, epoch, self.rank, 0xB10C).permutation(blocks)
+            sizes = np.minimum(BLOCK, self.owned - order * BLOCK)
+            found = (order, np.concatenate([[0], np.cumsum(sizes)]))
+            if len(self._epochs) >= 2:
+                self._epochs.pop(next(iter(self._epochs)))
+            self._epochs[epoch] = found
+        return found
 
     def line_at(self, epoch: int, position: int) -> int:
         """Global line id at `position` (0 <= position < owned) of `epoch`."""
         if self._shared:
             return self.rank % self.nlines
-        self._prepare(epoch)
-        slot = int(np.searchsorted(self._block_starts, position, side="right")) - 1
-        block = int(self._block_order[slot])
-        inner = self._inner.get(block)
-        if inner is None:
-            size = min(BLOCK, self.owned - block * BLOCK)
-            inner = _rng(self.seed, self.task_word, epoch, self.rank, block + 1).permutation(size)
-            if len(self._inner) > 4:
-                self._inner.clear()
-            self._inner[block] = inner
-        local = block * BLOCK + int(inner[position - int(self._block_starts[slot])])
+        last_epoch, low, high, block, inner = self._last
+        if last_epoch != epoch or not low <= position < high:
+            order, starts = self._epoch_blocks(epoch)
+            slot = int(np.searchsorted(starts, position, side="right")) - 1
+            cached = self._blocks.get((epoch, slot))
+            if cached is None:
+                block = int(order[slot])
+                size = min(BLOCK, self.owned - block * BLOCK)
+                inner = _rng(self.seed, self.task_word, epoch, self.rank, block + 1).permutation(size).tolist()
+                low = int(starts[slot])
+                cached = (low, low + size, block, inner)
+                if len(self._blocks) >= 8:
+                    self._blocks.pop(next(iter(self._blocks)))
+                self._blocks[(epoch, slot)] = cached
+            low, high, block, inner = cached
+            self._last = (epoch, low, high, block, inner)
+        local = block * BLOCK + inner[position - low]
         return self.rank + local * self.world_size
 
 

@@ -142,10 +142,10 @@ class SampleMaker:
             return LineResult(error=f"not valid JSON ({error})")
         if not isinstance(data, dict):
             return LineResult(error=f"the line is a JSON {type(data).__name__}, not an object")
-        # String seeds hash with sha512: the same in every process, unlike hash().
-        rng = random.Random(f"{self.seed}:{source.name}:{epoch}:{line}")
         transform = self._transform(task)
         if transform is not None:
+            # String seeds hash with sha512: the same in every process, unlike hash().
+            rng = random.Random(f"{self.seed}:{source.name}:{epoch}:{line}")
             try:
                 data = transform(data, _incontext_index(source.incontext_weight, rng), rng)
             except Exception as error:  # the user's code: report whatever it raises
