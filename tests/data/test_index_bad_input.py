@@ -123,3 +123,18 @@ def test_cached_failure_is_not_reused(tmp_path: Path) -> None:
         build_index(src, tmp_path / "idx", cache_dir=tmp_path / "cache")
     src.write_bytes(GOOD * 2)
     assert build_index(src, tmp_path / "idx", cache_dir=tmp_path / "cache").nlines == 2
+
+
+def test_slurm_tasks_report_the_bad_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fm9g.data import index_merge, index_shard
+    from fm9g.data.index_plan import plan_shards, read_plan
+
+    lines = [GOOD] * 100
+    lines[70] = b'{"input": ""}\n'
+    src = _file(tmp_path, *lines)
+    plan_path = plan_shards(src, 3, tmp_path / "work", output=tmp_path / "idx")
+    codes = [index_shard.main(["--plan", str(plan_path), "--task-id", str(k)]) for k in range(len(read_plan(plan_path)["shards"]))]
+    assert codes.count(1) == 1 and "missing_output" not in capsys.readouterr().err  # message, not the kind name
+    assert index_merge.main(["--plan", str(plan_path)]) == 1
+    assert f"{src}:71: no \"output\" field" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()

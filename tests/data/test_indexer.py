@@ -225,3 +225,28 @@ def test_merge_without_shard_results_is_clear(tmp_path: Path) -> None:
     assert index_merge.main(["--plan", str(plan_path)]) == 1
     with pytest.raises(DataError, match="has no result"):
         index_merge.merge_shards([tmp_path / "work" / "shards" / "nope"], tmp_path / "out")
+
+
+def test_module_entry_points_run_as_scripts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", _rows(30))
+    (tmp_path / "in" / "b.txt").write_text("一行\n两行\n", encoding="utf-8")
+    plan_path = plan_shards(tmp_path / "in", 2, tmp_path / "work", output=tmp_path / "out")
+    for task in range(len(read_plan(plan_path)["shards"])):
+        done = subprocess.run(
+            [sys.executable, "-m", "fm9g.data.index_shard", "--plan", str(plan_path), "--task-id", str(task)],
+            capture_output=True, text=True, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "fm9g.data.index_merge", "--plan", str(plan_path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["nlines"] == 32
+    done = subprocess.run(
+        [sys.executable, "-m", "fm9g.data.txt2jsonl", str(tmp_path / "in" / "b.txt"), str(tmp_path / "b.jsonl")],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0 and (tmp_path / "b.jsonl").read_text(encoding="utf-8").count("\n") == 2

@@ -88,6 +88,13 @@ def test_legacy_end_offsets_are_read_in_full(tmp_path: Path, with_h5: bool) -> N
     assert [ds[k] for k in range(9)] == lines  # the first line is not dropped
 
 
+def test_h5_bounds_are_mapped_not_copied(built: tuple[Path, list[bytes]]) -> None:
+    path, lines = built
+    ds = IndexedDataset(path)
+    assert not ds.bounds.flags.owndata and not ds.bounds.flags.writeable  # a view of the mapped file
+    assert ds[len(lines) - 1] == lines[-1]
+
+
 def test_text_index_only(built: tuple[Path, list[bytes]]) -> None:
     path, lines = built
     (path / "index.h5").unlink()
