@@ -14,13 +14,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from fm9g.data.errors import DataError
 from fm9g.data.index_merge import WriteJob, write_shard_part
 from fm9g.data.index_shard import ShardAborted, index_shard
-from fm9g.data.index_types import IndexOptions, ShardResult
 
 NO_FAILURE = 1 << 62
 
@@ -141,11 +140,3 @@ class IndexPool:
                 process.join()
         self._jobs.close()
         self._results.close()
-
-
-def index_jobs(specs: Iterable[tuple[Any, str, IndexOptions, str]]) -> list[tuple[Any, ...]]:
-    """Wrap (spec, out_dir, options, key) tuples as pool jobs."""
-    return [("index", spec, out_dir, options, key) for spec, out_dir, options, key in specs]
-
-
-__all__ = ["IndexPool", "ShardResult", "index_jobs"]

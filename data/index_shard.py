@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,11 @@ def _add_range(seg: SegmentResult, start: int, end: int) -> None:
         seg.pieces.append(["range", start, end])
 
 
-def _blocks(path: str, start: int, end: int, progress: Callable[[int], None] | None, should_stop: Callable[[], bool] | None):  # type: ignore[no-untyped-def]
+Progress = Callable[[int], None] | None
+StopCheck = Callable[[], bool] | None
+
+
+def _blocks(path: str, start: int, end: int, progress: Progress, should_stop: StopCheck) -> Iterator[tuple[int, bytes, int, bool]]:
     """Yield (offset, block, stop, at_end): whole lines block[:stop] starting at file offset."""
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -168,7 +172,8 @@ def _blocks(path: str, start: int, end: int, progress: Callable[[int], None] | N
                 break
 
 
-def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, progress, should_stop) -> None:  # type: ignore[no-untyped-def]
+def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck) -> None:
+    """Validate, count and record the kept byte ranges of a jsonl segment."""
     line_number = 1  # local to the segment; the merge adds earlier segments' lines
     for offset, block, stop, at_end in _blocks(seg.path, seg.start, seg.end, progress, should_stop):
         starts, ends = _line_positions(block, stop)
@@ -190,7 +195,8 @@ def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, pro
             seg.pieces.append(["newline"])  # the file's last line lacks its newline
 
 
-def _index_txt(seg: SegmentResult, segment_index: int, state: _ShardState, progress, should_stop) -> None:  # type: ignore[no-untyped-def]
+def _index_txt(seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck) -> None:
+    """Convert a txt segment to jsonl lines in the shard's own data.jsonl, and count them."""
     line_number = 1
     for _offset, block, stop, _at_end in _blocks(seg.path, seg.start, seg.end, progress, should_stop):
         starts, ends = _line_positions(block, stop)

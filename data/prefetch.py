@@ -20,7 +20,6 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 from fm9g.data.errors import DataError
 from fm9g.data.samples import LineResult, SampleMaker
