@@ -37,8 +37,8 @@ from fm9g.data.index_stats import length_distribute, unit_factor
 from fm9g.data.index_types import IndexResult, ShardResult
 from fm9g.orchestrator.atomic import replace_dir, write_json
 
-# (shard_dir, data_path, data_offset, part_path) for one shard's share of the output.
-WriteJob = tuple[str, str, int, str]
+# (shard_dir, data_path, data_offset, part_path, durable) for one shard's share of the output.
+WriteJob = tuple[str, str, int, str, bool]
 # Runs write jobs (in parallel when a pool is at hand).
 WriteRunner = Callable[[list[WriteJob]], None]
 
@@ -66,8 +66,12 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int
 
 
 def write_shard_part(job: WriteJob) -> None:
-    """Copy one shard's kept bytes into data.jsonl at its offset and write its `index` lines."""
-    shard_dir, data_path, data_offset, part_path = job
+    """Copy one shard's kept bytes into data.jsonl at its offset and write its `index` lines.
+
+    With `durable`, the part is flushed here (fdatasync), so the disk writes of early
+    shards overlap the indexing of later ones instead of piling up in one final fsync.
+    """
+    shard_dir, data_path, data_offset, part_path, durable = job
     result = load_shard_result(shard_dir)
     assert result is not None
     bounds = np.load(Path(shard_dir) / "bounds.npy")
@@ -95,6 +99,8 @@ def write_shard_part(job: WriteJob) -> None:
                         os.close(fd)
         if position - data_offset != result.nbytes:
             raise DataError(f"shard {result.index}: wrote {position - data_offset} bytes, expected {result.nbytes}")
+        if durable:
+            os.fdatasync(out)
     finally:
         os.close(out)
     text = "\n".join(map(str, (bounds[1:] + data_offset).tolist()))
@@ -157,6 +163,131 @@ def raise_first_failure(results: Sequence[ShardResult | None]) -> None:
             raise DataError(failure_message(seg.path, line, failed["kind"], failed["message"]))
 
 
+def _check_sources(result: ShardResult) -> None:
+    """Refuse to copy byte ranges of an input that changed since its shard was indexed."""
+    for seg in result.segments:
+        if any(p[0] == "range" for p in seg.pieces):
+            stat = os.stat(seg.path)
+            if (stat.st_size, stat.st_mtime_ns) != (seg.size, seg.mtime_ns):
+                raise DataError(f"{seg.path}: changed after it was indexed; run the index again")
+
+
+class OutputBuilder:
+    """One index directory under construction in a temporary directory next to the output.
+
+    Shards are `place`d in input order as soon as they are known (each gets the next
+    offset in data.jsonl and a write job that may run anywhere, in parallel); `finish`
+    writes `index`, index.h5 and meta.json and moves the directory into place.
+    """
+
+    def __init__(self, output: str | Path, durable: bool = True) -> None:
+        self.output = Path(output).absolute()
+        self.durable = durable
+        check_replaceable(self.output)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        self.data_path = self.tmp / "data.jsonl"
+        self.data_path.touch()
+        self.offsets = [0]
+        self.dirs: list[Path] = []
+
+    def place(self, shard_dir: str | Path, result: ShardResult) -> WriteJob:
+        """Reserve the next range of data.jsonl for a shard; return its write job."""
+        _check_sources(result)
+        number = len(self.dirs)
+        job = (str(shard_dir), str(self.data_path), self.offsets[-1], str(self.tmp / f"index.part{number}"), self.durable)
+        self.dirs.append(Path(shard_dir))
+        self.offsets.append(self.offsets[-1] + result.nbytes)
+        return job
+
+    def finish(self, results: list[ShardResult], shards_cached: int = 0) -> IndexResult:
+        """Complete the directory once every placed shard's write job has run; install it."""
+        if len(results) != len(self.dirs) or not results:
+            raise DataError(f"{self.output}: {len(self.dirs)} of {len(results)} shards were written; cannot finish")
+        methods = {(r.method, r.language) for r in results}
+        if len(methods) != 1:
+            raise DataError(f"shards were indexed with different settings {sorted(methods)}; re-plan and re-run")
+        method, language = methods.pop()
+        nlines = sum(r.nlines for r in results)
+        errors, examples = _error_report(results)
+        skipped = sum(sum(kinds.values()) for kinds in errors.values())
+        if nlines == 0:
+            detail = f" ({skipped} bad lines skipped)" if skipped else ""
+            raise DataError(f"{self.output}: no valid lines in the inputs{detail}; nothing to index")
+        if self.data_path.stat().st_size != self.offsets[-1]:
+            raise DataError(f"{self.data_path}: has {self.data_path.stat().st_size} bytes, expected {self.offsets[-1]}")
+        with open(self.tmp / "index", "wb") as index:
+            index.write(b"0\n")
+            for number in range(len(self.dirs)):
+                part = self.tmp / f"index.part{number}"
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, index, 1 << 20)
+                os.unlink(part)
+            if self.durable:
+                os.fsync(index.fileno())
+        bounds = np.concatenate(
+            [np.zeros(1, dtype=np.int64)]
+            + [np.load(d / "bounds.npy")[1:] + self.offsets[k] for k, d in enumerate(self.dirs)]
+        )
+        with h5py.File(self.tmp / "index.h5", "w") as h5:
+            h5.create_dataset("index", data=bounds)
+        if self.durable:
+            for name in ("data.jsonl", "index.h5"):
+                fd = os.open(self.tmp / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        buckets = np.sum([r.buckets for r in results], axis=0)
+        meta: dict[str, Any] = {
+            "language": language,
+            "nlines": nlines,
+            "nbytes": int(self.offsets[-1]),
+            "length_distribute": length_distribute(buckets),
+            "avg_token_per_line": unit_factor(method) * sum(r.units for r in results) / nlines,
+            # Kept for readers of the old format; nothing is uploaded to HDFS.
+            "hdfs_path": None,
+            "data_sample": next((r.sample for r in results if r.sample is not None), None),
+            "token_count_method": method,
+            "errors": errors,
+            "skipped_lines": skipped,
+            "sources": list(dict.fromkeys(seg.path for r in results for seg in r.segments)),
+        }
+        write_json(self.tmp / "meta.json", meta)
+        install_dir(self.tmp, self.output)
+        return IndexResult(
+            output=self.output,
+            nlines=nlines,
+            nbytes=int(meta["nbytes"]),
+            meta=meta,
+            errors=errors,
+            skipped_lines=skipped,
+            examples=examples,
+            shards_total=len(results),
+            shards_cached=shards_cached,
+        )
+
+    def abort(self) -> None:
+        """Remove the unfinished directory."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _error_report(results: list[ShardResult]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Per-file error counts and the first bad-line examples with file-global line numbers."""
+    errors: dict[str, dict[str, int]] = {}
+    examples: list[str] = []
+    for result, offsets in zip(results, _global_lines(results)):
+        for seg, offset in zip(result.segments, offsets):
+            for kind, count in seg.errors.items():
+                per_file = errors.setdefault(seg.path, {})
+                per_file[kind] = per_file.get(kind, 0) + count
+            for line, kind, message in seg.examples:
+                if len(examples) < 20:
+                    where = f"{seg.path}:{line + offset}" if line > 0 else seg.path
+                    examples.append(f"{where}: {kind}: {message}")
+    return errors, examples
+
+
 def merge_shards(
     shard_dirs: Sequence[str | Path],
     output: str | Path,
@@ -166,7 +297,6 @@ def merge_shards(
     shards_cached: int = 0,
 ) -> IndexResult:
     """Assemble the index directory `output` from finished shard results, in the given order."""
-    output = Path(output).absolute()
     dirs = [Path(d) for d in shard_dirs]
     results: list[ShardResult] = []
     for number, directory in enumerate(dirs):
@@ -177,96 +307,18 @@ def merge_shards(
     raise_first_failure(results)
     if not results:
         raise DataError("no shards to merge")
-    methods = {(r.method, r.language) for r in results}
-    if len(methods) != 1:
-        raise DataError(f"shards were indexed with different settings {sorted(methods)}; re-plan and re-run")
-    method, language = methods.pop()
-    nlines = sum(r.nlines for r in results)
-    before = _global_lines(results)
-    errors: dict[str, dict[str, int]] = {}
-    examples: list[str] = []
-    for result, offsets in zip(results, before):
-        for seg, offset in zip(result.segments, offsets):
-            for kind, count in seg.errors.items():
-                per_file = errors.setdefault(seg.path, {})
-                per_file[kind] = per_file.get(kind, 0) + count
-            for line, kind, message in seg.examples:
-                if len(examples) < 20:
-                    where = f"{seg.path}:{line + offset}" if line > 0 else seg.path
-                    examples.append(f"{where}: {kind}: {message}")
-            if any(p[0] == "range" for p in seg.pieces):
-                stat = os.stat(seg.path)
-                if (stat.st_size, stat.st_mtime_ns) != (seg.size, seg.mtime_ns):
-                    raise DataError(f"{seg.path}: changed after it was indexed; run the index again")
-    skipped = sum(sum(kinds.values()) for kinds in errors.values())
-    if nlines == 0:
-        detail = f" ({skipped} bad lines skipped)" if skipped else ""
-        raise DataError(f"{output}: no valid lines in the inputs{detail}; nothing to index")
-    check_replaceable(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    builder = OutputBuilder(output, durable)
     try:
-        offsets = np.zeros(len(results) + 1, dtype=np.int64)
-        np.cumsum([r.nbytes for r in results], out=offsets[1:])
-        data_path = tmp / "data.jsonl"
-        with open(data_path, "wb") as handle:
-            handle.truncate(int(offsets[-1]))
-        jobs: list[WriteJob] = [
-            (str(d), str(data_path), int(offsets[k]), str(tmp / f"index.part{k}")) for k, d in enumerate(dirs)
-        ]
-        (runner or (lambda js: [write_shard_part(j) for j in js]))(jobs)
-        with open(tmp / "index", "wb") as index:
-            index.write(b"0\n")
+        jobs = [builder.place(d, r) for d, r in zip(dirs, results)]
+        if runner is not None:
+            runner(jobs)
+        else:
             for job in jobs:
-                with open(job[3], "rb") as part:
-                    shutil.copyfileobj(part, index, 1 << 20)
-                os.unlink(job[3])
-            if durable:
-                os.fsync(index.fileno())
-        bounds = np.concatenate(
-            [np.zeros(1, dtype=np.int64)] + [np.load(d / "bounds.npy")[1:] + offsets[k] for k, d in enumerate(dirs)]
-        )
-        with h5py.File(tmp / "index.h5", "w") as h5:
-            h5.create_dataset("index", data=bounds)
-        if durable:
-            for name in ("data.jsonl", "index.h5"):
-                fd = os.open(tmp / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        units = sum(r.units for r in results)
-        buckets = np.sum([r.buckets for r in results], axis=0)
-        meta: dict[str, Any] = {
-            "language": language,
-            "nlines": nlines,
-            "nbytes": int(offsets[-1]),
-            "length_distribute": length_distribute(buckets),
-            "avg_token_per_line": unit_factor(method) * units / nlines,
-            # Kept for readers of the old format; nothing is uploaded to HDFS.
-            "hdfs_path": None,
-            "data_sample": next((r.sample for r in results if r.sample is not None), None),
-            "token_count_method": method,
-            "errors": errors,
-            "skipped_lines": skipped,
-            "sources": list(dict.fromkeys(seg.path for r in results for seg in r.segments)),
-        }
-        write_json(tmp / "meta.json", meta)
-        install_dir(tmp, output)
+                write_shard_part(job)
+        return builder.finish(results, shards_cached)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        builder.abort()
         raise
-    return IndexResult(
-        output=output,
-        nlines=nlines,
-        nbytes=int(meta["nbytes"]),
-        meta=meta,
-        errors=errors,
-        skipped_lines=skipped,
-        examples=examples,
-        shards_total=len(results),
-        shards_cached=shards_cached,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,9 +159,14 @@ def shard_key(shard: ShardSpec, options: IndexOptions) -> str:
 
 
 def choose_shard_count(total_bytes: int, processes: int) -> int:
-    """Shards for a local build: two per process (balance, cache granularity), 4-256 MiB each."""
-    count = min(2 * processes, max(1, total_bytes // (4 << 20)))
-    return max(count, math.ceil(total_bytes / (256 << 20)))
+    """Shards for a local build: at least two per process, about 16 MiB each, none under 4 MiB.
+
+    Several shards per process keep processes busy to the end, let the copy and flush
+    of finished shards overlap the indexing of later ones, and make the cache useful
+    after an interruption.
+    """
+    count = max(2 * processes, math.ceil(total_bytes / (16 << 20)))
+    return max(1, min(count, total_bytes // (4 << 20)))
 
 
 def plan_shards(

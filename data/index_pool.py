@@ -81,6 +81,8 @@ class IndexPool:
         ]
         for process in self._workers:
             process.start()
+        self._submitted = 0
+        self._pending = 0
 
     def done_bytes(self) -> int:
         """Input bytes read by all workers so far."""
@@ -90,17 +92,17 @@ class IndexPool:
         """Make shards with a larger index stop at their next block."""
         self._stop_after.value = min(self._stop_after.value, shard_index)
 
-    def run(
-        self,
-        jobs: list[tuple[Any, ...]],
-        on_result: Callable[[int, str, Any], None],
-        tick: Callable[[], None] | None = None,
-    ) -> None:
-        """Run jobs; call on_result(job number, status, value) as each finishes."""
-        for number, job in enumerate(jobs):
-            self._jobs.put((number, job))
-        pending = len(jobs)
-        while pending:
+    def submit(self, job: tuple[Any, ...]) -> int:
+        """Queue a job ("index", spec, out_dir, options, key) or ("write", WriteJob); return its number."""
+        number = self._submitted
+        self._submitted += 1
+        self._pending += 1
+        self._jobs.put((number, job))
+        return number
+
+    def drain(self, on_result: Callable[[int, str, Any], None], tick: Callable[[], None] | None = None) -> None:
+        """Wait for every submitted job (on_result may submit more); call on_result(number, status, value)."""
+        while self._pending:
             try:
                 number, status, value = self._results.get(timeout=0.2)
             except queue.Empty:
@@ -110,7 +112,7 @@ class IndexPool:
                 if dead:
                     raise DataError(f"index worker {', '.join(dead)} died (out of memory?); re-run with fewer processes")
                 continue
-            pending -= 1
+            self._pending -= 1
             if status == "crash":
                 raise RuntimeError(f"index worker crashed:\n{value}")
             on_result(number, status, value)
@@ -124,7 +126,9 @@ class IndexPool:
             if status == "data_error":
                 raise DataError(value)
 
-        self.run([("write", job) for job in jobs], check)
+        for job in jobs:
+            self.submit(("write", job))
+        self.drain(check)
 
     def close(self, terminate: bool = False) -> None:
         """Stop the workers; `terminate` kills busy ones at once (after an error)."""

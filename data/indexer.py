@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from fm9g.data.errors import DataError
-from fm9g.data.index_merge import check_replaceable, merge_shards, raise_first_failure
+from fm9g.data.index_merge import OutputBuilder, check_replaceable, merge_shards, raise_first_failure, write_shard_part
 from fm9g.data.index_plan import (
     check_output,
     choose_shard_count,
@@ -53,32 +54,78 @@ def validate_options(language: str, on_error: str, processes: int) -> None:
         raise DataError(f"processes must be at least 1 (got {processes})")
 
 
-def _run_shards(
-    jobs: list[tuple[ShardSpec, Path, str]],
-    options: IndexOptions,
-    pool: IndexPool | None,
-    report: Callable[[int], None],
-) -> list[ShardResult | None]:
-    """Index the shards not yet cached; None for shards stopped after an earlier failure."""
-    results: list[ShardResult | None] = [None] * len(jobs)
-    if pool is None:
-        for number, (spec, out_dir, key) in enumerate(jobs):
-            result = index_shard(spec, out_dir, options=options, key=key, progress=report)
-            results[number] = result
-            if result.failure is not None:
-                break  # the first bad line in input order is found; later shards are moot
-        return results
+class _Build:
+    """One local build: index shards (pool or in-process) and place them as they finish.
 
-    def on_result(number: int, status: str, value: Any) -> None:
-        if status == "data_error":
-            raise DataError(value)
-        if status == "ok":
-            results[number] = value
-            if value.failure is not None:
-                pool.stop_after(jobs[number][0].index)
+    A shard is placed (given its offset in data.jsonl and a write job) as soon as it
+    and every shard before it are done, so copying and flushing early shards overlaps
+    with indexing later ones.
+    """
 
-    pool.run([("index", spec, str(out_dir), options, key) for spec, out_dir, key in jobs], on_result, lambda: report(0))
-    return results
+    def __init__(
+        self,
+        dirs: list[Path],
+        specs: list[ShardSpec],
+        options: IndexOptions,
+        builder: OutputBuilder,
+        pool: IndexPool | None,
+        report: Callable[[int], None],
+    ) -> None:
+        self.dirs, self.specs, self.options = dirs, specs, options
+        self.builder, self.pool, self.report = builder, pool, report
+        self.results: list[ShardResult | None] = [None] * len(specs)
+        self.placed = 0
+        self.writes: list[Future[None]] = []
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm9g-index-writer") if pool is None else None
+        self.jobs: dict[int, tuple[str, int]] = {}
+
+    def place_ready(self) -> None:
+        """Place every shard whose predecessors are all done and clean."""
+        while self.placed < len(self.results):
+            result = self.results[self.placed]
+            if result is None or result.failure is not None:
+                return
+            job = self.builder.place(self.dirs[self.placed], result)
+            if self.pool is not None:
+                self.jobs[self.pool.submit(("write", job))] = ("write", self.placed)
+            else:
+                assert self.writer is not None
+                self.writes.append(self.writer.submit(write_shard_part, job))
+            self.placed += 1
+
+    def run(self, todo: list[int]) -> None:
+        """Index the shards numbered `todo` and write every shard's part."""
+        self.place_ready()
+        if self.pool is None:
+            try:
+                for k in todo:
+                    result = index_shard(self.specs[k], self.dirs[k], options=self.options, key=self.dirs[k].name, progress=self.report)
+                    self.results[k] = result
+                    if result.failure is not None:
+                        break  # the first bad line in input order is found; later shards are moot
+                    self.place_ready()
+                for future in self.writes:
+                    future.result()
+            finally:
+                assert self.writer is not None
+                self.writer.shutdown(wait=True, cancel_futures=True)
+            return
+        pool = self.pool
+        for k in todo:
+            job = ("index", self.specs[k], str(self.dirs[k]), self.options, self.dirs[k].name)
+            self.jobs[pool.submit(job)] = ("index", k)
+
+        def on_result(number: int, status: str, value: Any) -> None:
+            kind, k = self.jobs.pop(number)
+            if status == "data_error":
+                raise DataError(value)
+            if kind == "index" and status == "ok":
+                self.results[k] = value
+                if value.failure is not None:
+                    pool.stop_after(self.specs[k].index)
+                self.place_ready()
+
+        pool.drain(on_result, lambda: self.report(0))
 
 
 def build_index(
@@ -122,7 +169,7 @@ def build_index(
         cached = [
             k for k, d in enumerate(dirs) if (r := load_shard_result(d)) is not None and r.failure is None and r.key == keys[k]
         ]
-        todo = [(specs[k], dirs[k], keys[k]) for k in range(len(specs)) if k not in set(cached)]
+        todo = [k for k in range(len(specs)) if k not in set(cached)]
         done_before = sum(specs[k].nbytes for k in cached)
         read_here = [0]
 
@@ -133,17 +180,24 @@ def build_index(
                 progress(min(done, total), total)
 
         report(0)
-        if processes > 1 and len(todo) > 1:
-            pool = IndexPool(min(processes, len(todo)))
-        elif processes > 1 and len(specs) > 1:
-            pool = IndexPool(min(processes, len(specs)))  # only the parallel copy is left to do
-        fresh = _run_shards(todo, options, pool, report) if todo else []
-        raise_first_failure(_in_order(specs, cached, todo, fresh, dirs))
-        if progress is not None:
-            progress(total, total)
-        result = merge_shards(
-            dirs, out, durable=durable, runner=pool.run_writes if pool is not None else None, shards_cached=len(cached)
-        )
+        if processes > 1 and len(specs) > 1:
+            pool = IndexPool(min(processes, len(specs)))
+        builder = OutputBuilder(out, durable)
+        try:
+            build = _Build(dirs, specs, options, builder, pool, report)
+            for k in cached:
+                build.results[k] = load_shard_result(dirs[k])
+            build.run(todo)
+            raise_first_failure(build.results)
+            if progress is not None:
+                progress(total, total)
+            done = [r for r in build.results if r is not None]
+            if len(done) != len(specs):
+                raise DataError(f"{out}: {len(specs) - len(done)} shards did not finish; run the index again")
+            result = builder.finish(done, shards_cached=len(cached))
+        except BaseException:
+            builder.abort()
+            raise
         failed = False
         return result
     finally:
@@ -151,17 +205,3 @@ def build_index(
             pool.close(terminate=failed)
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _in_order(
-    specs: list[ShardSpec],
-    cached: list[int],
-    todo: list[tuple[ShardSpec, Path, str]],
-    fresh: list[ShardResult | None],
-    dirs: list[Path],
-) -> list[ShardResult | None]:
-    """All shard results in input order (None where a shard was stopped early)."""
-    by_index: dict[int, ShardResult | None] = {k: load_shard_result(dirs[k]) for k in cached}
-    for (spec, _, _), result in zip(todo, fresh):
-        by_index[spec.index] = result
-    return [by_index.get(k) for k in range(len(specs))]
