@@ -2,7 +2,10 @@
 
 The work is split into shards (`index_plan`), each shard is validated and counted
 (`index_shard`) in a process pool (`index_pool`), and the shard results are merged
-into the output (`index_merge`). The same pieces run as a Slurm array:
+into the output (`index_merge`). A shard is copied into the output as soon as it and
+all shards before it are done (its offset is then known), so the copy and the
+flush to disk overlap the indexing of later shards; with processes=1 a writer
+thread does it, with more the pool does. The same pieces run as a Slurm array:
 `plan_shards` → `python -m fm9g.data.index_shard --plan P --task-id K` per shard →
 `python -m fm9g.data.index_merge --plan P`.
 
