@@ -15,7 +15,13 @@ from pathlib import Path
 
 from fm9g.orchestrator.atomic import write_text
 from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.prompts import Sampling, completion_record, dump_jsonl, format_prompt, read_prompts
+from fm9g.orchestrator.inference.prompts import (
+    Sampling,
+    completion_record,
+    dump_jsonl,
+    format_prompt,
+    read_prompts,
+)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

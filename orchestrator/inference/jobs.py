@@ -34,6 +34,7 @@ class StageContext:
     say: Say
     python: str
     poll_interval: float = 1.0
+    unknown_grace: float = 120.0  # seconds a job may stay UNKNOWN before a wait gives up on it
 
     def config_hash(self) -> str:
         try:
@@ -102,12 +103,35 @@ def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
     return status
 
 
+class Visibility:
+    """Bounds how long a job may stay UNKNOWN (failed polls, accounting lag) while we wait on it."""
+
+    def __init__(self, ctx: StageContext, row: JobRow) -> None:
+        self.ctx, self.row = ctx, row
+        self.since: float | None = None
+
+    def check(self, status: JobStatus) -> None:
+        if status.state != "UNKNOWN":
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since if self.since is not None else now
+        if now - self.since > self.ctx.unknown_grace:
+            from fm9g.orchestrator.inference.errors import InferenceError
+
+            raise InferenceError(f"job {self.row.job_id} has not been visible to the {self.ctx.executor.name} "
+                                 f"executor for {self.ctx.unknown_grace:g}s; it may still exist: look for it "
+                                 f"(squeue, or the process table), then run this command again")
+
+
 def wait(ctx: StageContext, row: JobRow) -> JobStatus:
     """Poll until the job has ended (COMPLETED, FAILED, CANCELLED, ...)."""
+    visibility = Visibility(ctx, row)
     while True:
         status = refresh(ctx, row)
         if status.state in TERMINAL_STATES:
             return status
+        visibility.check(status)
         time.sleep(ctx.poll_interval)
 
 

@@ -20,7 +20,14 @@ from typing import Any
 from fm9g.orchestrator.atomic import read_json, write_text
 from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
 from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.jobs import StageContext, adopt, log_tail, refresh, submit
+from fm9g.orchestrator.inference.jobs import (
+    StageContext,
+    Visibility,
+    adopt,
+    log_tail,
+    refresh,
+    submit,
+)
 from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
 
@@ -56,8 +63,10 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
     """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
     path = serve_endpoint(ctx.run)
     started = time.monotonic()
+    visibility = Visibility(ctx, row)
     while True:
         status = refresh(ctx, row)
+        visibility.check(status)
         if status.state in TERMINAL_STATES:
             ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state} before it was ready")
             raise InferenceError(f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
@@ -73,9 +82,13 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
 
 def _current_job(ctx: StageContext) -> JobRow | None:
     """The newest serve job of the run that is still alive, if any."""
-    rows = [row for row in ctx.store.jobs(STAGE) if row.job_id]
+    rows = [row for row in ctx.store.jobs(STAGE) if row.job_id and row.live]
     if not rows:
         return None
+    owner = ctx.store.meta(EXECUTOR_META)
+    if owner not in (None, ctx.executor.name):
+        raise InferenceError(f"{ctx.run.root}: the {owner} executor may still be serving this run (job "
+                             f"{rows[-1].job_id}); stop it first: fm9g-launch serve {ctx.run.root} --stop")
     row = rows[-1]
     adopt(ctx, row)
     status = refresh(ctx, row)

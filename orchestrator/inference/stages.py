@@ -79,7 +79,7 @@ def resolve_target(path: Path, *, name: str | None = None, run_root: str | Path 
 
 def checkpoint_step(run: RunDir, step: int | None = None) -> int:
     """The step to convert: `step` if that checkpoint is complete, else the latest complete one."""
-    from fm9g.model.checkpoint import CheckpointError, Checkpointer
+    from fm9g.model.checkpoint import Checkpointer, CheckpointError
 
     checkpoints = Checkpointer(run.checkpoints, rank=0, world_size=1, barrier=lambda: None)
     if step is not None:
@@ -138,12 +138,16 @@ def infer_stage(ctx: StageContext, *, model: Path, prompts: Path, output: Path, 
                 engine: EngineChoice = "auto", force: bool = False, stage: str = "infer") -> Path:
     """Generate completions for a prompt file as a job; skipped when the same model,
     prompts and sampling already produced `output`.  Returns the output path."""
-    run, store = ctx.run, ctx.store
+    store = ctx.store
     model, prompts, output = model.resolve(), prompts.resolve(), output.resolve()
-    check_model_dir(model)
-    count = len(read_prompts(prompts))  # a bad prompt file fails here, naming FILE:LINE, before any job
-    fingerprint = _fingerprint(model, prompts, sampling, chat, engine)
     store.upsert_stage(stage, "infer")
+    try:
+        check_model_dir(model)
+        count = len(read_prompts(prompts))  # a bad prompt file fails here, naming FILE:LINE, before any job
+    except InferenceError as exc:
+        store.set_stage(stage, "FAILED", detail=str(exc).splitlines()[0])
+        raise
+    fingerprint = _fingerprint(model, prompts, sampling, chat, engine)
     done = store.meta(f"{stage}:outputs", {})
     if not force and output.is_file() and done.get(str(output)) == fingerprint:
         store.set_stage(stage, "SKIPPED", detail=f"{output} is up to date")

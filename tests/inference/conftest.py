@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
-
 from fm9g.orchestrator import config as config_mod
+from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
 from fm9g.orchestrator.rundir import RunDir
 
 QUESTION = "你好"
@@ -35,7 +39,6 @@ class TrainedRun:
 
 def _train_checkpoint(run: RunDir) -> None:
     import torch
-
     from fm9g.data.tokenizer import load_tokenizer, train_sentencepiece
     from fm9g.model.args import load_model_config
     from fm9g.model.checkpoint import Checkpointer
@@ -104,7 +107,7 @@ def cluster_up() -> bool:
     if shutil.which("scontrol") is None:
         return False
     try:
-        return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).returncode == 0
+        return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -134,3 +137,37 @@ def _few_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("FM9G_TEST_THREADS", "1"))
     with one_thread():
         yield
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def check_server(run: RunDir) -> dict:
+    """What every served run must offer: completions and chats with the key, 401 without."""
+    endpoint = json.loads(serve_endpoint(run).read_text())
+    key = api_key_file(run).read_text().strip()
+    assert stat.S_IMODE(api_key_file(run).stat().st_mode) == 0o600
+    client = openai.OpenAI(base_url=endpoint["url"], api_key=key, max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    assert model == endpoint["model"]
+    completion = client.completions.create(model=model, prompt="<用户>你好<AI>", max_tokens=16, temperature=0)
+    assert completion.choices[0].text.startswith(ANSWER)
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}],
+                                          max_tokens=16, temperature=0)
+    assert chat.choices[0].message.content.startswith(ANSWER)
+    base = f"http://{endpoint['host']}:{endpoint['port']}"
+    assert http_status(f"{base}/v1/models") == 401
+    assert http_status(f"{base}/v1/models", {"Authorization": "Bearer wrong"}) == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=endpoint["url"], api_key="wrong", max_retries=0).models.list()
+    assert http_status(f"{base}/health") == 200
+    # The key is in no script and no log.
+    for path in [*run.scripts.glob("serve-*.sbatch"), *run.stage_logs("serve").glob("*")]:
+        assert key not in path.read_text(errors="replace"), path
+    return endpoint

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import ANSWER
-
 from fm9g.orchestrator.inference import infer_job
-from fm9g.orchestrator.inference.engines import choose_engine, generate_transformers, tokenizer_mode, vllm_usable
+from fm9g.orchestrator.inference.engines import (
+    choose_engine,
+    generate_transformers,
+    tokenizer_mode,
+    vllm_usable,
+)
 from fm9g.orchestrator.inference.prompts import Sampling
+
+from .conftest import ANSWER
 
 
 def test_greedy_gives_the_learned_answer(hf_model: Path) -> None:
@@ -43,7 +48,7 @@ def test_infer_job_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path) 
     assert records[0]["sampling"] == {"temperature": 0.0, "top_p": 0.95, "max_tokens": 24, "n": 1, "seed": 0}
 
 
-def test_infer_job_reports_bad_input(hf_model: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_infer_job_reports_bad_input(hf_model: Path, tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\nnot json\n')
     argv = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from fm9g.orchestrator.inference.hf_server import ApiKeyGate
 
 

@@ -4,22 +4,17 @@ scripts a cluster would run, as local jobs."""
 from __future__ import annotations
 
 import json
-import stat
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
-
 from fm9g.orchestrator.cli import main
 from fm9g.orchestrator.executors.local import LocalExecutor
-from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
+from fm9g.orchestrator.inference.paths import serve_endpoint
 from fm9g.orchestrator.rundir import RunDir
 from fm9g.orchestrator.state import TERMINAL_STATES, StateStore
 
-from .conftest import ANSWER, TrainedRun, write_run_config
+from .conftest import ANSWER, TrainedRun, check_server, write_run_config
 
 
 def cli(*argv: object) -> int:
@@ -117,40 +112,6 @@ def test_infer_on_a_model_folder(hf_model: Path, tmp_path: Path, monkeypatch: py
     assert json.loads(out.read_text())["text"] == ANSWER
     run = RunDir.of(tmp_path / "runs" / "tiny-model")
     assert [job.stage for job in jobs(run)] == ["infer"]  # a model folder needs no convert
-
-
-def http_status(url: str, headers: dict[str, str] | None = None) -> int:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def check_server(run: RunDir) -> dict:
-    """What every served run must offer: completions and chats with the key, 401 without."""
-    endpoint = json.loads(serve_endpoint(run).read_text())
-    key = api_key_file(run).read_text().strip()
-    assert stat.S_IMODE(api_key_file(run).stat().st_mode) == 0o600
-    client = openai.OpenAI(base_url=endpoint["url"], api_key=key, max_retries=0, timeout=120)
-    model = client.models.list().data[0].id
-    assert model == endpoint["model"]
-    completion = client.completions.create(model=model, prompt="<用户>你好<AI>", max_tokens=16, temperature=0)
-    assert completion.choices[0].text.startswith(ANSWER)
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}],
-                                          max_tokens=16, temperature=0)
-    assert chat.choices[0].message.content.startswith(ANSWER)
-    base = f"http://{endpoint['host']}:{endpoint['port']}"
-    assert http_status(f"{base}/v1/models") == 401
-    assert http_status(f"{base}/v1/models", {"Authorization": "Bearer wrong"}) == 401
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=endpoint["url"], api_key="wrong", max_retries=0).models.list()
-    assert http_status(f"{base}/health") == 200
-    # The key is in no script and no log.
-    for path in [*run.scripts.glob("serve-*.sbatch"), *run.stage_logs("serve").glob("*")]:
-        assert key not in path.read_text(errors="replace"), path
-    return endpoint
 
 
 @pytest.fixture

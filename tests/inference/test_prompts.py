@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.prompts import Sampling, completion_record, format_prompt, read_prompts
+from fm9g.orchestrator.inference.prompts import (
+    Sampling,
+    completion_record,
+    format_prompt,
+    read_prompts,
+)
 
 
 def write(tmp_path: Path, text: str | bytes, name: str = "p.jsonl") -> Path:
@@ -67,7 +71,7 @@ def test_record_carries_sampling() -> None:
     assert record["text"] == "a" and record["sampling"]["seed"] == 7 and record["sampling"]["temperature"] == 0.0
 
 
-def read_prompt():  # noqa: ANN201
+def read_prompt():
     from fm9g.orchestrator.inference.prompts import Prompt
 
     return Prompt(1, "q")
