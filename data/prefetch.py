@@ -56,7 +56,18 @@ class _Worker:
         self.recv_conn = Connection(from_child_r, writable=False)
         self.name = f"fm9g-loader-{number} (pid {self.process.pid})"
         self.load = 0  # requests sent and not answered
-        self.send_conn.send(maker)
+        self.send(maker)
+
+    def send(self, message: object) -> None:
+        """Send to the worker; a worker that already exited becomes a DataError."""
+        try:
+            self.send_conn.send(message)
+        except (BrokenPipeError, ConnectionResetError):
+            self.process.wait()
+            raise DataError(
+                f"loader worker {self.name} exited with code {self.process.returncode} before it got its work; "
+                "check that `python -m fm9g.data.prefetch` can import this environment, or use num_workers=0"
+            ) from None
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -88,7 +99,7 @@ class Prefetcher:
 
     def _send(self, chunk: list[Key]) -> None:
         worker = min(self._workers, key=lambda w: w.load)
-        worker.send_conn.send(chunk)
+        worker.send(chunk)
         worker.load += 1
         self._in_flight.update(chunk)
 

@@ -111,3 +111,15 @@ def test_transform_gets_seeded_rng_and_num_sample(tmp_path: Path, sp_model: Path
     assert first["input_ids"].equal(second["input_ids"])
     text = tok.decode([t for t in first["input_ids"][0].tolist() if t > 2])
     assert " 1 " in text  # num_sample drawn from incontext_weight [0, 1]
+
+
+def test_dead_worker_is_a_clear_error(tmp_path: Path, sp_model: Path) -> None:
+    entry = _entry(tmp_path, [{"output": t} for t in corpus_lines(400)])
+    loader = _loader(entry, sp_model, tmp_path, num_workers=1)
+    next(loader)
+    assert loader._prefetch is not None
+    loader._prefetch._workers[0].process.kill()
+    with pytest.raises(DataError, match="loader worker fm9g-loader-0 .* exited with code"):
+        for _ in range(500):
+            next(loader)
+    loader.close()
