@@ -181,8 +181,10 @@ def plan_shards(
 ) -> Path:
     """Write PLAN.json for a Slurm array build (one task per shard) and return its path.
 
-    Shard results go to `<work_dir>/shards/<key>/`, which doubles as the cache: a task
-    whose result is already there returns at once. `output` defaults to `<work_dir>/index`.
+    The Slurm array size is len(plan["shards"]): about n_shards (files are cut on their
+    own, so rounding can add a few). Shard results go to `<work_dir>/shards/<key>/`,
+    which doubles as the cache: a task whose result is already there returns at once.
+    `output` defaults to `<work_dir>/index`.
     """
     from fm9g.data.indexer import validate_options  # deferred: avoids an import cycle
 
