@@ -4,8 +4,8 @@ The work is split into shards (`index_plan`), each shard is validated and counte
 (`index_shard`) in a process pool (`index_pool`), and the shard results are merged
 into the output (`index_merge`). A shard is copied into the output as soon as it and
 all shards before it are done (its offset is then known), so the copy and the
-flush to disk overlap the indexing of later shards; with processes=1 a writer
-thread does it, with more the pool does. The same pieces run as a Slurm array:
+flush to disk overlap the indexing of later shards (a writer thread of the
+calling process does this; the pool only indexes). The same pieces run as a Slurm array:
 `plan_shards` → `python -m fm9g.data.index_shard --plan P --task-id K` per shard →
 `python -m fm9g.data.index_merge --plan P`.
 
@@ -79,8 +79,10 @@ class _Build:
         self.results: list[ShardResult | None] = [None] * len(specs)
         self.placed = 0
         self.writes: list[Future[None]] = []
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm9g-index-writer") if pool is None else None
-        self.jobs: dict[int, tuple[str, int]] = {}
+        # Writes run on a thread of this process, pool or not: they are kernel copies
+        # and flushes (no GIL held), and this process is otherwise idle while workers index.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm9g-index-writer")
+        self.jobs: dict[int, int] = {}
 
     def place_ready(self) -> None:
         """Place every shard whose predecessors are all done and clean."""
@@ -89,40 +91,38 @@ class _Build:
             if result is None or result.failure is not None:
                 return
             job = self.builder.place(self.dirs[self.placed], result)
-            if self.pool is not None:
-                self.jobs[self.pool.submit(("write", job))] = ("write", self.placed)
-            else:
-                assert self.writer is not None
-                self.writes.append(self.writer.submit(write_shard_part, job))
+            self.writes.append(self.writer.submit(write_shard_part, job))
             self.placed += 1
 
     def run(self, todo: list[int]) -> None:
         """Index the shards numbered `todo` and write every shard's part."""
-        self.place_ready()
-        if self.pool is None:
-            try:
+        try:
+            self.place_ready()
+            if self.pool is None:
                 for k in todo:
-                    result = index_shard(self.specs[k], self.dirs[k], options=self.options, key=self.dirs[k].name, progress=self.report)
+                    spec, out_dir = self.specs[k], self.dirs[k]
+                    result = index_shard(spec, out_dir, options=self.options, key=out_dir.name, progress=self.report)
                     self.results[k] = result
                     if result.failure is not None:
                         break  # the first bad line in input order is found; later shards are moot
                     self.place_ready()
-                for future in self.writes:
-                    future.result()
-            finally:
-                assert self.writer is not None
-                self.writer.shutdown(wait=True, cancel_futures=True)
-            return
-        pool = self.pool
+            else:
+                self._run_pool(self.pool, todo)
+            for future in self.writes:
+                future.result()
+        finally:
+            self.writer.shutdown(wait=True, cancel_futures=True)
+
+    def _run_pool(self, pool: IndexPool, todo: list[int]) -> None:
         for k in todo:
             job = ("index", self.specs[k], str(self.dirs[k]), self.options, self.dirs[k].name)
-            self.jobs[pool.submit(job)] = ("index", k)
+            self.jobs[pool.submit(job)] = k
 
         def on_result(number: int, status: str, value: Any) -> None:
-            kind, k = self.jobs.pop(number)
+            k = self.jobs.pop(number)
             if status == "data_error":
                 raise DataError(value)
-            if kind == "index" and status == "ok":
+            if status == "ok":
                 self.results[k] = value
                 if value.failure is not None:
                     pool.stop_after(self.specs[k].index)
@@ -183,8 +183,8 @@ def build_index(
                 progress(min(done, total), total)
 
         report(0)
-        if processes > 1 and len(specs) > 1:
-            pool = IndexPool(min(processes, len(specs)))
+        if processes > 1 and len(todo) > 1:
+            pool = IndexPool(min(processes, len(todo)))
         builder = OutputBuilder(out, durable)
         try:
             build = _Build(dirs, specs, options, builder, pool, report)
