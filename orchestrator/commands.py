@@ -231,7 +231,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.state import StateStore
 
     if args.stop:
-        run = _run_dir(args.target)
+        from fm9g.orchestrator.inference.stages import resolve_target
+
+        run = resolve_target(args.target, name=args.name).run  # a run, or the run dir a model folder was served from
         store = StateStore(run.state_db)
         try:  # cancel through the executor that started the server, whatever the config says now
             kind = store.meta(EXECUTOR_META) or load_resolved(run.config).executor
