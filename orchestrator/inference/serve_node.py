@@ -72,8 +72,10 @@ def serve_transformers(model: Path, key_file: Path, endpoint: Path, host: str, p
 
     sock = hf_server.bind(host, port)
     publish(endpoint, host=host, port=sock.getsockname()[1], engine="transformers", model=model, job=job)
-    # Slurm's USR1 before the walltime (--signal=B:USR1@lead) becomes uvicorn's graceful SIGTERM.
+    # Slurm's USR1 before the walltime (--signal=B:USR1@lead) becomes uvicorn's graceful SIGTERM;
+    # a SIGTERM while the model still loads (before uvicorn's own handlers) still unpublishes.
     signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         hf_server.serve(model, hf_server.read_api_key(key_file), sock)
     finally:

@@ -44,6 +44,8 @@ def ensure_api_key(path: Path) -> str:
     if not key:
         key = secrets.token_urlsafe(32)
         write_text(path, key + "\n", mode=0o600)
+    elif path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # a key file someone copied in readable by others
     return key
 
 
