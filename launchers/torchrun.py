@@ -8,6 +8,7 @@ grace period, then SIGKILL of the whole group.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -48,12 +49,22 @@ def torchrun_argv(endpoint: Endpoint, *, nnodes: int, nproc_per_node: int, rdzv:
     return argv
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the agent dies, however it dies, so a
+    killed agent never leaves an orphan torchrun holding a place in the rendezvous."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class TorchrunProcess:
     """One torchrun child in its own process group."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv = argv
-        self.process = subprocess.Popen(argv, env=env, start_new_session=True)
+        self.process = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:

@@ -134,6 +134,7 @@ class TrainSupervisor:
             self.store.set_meta("retries_used", {})
             self.store.set_meta("checkpoint_at_failure", [])
             self.store.event("restart", f"restarting a {previous.status.lower()} training stage", stage=STAGE)
+        self.refresh_live_rows()
         rows = self.latest_rows()
         live = {rank for rank, row in rows.items() if row.live}
         if len(live) == self.config.cluster.nodes:
@@ -149,6 +150,34 @@ class TrainSupervisor:
         for rank in range(self.config.cluster.nodes):
             if rank not in live:
                 self.submit_node(rank, attempt=attempt, generation=generation, why="start")
+
+    def refresh_live_rows(self, attempts: int = 5) -> None:
+        """Before trusting the database's idea of what runs (resume, restart), ask the
+        executor; a job that ended while no supervisor watched is marked ended."""
+        rows = [row for row in self.latest_rows().values() if row.live and row.job_id]
+        if not rows:
+            return
+        track = getattr(self.executor, "track", None)
+        for row in rows:
+            if track is not None:
+                track(str(row.job_id), Path(row.log))
+        for _ in range(attempts):
+            try:
+                statuses = self.executor.poll([str(row.job_id) for row in rows])
+            except PollError:
+                time.sleep(1)
+                continue
+            unknown = False
+            for row in rows:
+                status = statuses.get(str(row.job_id), JobStatus("UNKNOWN"))
+                if status.state == "UNKNOWN":
+                    unknown = True
+                elif status.state != row.state:
+                    self.store.update_job(row.id, state=status.state, exit_code=status.exit_code,
+                                          ended_at=status.ended_at or (self.clock() if status.state in TERMINAL_STATES else None))
+            if not unknown:
+                return
+            time.sleep(1)
 
     # ------------------------------------------------------------------ polling
     def tick(self) -> str | None:
@@ -290,6 +319,8 @@ class TrainSupervisor:
         live = [row for row in self.latest_rows().values() if row.live and row.job_id]
         if live:
             self.executor.cancel([row.job_id for row in live if row.job_id])
+            for row in live:
+                self.store.update_job(row.id, state="CANCELLED", reason=f"stopped: {status.lower()}", ended_at=self.clock())
         self.store.set_stage(STAGE, status, detail=reason)
         self.store.event("stage_end", f"train {status.lower()}: {reason}", stage=STAGE)
         self.say(f"train {status.lower()}: {reason}")

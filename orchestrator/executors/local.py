@@ -78,6 +78,7 @@ class LocalExecutor:
         return {job_id: self._status(job_id) for job_id in job_ids}
 
     def cancel(self, job_ids: list[str]) -> None:
+        """SIGTERM each job's process group, as scancel does to a job's batch step."""
         for job_id in job_ids:
             try:
                 os.killpg(int(job_id), signal.SIGTERM)
@@ -85,8 +86,36 @@ class LocalExecutor:
                 continue
 
     def kill(self, job_id: str, sig: int = signal.SIGKILL) -> None:
-        """Kill a job's whole process group (tests use it to simulate a lost node)."""
-        os.killpg(int(job_id), sig)
+        """Kill every process of a job, its own sessions included (a node that dies).
+
+        The node agent runs torchrun in a session of its own, so the job's process
+        group alone would leave it behind; this walks the tree like Slurm's
+        proctrack/linuxproc does."""
+        for pid in [int(job_id), *descendants(int(job_id))]:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -4,8 +4,6 @@ torchrun (gloo), the real trainer, checkpoints, TensorBoard and resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -90,7 +88,9 @@ def test_killed_node_fails_clearly_then_rerun_resumes_the_step_count(tmp_path: P
     try:
         latest = run / "checkpoints" / "latest"
         wait_for(lambda: latest.exists() and int(latest.read_text()) >= 10, 300, "a checkpoint at step 10")
-        os.killpg(int(live_job(run, "worker")), signal.SIGKILL)  # the node dies: no goodbye
+        from fm9g.orchestrator.executors.local import LocalExecutor
+
+        LocalExecutor().kill(live_job(run, "worker"))  # the node dies: every process, no goodbye
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
