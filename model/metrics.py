@@ -88,6 +88,8 @@ class MetricsLogger:
             self.fd = None
 
 
-def write_heartbeat(path: Path, step: int, generation: int) -> None:
-    """The node's liveness record, read by the supervisor."""
-    write_json(path, {"step": step, "time": time.time(), "pid": os.getpid(), "generation": generation}, indent=None)
+def write_heartbeat(path: Path, step: int, generation: int, started: float, start_step: int) -> None:
+    """The node's liveness record, read by the supervisor: `started` (when this trainer
+    process passed the rendezvous) and `start_step` date the phases of a recovery."""
+    write_json(path, {"step": step, "time": time.time(), "pid": os.getpid(), "generation": generation,
+                      "started": started, "start_step": start_step}, indent=None, durable=False)

@@ -194,6 +194,7 @@ class Trainer:
                     self.loader.load_state_dict(data_state)
         self.progress.origin = self.cfg.resume_ckpt.strip()  # checkpoints from here on belong to this line
         self.start_step = self.progress.step
+        self.session_started = time.time()
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg.lr_scheduler, lr=self.cfg.lr, train_iters=self.cfg.train_iters,
             warmup_iters=self.cfg.warmup_iters, drop_iters=self.cfg.drop_iters, drop_begin=self.cfg.drop_begin,
@@ -387,7 +388,8 @@ class Trainer:
 
     def _heartbeat(self) -> None:
         if self.ctx.local_rank == 0:
-            write_heartbeat(self.run.heartbeat(self.node_rank), self.progress.step, self.generation)
+            write_heartbeat(self.run.heartbeat(self.node_rank), self.progress.step, self.generation,
+                            self.session_started, self.start_step)
 
     # ------------------------------------------------------------------ close
     def finish(self, outcome: Outcome) -> None:

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
-    """Write `data` to `path` atomically; `mode` sets the permission bits before the rename."""
+def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None, durable: bool = True) -> Path:
+    """Write `data` to `path` atomically; `mode` sets the permission bits before the rename.
+
+    durable=False skips the fsync: still never half-visible, but may be lost in a power
+    cut (right for heartbeats, rewritten every step)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -23,7 +26,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = No
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, final)
@@ -36,14 +40,15 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = No
     return final
 
 
-def write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> Path:
+def write_text(path: str | os.PathLike[str], text: str, mode: int | None = None, durable: bool = True) -> Path:
     """Write UTF-8 `text` to `path` atomically."""
-    return write_bytes(path, text.encode("utf-8"), mode=mode)
+    return write_bytes(path, text.encode("utf-8"), mode=mode, durable=durable)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None, indent: int | None = 2) -> Path:
+def write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None, indent: int | None = 2,
+               durable: bool = True) -> Path:
     """Serialise `obj` as JSON (UTF-8, not ASCII-escaped) and write it atomically."""
-    return write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", mode=mode)
+    return write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", mode=mode, durable=durable)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any | None:

@@ -253,7 +253,8 @@ def _describe(error: dict[str, Any]) -> str:
     shown = json.dumps(got, ensure_ascii=False, default=str) if not isinstance(got, dict) else "a mapping"
     if kind == "missing":
         return f"'{loc}' is required"
-    return f"'{loc}': {error['msg']} (got {shown})" if loc else f"{error['msg']}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"'{loc}': {message} (got {shown})" if loc else message
 
 
 def validate(raw: dict[str, Any], source: str) -> RunConfig:

@@ -84,7 +84,7 @@ def test_dry_run_submits_nothing(shared_tmp: Path) -> None:
 
 def test_hostile_run_name(shared_tmp: Path) -> None:
     name = 'x $(touch PWNED) `id` "q\' ;'
-    result = launch(shared_tmp, name, "--nodes", "2", "--set", "train.train_iters=4", "--set", "train.save_iters=4")
+    result = launch(shared_tmp, name, "--nodes", "2", "--set", "train.train_iters=6", "--set", "train.save_iters=3", "--set", "train.warmup_iters=2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert (shared_tmp / name / "control" / "DONE").exists()
     assert not list(shared_tmp.rglob("PWNED")) and not (Path.home() / "PWNED").exists()
@@ -112,7 +112,7 @@ def test_master_lands_on_another_node(shared_tmp: Path) -> None:
         while "R" not in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%t"], capture_output=True, text=True).stdout:
             assert time.monotonic() < deadline, "the blocker never started on node1"
             time.sleep(0.2)
-        result = launch(shared_tmp, "moved", "--nodes", "2", "--set", "train.train_iters=4", "--set", "train.save_iters=4")
+        result = launch(shared_tmp, "moved", "--nodes", "2", "--set", "train.train_iters=6", "--set", "train.save_iters=3", "--set", "train.warmup_iters=2")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         endpoint = json.loads((shared_tmp / "moved" / "rendezvous" / "endpoint.json").read_text())
         assert endpoint["host"] != "node1" and endpoint["host"].startswith("node")
