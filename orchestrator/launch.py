@@ -132,7 +132,7 @@ def prepare_run_dir(config: RunConfig, name: str) -> tuple[RunDir, bool]:
 def launch(options: LaunchOptions) -> int:
     config, name = resolve_config(options)
     run = RunDir.of(Path(config.run_root) / name)
-    if run.done_flag.exists() and not options.dry_run:
+    if run.done_flag.exists() and not options.dry_run and not config.pipeline.after_train:
         say(describe_summary(run))
         say("nothing to do; give the run a new name (--name or train.model_unique) to train again")
         return 0
@@ -225,11 +225,17 @@ def supervise(run: RunDir, progress: bool = True) -> int:
         supervisor = TrainSupervisor(run, config, store, executor, say=say,
                                      repair=config.executor == "slurm" or config.supervise.repair_local,
                                      python=config.cluster.python or sys.executable)
-        outcome = supervisor.run_until_done()
+        # A finished training stage is not run again (post-training stages may still be due).
+        outcome = "COMPLETED" if run.done_flag.exists() else supervisor.run_until_done()
+        if outcome == "COMPLETED":
+            say(describe_summary(run))
+            if config.pipeline.after_train:
+                from fm9g.orchestrator.inference.pipeline import run_post_train_stages
+                # convert -> infer -> serve, each afterok the one before; finished ones are skipped.
+                if run_post_train_stages(run, config, store, executor, say) != 0:
+                    return 1
+            say(f"wall time {time.time() - started:.1f}s")
+            return 0
+        return 1
     finally:
         store.close()
-    if outcome == "COMPLETED":
-        say(describe_summary(run))
-        say(f"wall time {time.time() - started:.1f}s")
-        return 0
-    return 1

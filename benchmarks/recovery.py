@@ -1,0 +1,81 @@
+"""Time to recover on the test cluster, 4 nodes: from the fault to the first training step
+after it (the first metrics.jsonl line logged after the fault), median over repeats, for
+losing a worker, losing the master, a killed trainer and a hard node crash.  The
+reference is the run's own median step time, measured in the same run.
+
+    python benchmarks/recovery.py [--repeats 3] [--scenarios worker,master,trainer,crash]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+import faults  # noqa: E402
+
+SCENARIOS = {
+    "worker": faults.scancel_worker,
+    "master": faults.scancel_master,
+    "trainer": faults.kill_trainer,
+    "crash": lambda run: faults.crash_node(run, "worker"),
+}
+
+
+def first_step_after(run: Path, moment: float) -> float | None:
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if float(record["time"]) > moment and int(record.get("generation", 0)) >= 0:
+            return float(record["time"])
+    return None
+
+
+def step_time(run: Path) -> float:
+    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()[:12]]
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+def measure(root: Path, scenario: str, index: int) -> tuple[float, float]:
+    name = f"{scenario}{index}"
+    proc = faults.start_run(root, name, "--set", "train.train_iters=60")
+    run = root / name
+    faults.wait_for(lambda: faults.checkpoint_step(run) >= 8 and len(faults.live_jobs(run)) == 4, 600, "step 8")
+    # Inject right after a step was logged, so the fault lands mid-step on every repeat.
+    logged = faults.last_step(run)
+    faults.wait_for(lambda: faults.last_step(run) > logged, 60, "a fresh step", interval=0.01)
+    fault_at = time.time()
+    try:
+        SCENARIOS[scenario](run)
+        recovered = faults.wait_for(lambda: first_step_after(run, fault_at + 0.05), 900, "the first step after the fault")
+    finally:
+        if scenario == "crash":
+            faults.repair_nodes()
+    proc.wait(timeout=900)
+    return float(recovered) - fault_at, step_time(run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        root = Path(tmp)
+        for scenario in args.scenarios.split(","):
+            results = [measure(root, scenario, i) for i in range(args.repeats)]
+            recover = statistics.median(r[0] for r in results)
+            step = statistics.median(r[1] for r in results)
+            print(f"{scenario:8s} time to recover {recover:6.1f}s (median of {args.repeats}: "
+                  f"{', '.join(f'{r[0]:.1f}' for r in results)}); = {recover / step:.0f} step times of {step:.2f}s")
+
+
+if __name__ == "__main__":
+    main()
