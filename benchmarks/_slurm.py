@@ -27,13 +27,3 @@ def first_step_time(run: Path) -> float | None:
     except (OSError, ValueError, KeyError):
         return None
     return None
-
-
-def wait(predicate, limit: float, what: str, interval: float = 0.05) -> float:  # noqa: ANN001
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")

@@ -14,7 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _slurm import first_step_time, start_tiny_run, wait
+import sys
+
+from _slurm import REPO, first_step_time, start_tiny_run
+
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from faults import wait_for as wait  # noqa: E402
 
 
 def bare_sbatch(tmp: Path, nodes: int) -> float:
@@ -45,7 +50,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp_name:
         tmp = Path(tmp_name)
         for i in range(args.repeats):
-            bare.append(bare_sbatch(tmp / f"b{i}" if (tmp / f"b{i}").mkdir() is None else tmp, args.nodes))
+            marks = tmp / f"bare{i}"
+            marks.mkdir()
+            bare.append(bare_sbatch(marks, args.nodes))
             ours.append(fm9g_launch(tmp, args.nodes, i))
     b, o = statistics.median(bare), statistics.median(ours)
     print(f"bare sbatch x{args.nodes} to first command: {b:.2f}s (median of {args.repeats}: {', '.join(f'{x:.2f}' for x in bare)})")

@@ -51,19 +51,10 @@ def _run_dir(path: Path) -> "RunDir":  # noqa: F821
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.launch import SupervisorLock, detach, say, supervise
+    from fm9g.orchestrator.launch import supervise_locked
 
     run = _run_dir(args.run)
-    lock = SupervisorLock(run)
-    lock.acquire()
-    if args.detach:
-        lock.release()
-        return detach(run)
-    try:
-        say(f"resuming run {run.name}")
-        return supervise(run, progress=args.progress)
-    finally:
-        lock.release()
+    return supervise_locked(run, detach_it=args.detach, progress=args.progress, greeting=f"resuming run {run.name}")
 
 
 def run_index(args: argparse.Namespace) -> int:

@@ -144,18 +144,24 @@ def launch(options: LaunchOptions) -> int:
         for path in scripts:
             print(f"  {path}")
         return 0
+    if existed:
+        step = _latest_step(run)
+        greeting = f"resuming run {name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else "")
+    else:
+        greeting = f"new run {name} in {run.root}"
+    return supervise_locked(run, detach_it=options.detach, progress=options.progress, greeting=greeting)
+
+
+def supervise_locked(run: RunDir, *, detach_it: bool, progress: bool, greeting: str) -> int:
+    """Take the run's supervisor lock, then supervise here or in the background."""
     lock = SupervisorLock(run)
     lock.acquire()
-    if options.detach:
-        lock.release()
+    if detach_it:
+        lock.release()  # the background supervisor takes it again
         return detach(run)
     try:
-        if existed:
-            step = _latest_step(run)
-            say(f"resuming run {name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else ""))
-        else:
-            say(f"new run {name} in {run.root}")
-        return supervise(run, progress=options.progress)
+        say(greeting)
+        return supervise(run, progress=progress)
     finally:
         lock.release()
 

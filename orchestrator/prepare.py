@@ -74,6 +74,14 @@ def index_datasets(config: RunConfig, run: RunDir, store: StateStore, say: Say, 
             else:
                 store.set_stage(stage, "RUNNING", detail=f"{task.path} -> {output}")
                 say(f"indexing {task.path} -> {output}")
+                if config.executor == "slurm":
+                    from fm9g.orchestrator.index_jobs import index_on_slurm
+
+                    meta = index_on_slurm(Path(task.path), output, guess_language(Path(task.path)), config, run, store, stage, say)
+                    store.set_stage(stage, "COMPLETED", detail=f"{meta.get('nlines')} lines", progress=1.0)
+                    entry["path"] = str(output)
+                    resolved.append(entry)
+                    continue
 
                 def report(done: int, total: int, stage: str = stage) -> None:
                     store.set_stage_progress(stage, done / total if total else 1.0)
