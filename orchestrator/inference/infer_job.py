@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fm9g.orchestrator.atomic import write_text
 from fm9g.orchestrator.inference.errors import InferenceError
+from fm9g.orchestrator.inference.sampling_options import add_sampling_options
 from fm9g.orchestrator.inference.prompts import (
     Sampling,
     completion_record,
@@ -22,19 +23,6 @@ from fm9g.orchestrator.inference.prompts import (
     format_prompt,
     read_prompts,
 )
-
-
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """--temperature --top-p --max-tokens --n --seed, shared with `fm9g-launch infer`."""
-    defaults = Sampling()
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help=f"sampling temperature, 0 = greedy (default {defaults.temperature})")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help=f"nucleus sampling mass (default {defaults.top_p})")
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
-                        help=f"new tokens per completion (default {defaults.max_tokens})")
-    parser.add_argument("--n", type=int, default=defaults.n, help="completions per prompt (default 1)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="sampling seed; prompt i is seeded with seed+i (default 0)")
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:

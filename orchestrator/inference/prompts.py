@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.orchestrator.inference.errors import InferenceError
+from fm9g.orchestrator.inference.sampling_options import DEFAULTS
 
 USER, ASSISTANT = "<用户>", "<AI>"
 
@@ -45,11 +46,11 @@ class Prompt:
 class Sampling:
     """Sampling parameters of an infer run (the names of vLLM's SamplingParams)."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_tokens: int = 128
-    n: int = 1
-    seed: int = 0
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float = DEFAULTS["top_p"]
+    max_tokens: int = DEFAULTS["max_tokens"]
+    n: int = DEFAULTS["n"]
+    seed: int = DEFAULTS["seed"]
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):

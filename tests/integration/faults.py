@@ -29,9 +29,15 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fm9g.orchestrator.cli", *args]
 
 
-def start_run(root: Path, name: str, *extra: str) -> subprocess.Popen[str]:
+def start_run(root: Path, name: str, *extra: str, reuse: Path | None = None) -> subprocess.Popen[str]:
+    """Start a tiny 4-node run; `reuse` points at a finished run whose indexed data and
+    tokenizer it takes (skipping those stages keeps each scenario short)."""
+    shared: tuple[str, ...] = ()
+    if reuse is not None:
+        shared = ("--set", f"data.dataset_config={reuse / 'mixture.json'}",
+                  "--set", f"data.tokenizer_path={reuse / 'tokenizer' / 'tokenizer.model'}")
     argv = cli("pretrain", "--config", str(TINY), "--executor", "slurm", "--name", name, "--no-progress",
-               "--set", f"run_root={root}", *RUN_ARGS, *extra)
+               "--set", f"run_root={root}", *RUN_ARGS, *shared, *extra)
     log = open(root / f"{name}.supervisor.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

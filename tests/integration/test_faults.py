@@ -81,7 +81,7 @@ SCENARIOS: dict[str, Callable[[Path], str]] = {
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_soft_fault(root: Path, reference: dict[int, float], scenario: str) -> None:
-    proc = faults.start_run(root, scenario)
+    proc = faults.start_run(root, scenario, reuse=root / "reference")
     run = mid_run(root, scenario)
     what = SCENARIOS[scenario](run)
     log = finish(proc, root, scenario)
@@ -97,7 +97,7 @@ def test_soft_fault(root: Path, reference: dict[int, float], scenario: str) -> N
 @pytest.mark.parametrize("role", ["worker", "master"])
 def test_node_crash(root: Path, reference: dict[int, float], role: str) -> None:
     name = f"crash_{role}"
-    proc = faults.start_run(root, name)
+    proc = faults.start_run(root, name, reuse=root / "reference")
     run = mid_run(root, name)
     try:
         faults.crash_node(run, role)
@@ -108,9 +108,9 @@ def test_node_crash(root: Path, reference: dict[int, float], role: str) -> None:
     check_curve(root, name, reference)
 
 
-def test_supervisor_killed_then_resume(root: Path, reference: dict[int, float]) -> None:
+def test_supervisor_killed_then_resume(root: Path, reference: dict[int, float]) -> None:  # noqa: D103
     name = "resume"
-    proc = faults.start_run(root, name)
+    proc = faults.start_run(root, name, reuse=root / "reference")
     run = mid_run(root, name)
     os.killpg(proc.pid, signal.SIGKILL)  # the login session dies; the jobs do not
     proc.wait()
@@ -122,19 +122,20 @@ def test_supervisor_killed_then_resume(root: Path, reference: dict[int, float]) 
 
 def test_slurmctld_restart(root: Path, reference: dict[int, float]) -> None:
     name = "ctld"
-    proc = faults.start_run(root, name)
+    proc = faults.start_run(root, name, reuse=root / "reference")
     mid_run(root, name)
     faults.restart_slurmctld()
     finish(proc, root, name)
     check_curve(root, name, reference)
 
 
-def test_failing_rank_stops_after_its_budget(root: Path) -> None:
+def test_failing_rank_stops_after_its_budget(root: Path, reference: dict[int, float]) -> None:
     """A node that fails on every start: a clear stop after its budget, not an endless loop."""
     broken = root / "broken-python"
     broken.write_text("#!/bin/sh\necho 'this interpreter always fails' >&2\nexit 1\n")
     broken.chmod(0o755)
-    proc = faults.start_run(root, "broken", "--set", f"cluster.python={broken}", "--set", "supervise.app_retries=2")
+    proc = faults.start_run(root, "broken", "--set", f"cluster.python={broken}", "--set", "supervise.app_retries=2",
+                            reuse=root / "reference")
     code = proc.wait(timeout=900)
     log = (root / "broken.supervisor.log").read_text()
     assert code == 1
