@@ -4,6 +4,7 @@ and tokenizer, render the node scripts, and supervise the training stage."""
 from __future__ import annotations
 
 import fcntl
+import getpass
 import os
 import shlex
 import subprocess
@@ -208,7 +209,7 @@ def supervise(run: RunDir, progress: bool = True) -> int:
     for warning in preflight(config, run):
         say(f"warning: {warning}")
     store = StateStore(run.state_db)
-    store.set_meta("owner", os.environ.get("USER") or str(os.getuid()))
+    store.set_meta("owner", getpass.getuser())
     store.set_meta("executor", config.executor)
     store.set_meta("nodes", config.cluster.nodes)
     if store.meta("created_at") is None:

@@ -19,7 +19,8 @@ from fm9g.orchestrator.supervisor import PollError
 
 def _from_squeue(row: SqueueRow, now: float) -> JobStatus:
     started = now - row.elapsed.total_seconds() if row.elapsed and row.state.value in ("RUNNING", "COMPLETING") else None
-    return JobStatus(row.state.value, node=row.batch_host or row.nodes, reason=row.reason, started_at=started)
+    reason = "" if row.reason == "None" else row.reason  # squeue prints "None" for no reason
+    return JobStatus(row.state.value, node=row.batch_host or row.nodes, reason=reason, started_at=started)
 
 
 def _from_sacct(row: SacctRow) -> JobStatus:
