@@ -21,7 +21,7 @@ from pathlib import Path
 from fm9g.launchers import protocol
 from fm9g.launchers.endpoint import read_endpoint
 from fm9g.orchestrator.atomic import read_json, write_text
-from fm9g.orchestrator.config import RunConfig
+from fm9g.orchestrator.config import ClusterConfig, RunConfig
 from fm9g.orchestrator.executors.base import Executor, JobStatus
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.render import NodeJob, config_hash, render_node
@@ -114,10 +114,26 @@ class TrainSupervisor:
         assert row is not None
         return row
 
-    def cluster_config(self):  # noqa: ANN201 - the ClusterConfig with live exclusions applied
+    def cluster_config(self) -> ClusterConfig:
+        """The cluster section with the live node exclusions added.
+
+        An excluded name is checked against the nodes the cluster has now (sbatch refuses a
+        job over one unknown name), and exclusions that would leave too few nodes for the
+        run are dropped, with an event saying so."""
         excluded = self.excluded_nodes()
         if not excluded:
             return self.config.cluster
+        known_nodes = getattr(self.executor, "known_nodes", None)
+        if known_nodes is not None:
+            try:
+                known = known_nodes()
+            except Exception as exc:  # noqa: BLE001 - sinfo failing must not stop a repair
+                self.store.event("exclude", f"cannot check excluded nodes against sinfo ({exc}); not excluding", stage=STAGE)
+                return self.config.cluster
+            excluded &= known
+            if len(known - excluded - set(self.config.cluster.exclude)) < self.config.cluster.nodes:
+                self.store.event("exclude", f"excluding {sorted(excluded)} would leave fewer than {self.config.cluster.nodes} nodes; not excluding", stage=STAGE)
+                return self.config.cluster
         return self.config.cluster.model_copy(update={"exclude": sorted(set(self.config.cluster.exclude) | excluded)})
 
     def excluded_nodes(self) -> set[str]:

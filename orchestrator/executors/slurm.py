@@ -76,6 +76,10 @@ class SlurmExecutor:
     def cancel(self, job_ids: list[str]) -> None:
         self.client.cancel(int(job_id) for job_id in job_ids)
 
+    def known_nodes(self) -> set[str]:
+        """Every node name of every partition, as sinfo lists them now."""
+        return set().union(*(partition.node_names for partition in self.client.partitions().values()))
+
     def signal(self, job_id: str, signal: str, batch_only: bool = True) -> None:
         """Send a signal (e.g. USR1) to a job's batch shell, as Slurm does before the walltime."""
         self.client.cancel([int(job_id)], signal=signal, batch_only=batch_only)
