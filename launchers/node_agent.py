@@ -220,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     agent.install_signals()
     agent.log(f"starting (SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
     try:
-        return agent.run_master() if args.role == "master" else agent.run_worker()
+        code = agent.run_master() if args.role == "master" else agent.run_worker()
     except RendezvousTimeout as exc:
         agent.log(f"error: {exc}")
-        return protocol.EXIT_ENDPOINT_TIMEOUT
+        code = protocol.EXIT_ENDPOINT_TIMEOUT
+    write_json(run.exit_record(agent.job_id), {"code": code, "time": time.time(), "node_rank": args.node_rank,
+                                               "role": args.role})
+    return code
 
 
 if __name__ == "__main__":

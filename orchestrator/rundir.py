@@ -81,6 +81,11 @@ class RunDir:
         """Raised by a node agent on USR1 (preemption/walltime); ranks read it at step boundaries."""
         return self.control / "checkpoint_now"
 
+    def exit_record(self, job_id: str) -> Path:
+        """Written by a node agent as it exits: its exit code, which squeue cannot tell
+        and sacct may report only seconds later."""
+        return self.control / "exits" / f"{job_id}.json"
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

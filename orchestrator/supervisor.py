@@ -258,7 +258,15 @@ class TrainSupervisor:
         if row.state == "COMPLETED" and row.exit_code == protocol.EXIT_OK:
             return
         user_cancel = (self.run.control / "cancel").exists()
-        failure = classify(row.state, row.exit_code, log_tail(row.log), cancelled_by_user=user_cancel)
+        exit_code = row.exit_code
+        if exit_code is None and row.job_id:
+            # squeue shows an end before sacct knows its exit code; the agent wrote it down.
+            record = read_json(self.run.exit_record(row.job_id))
+            if isinstance(record, dict) and isinstance(record.get("code"), int):
+                exit_code = record["code"]
+                self.store.update_job(row.id, exit_code=exit_code)
+                row = replace(row, exit_code=exit_code)
+        failure = classify(row.state, exit_code, log_tail(row.log), cancelled_by_user=user_cancel)
         if row.job_id in self.hang_cancelled:
             failure = Failure(FailureClass.APP, "no training progress within supervise.hang_timeout")
         self.store.event("failure", f"{row.role}{row.node_rank} (job {row.job_id}) ended {row.state}: {failure.reason}",

@@ -17,7 +17,7 @@ from pathlib import Path
 from fm9g.orchestrator.executors.base import JobStatus
 
 # Runs the script, then writes its exit code next to the log (temp name + rename).
-_WRAPPER = 'bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$rc"'
+_WRAPPER = 'export SLURM_JOB_ID=$$; bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$rc"'
 
 
 class LocalExecutor:
@@ -44,8 +44,7 @@ class LocalExecutor:
             child = subprocess.Popen(["bash", "-c", _WRAPPER, "fm9g-local-job", str(script), str(rc_file)],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=job_env, start_new_session=True)
-        job_id = str(child.pid)
-        job_env["SLURM_JOB_ID"] = job_id
+        job_id = str(child.pid)  # the wrapper exports it as SLURM_JOB_ID, as Slurm would
         self._children[job_id] = child
         self._rc_files[job_id] = rc_file
         self._started[job_id] = time.time()

@@ -54,7 +54,9 @@ class SlurmExecutor:
             raise PollError(str(exc)) from None
         now = time.time()
         result = {str(job_id): _from_squeue(row, now) for job_id, row in queued.items()}
-        gone = [job_id for job_id in ids if job_id not in queued]
+        # Jobs that left the queue, and ended jobs squeue still shows (it has no exit
+        # code): one bounded sacct call for all of them.
+        gone = [job_id for job_id in ids if job_id not in queued or queued[job_id].state.is_terminal]
         if gone:
             try:
                 accounted = self.client.sacct(gone, self.since)
@@ -62,8 +64,10 @@ class SlurmExecutor:
                 accounted = {}
             for job_id in gone:
                 row = accounted.get(job_id)
-                if row is None:
-                    result[str(job_id)] = JobStatus("UNKNOWN")  # accounting lags: ask again next tick
+                if row is None or (job_id in queued and not row.state.is_terminal):
+                    if job_id not in queued:
+                        result[str(job_id)] = JobStatus("UNKNOWN")  # accounting lags: ask again next tick
+                    continue  # squeue's view stands; the exit code comes from the agent's record
                 elif row.state.value == "REQUEUED":
                     # Cancelled while waiting to restart: sacct keeps REQUEUED as its last
                     # state for good, but the job is gone from the queue, so it has ended.
