@@ -101,9 +101,13 @@ def test_node_crash(root: Path, reference: dict[int, float], role: str) -> None:
     run = mid_run(root, name)
     try:
         faults.crash_node(run, role)
-        log = finish(proc, root, name, timeout=1200)
+        # The cluster has no spare node: once Slurm has declared the node dead, it
+        # "reboots" (link up, slurmd back) so the replacement has somewhere to run.
+        faults.wait_for(lambda: "NODE_FAIL" in (root / f"{name}.supervisor.log").read_text(), 300,
+                        "Slurm to mark the crashed node's job NODE_FAIL")
     finally:
         faults.repair_nodes()
+    log = finish(proc, root, name, timeout=1200)
     assert "NODE_FAIL" in log or "infrastructure" in log
     check_curve(root, name, reference)
 
