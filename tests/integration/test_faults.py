@@ -1,4 +1,4 @@
-"""Fault injection on the real test cluster: each scenario breaks a 4-node run mid-way
+"""Fault injection on the real test cluster: each scenario breaks a 2-node run mid-way
 and the run must still COMPLETE, with the loss curve from the restored checkpoint on
 matching an uninterrupted run with the same seed (1e-5 per step)."""
 
@@ -66,8 +66,8 @@ def check_curve(root: Path, name: str, reference: dict[int, float]) -> None:
 
 def mid_run(root: Path, name: str, after_step: int = 10) -> Path:
     run = root / name
-    faults.wait_for(lambda: faults.checkpoint_step(run) >= after_step and len(faults.live_jobs(run)) == 4,
-                    600, f"{name} to pass step {after_step} on 4 running nodes")
+    faults.wait_for(lambda: faults.checkpoint_step(run) >= after_step and len(faults.live_jobs(run)) == 2,
+                    600, f"{name} to pass step {after_step} on 2 running nodes")
     return run
 
 
@@ -89,7 +89,7 @@ def test_soft_fault(root: Path, reference: dict[int, float], scenario: str) -> N
     if scenario in ("scancel_worker", "scancel_master"):
         role = "worker" if scenario == "scancel_worker" else "master"
         assert f"repair after infrastructure failure" in log, (what, log[-3000:])
-        assert log.count("submitted ") == 5, "only the failed node is resubmitted"
+        assert log.count("submitted ") == 3, "only the failed node is resubmitted"
     if scenario == "walltime_signal":
         assert "continuing the run" in log
 
@@ -101,13 +101,9 @@ def test_node_crash(root: Path, reference: dict[int, float], role: str) -> None:
     run = mid_run(root, name)
     try:
         faults.crash_node(run, role)
-        # The cluster has no spare node: once Slurm has declared the node dead, it
-        # "reboots" (link up, slurmd back) so the replacement has somewhere to run.
-        faults.wait_for(lambda: "NODE_FAIL" in (root / f"{name}.supervisor.log").read_text(), 300,
-                        "Slurm to mark the crashed node's job NODE_FAIL")
+        log = finish(proc, root, name, timeout=1200)  # the replacement runs on a spare node
     finally:
         faults.repair_nodes()
-    log = finish(proc, root, name, timeout=1200)
     assert "NODE_FAIL" in log or "infrastructure" in log
     check_curve(root, name, reference)
 
