@@ -112,6 +112,7 @@ def format_elapsed(seconds: float | None) -> str:
 
 def print_tables(runs: list[RunDir]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -121,7 +122,8 @@ def print_tables(runs: list[RunDir]) -> None:
     for run in runs:
         facts = collect(run)
         progress = facts["progress"]
-        line = f"[bold]{facts['name']}[/bold]  {facts['status']}  ({facts['path']})"
+        # Names and paths are user text: escape them so a '[' is not read as Rich markup.
+        line = f"[bold]{escape(facts['name'])}[/bold]  {facts['status']}  ({escape(facts['path'])})"
         if progress:
             total = progress.get("train_iters")
             line += f"\n  step {progress['step']}" + (f"/{total}" if total else "") + \
