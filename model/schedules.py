@@ -15,6 +15,7 @@ and WSD/exp re-warm linearly from 0.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Literal
 
 import torch
@@ -27,7 +28,7 @@ def resolve_iters(value: float, train_iters: int) -> int:
     return int(train_iters * value) if 0 < value < 1 else int(value)
 
 
-class LRSchedule:
+class LRSchedule(ABC):
     """Base: warmup, resume window, per-group base lrs, state_dict; subclasses give the decay."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_iter: int, end_iter: int,
@@ -43,9 +44,9 @@ class LRSchedule:
         self._current_lr = 0.0
         self.step(num_iter)
 
+    @abstractmethod
     def decay(self, num_iter: int, base_lr: float) -> float:
-        """The lr after warmup; overridden per schedule."""
-        raise NotImplementedError
+        """The lr after warmup; each schedule defines it."""
 
     def resume_lr(self, num_iter: int, base_lr: float) -> float:
         """The lr inside the resume_no_optimze window: a re-warmup from 0 (cosine overrides with 0)."""
