@@ -332,12 +332,12 @@ def gpus_in_gres(gres: str) -> int:
     return total
 
 
-def _split_top_level(text: str) -> list[str]:
-    # Commas inside "(S:0,1)" socket lists are not item separators.
+def _split_outside(text: str, open_: str, close: str) -> list[str]:
+    """Split on commas that are not inside `open_`...`close` brackets; drop empty items."""
     items, depth, current = [], 0, ""
     for char in text:
-        depth += char == "("
-        depth -= char == ")"
+        depth += char == open_
+        depth -= char == close
         if char == "," and depth == 0:
             items.append(current)
             current = ""
@@ -346,6 +346,11 @@ def _split_top_level(text: str) -> list[str]:
     if current:
         items.append(current)
     return [item for item in items if item]
+
+
+def _split_top_level(text: str) -> list[str]:
+    # Commas inside "(S:0,1)" socket lists are not item separators.
+    return _split_outside(text, "(", ")")
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -370,18 +375,8 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 
 def _split_hostlist(hostlist: str) -> list[str]:
-    items, depth, current = [], 0, ""
-    for char in hostlist.strip():
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    if current:
-        items.append(current)
-    return [item for item in items if item and item != "(null)"]
+    # Commas inside "node[1-3,5]" ranges are not item separators.
+    return [item for item in _split_outside(hostlist.strip(), "[", "]") if item != "(null)"]
 
 
 # ------------------------------------------------------------------------ sdiag
