@@ -171,3 +171,11 @@ def restart_slurmctld() -> str:
     time.sleep(3)  # polls fail meanwhile: the supervisor must treat them as unknown
     subprocess.run(["bash", str(CLUSTER / "up.sh")], check=True, capture_output=True)
     return f"killed slurmctld {pid} and started it again"
+
+
+def freeze_trainer(run: Path) -> str:
+    """SIGSTOP a worker's trainer: alive but silent, the hang the watchdog exists for."""
+    job = job_of(run, "worker")
+    pid = trainer_pid(run, job.node_rank)
+    os.kill(pid, signal.SIGSTOP)
+    return f"SIGSTOP trainer pid {pid} on {job.node}"

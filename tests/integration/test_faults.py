@@ -141,3 +141,13 @@ def test_failing_rank_stops_after_its_budget(root: Path, reference: dict[int, fl
     assert code == 1
     assert "retry budget is spent" in log or "has not advanced" in log, log[-3000:]
     assert log.count("repair after application failure") <= 2
+
+
+def test_hang_watchdog_restarts_the_generation(root: Path, reference: dict[int, float]) -> None:
+    name = "hang"
+    proc = faults.start_run(root, name, "--set", "supervise.hang_timeout=15", reuse=root / "reference")
+    run = mid_run(root, name)
+    faults.freeze_trainer(run)
+    log = finish(proc, root, name)
+    assert "no training progress for 15s" in log
+    check_curve(root, name, reference)
