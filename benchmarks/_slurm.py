@@ -15,7 +15,7 @@ TINY = REPO / "examples" / "tiny" / "pretrain.yaml"
 def start_tiny_run(root: Path, name: str, nodes: int, iters: int, *extra: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "fm9g.orchestrator.cli", "pretrain", "--config", str(TINY), "--executor", "slurm",
             "--nodes", str(nodes), "--name", name, "--no-progress", "--set", f"run_root={root}",
-            "--set", f"train.train_iters={iters}", "--set", "train.log_iters=1", *extra]
+            "--set", f"train.train_iters={iters}", "--set", "train.warmup_iters=0.1", "--set", "train.log_iters=1", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

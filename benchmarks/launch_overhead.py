@@ -36,7 +36,12 @@ def fm9g_launch(tmp: Path, nodes: int, index: int) -> float:
     start = time.time()
     proc = start_tiny_run(tmp / "runs", f"overhead{index}", nodes, 5)
     run = tmp / "runs" / f"overhead{index}"
-    first = wait(lambda: first_step_time(run), 600, "the first training step")
+    def first_step() -> float | None:
+        if proc.poll() not in (None, 0):
+            raise SystemExit(f"the run failed:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}")
+        return first_step_time(run)
+
+    first = wait(first_step, 600, "the first training step")
     proc.wait(timeout=600)
     return first - start
 
