@@ -128,11 +128,16 @@ def scancel_master(run: Path) -> str:
     return f"scancel master job {job.job_id}"
 
 
-def kill_trainer(run: Path) -> str:
+def signal_trainer(run: Path, sig: signal.Signals) -> str:
+    """Send `sig` to a worker node's local-rank-0 trainer (its pid is in the heartbeat)."""
     job = job_of(run, "worker")
     pid = trainer_pid(run, job.node_rank)
-    os.kill(pid, signal.SIGKILL)
-    return f"kill -9 trainer pid {pid} on {job.node}"
+    os.kill(pid, sig)
+    return f"{sig.name} to trainer pid {pid} on {job.node}"
+
+
+def kill_trainer(run: Path) -> str:
+    return signal_trainer(run, signal.SIGKILL)
 
 
 def crash_node(run: Path, role: str) -> str:
@@ -173,9 +178,7 @@ def restart_slurmctld() -> str:
     return f"killed slurmctld {pid} and started it again"
 
 
+
 def freeze_trainer(run: Path) -> str:
     """SIGSTOP a worker's trainer: alive but silent, the hang the watchdog exists for."""
-    job = job_of(run, "worker")
-    pid = trainer_pid(run, job.node_rank)
-    os.kill(pid, signal.SIGSTOP)
-    return f"SIGSTOP trainer pid {pid} on {job.node}"
+    return signal_trainer(run, signal.SIGSTOP)
