@@ -146,7 +146,7 @@ def launch(options: LaunchOptions) -> int:
             print(f"  {path}")
         return 0
     if existed:
-        step = _latest_step(run)
+        step = run.latest_step()
         greeting = f"resuming run {name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else "")
     else:
         greeting = f"new run {name} in {run.root}"
@@ -165,13 +165,6 @@ def supervise_locked(run: RunDir, *, detach_it: bool, progress: bool, greeting: 
         return supervise(run, progress=progress)
     finally:
         lock.release()
-
-
-def _latest_step(run: RunDir) -> int | None:
-    try:
-        return int((run.checkpoints / "latest").read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def detach(run: RunDir) -> int:

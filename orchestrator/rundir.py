@@ -90,6 +90,13 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def latest_step(self) -> int | None:
+        """The step `checkpoints/latest` names, or None before the first checkpoint."""
+        try:
+            return int((self.checkpoints / "latest").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"

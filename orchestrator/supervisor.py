@@ -36,13 +36,6 @@ class PollError(RuntimeError):
     """Raised by an executor whose poll failed; the tick is skipped, nothing is acted on."""
 
 
-def latest_checkpoint(run: RunDir) -> int | None:
-    try:
-        return int((run.checkpoints / "latest").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def log_tail(path: str, size: int = 8192) -> str:
     try:
         with open(path, "rb") as handle:
@@ -279,7 +272,7 @@ class TrainSupervisor:
             self.stop("FAILED" if not user_cancel else "CANCELLED", failure.reason)
             return
         if not self.repair:
-            step = latest_checkpoint(self.run)
+            step = self.run.latest_step()
             where = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was written yet"
             self.stop("FAILED", f"{row.role} node {row.node_rank} (job {row.job_id}) failed: {failure.reason}; "
                                 f"see {row.log}; {where}; run the same command again to resume from it")
@@ -311,7 +304,7 @@ class TrainSupervisor:
 
     def checkpoints_stalled(self) -> bool:
         history = self.store.meta("checkpoint_at_failure", [])
-        history.append(latest_checkpoint(self.run))
+        history.append(self.run.latest_step())
         self.store.set_meta("checkpoint_at_failure", history)
         window = self.config.supervise.stall_checkpoints
         tail = history[-(window + 1):]

@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from datetime import datetime
 from pathlib import Path
 
 from fm9g.orchestrator.slurm import parse
 from fm9g.orchestrator.slurm.parse import Partition, SacctRow, ScontrolJob, SqueueRow
+
+_Row = TypeVar("_Row")
 
 # What Slurm prints for an id it does not know (any more).  Slurm 22.05's squeue
 # errors out with it when given exactly one id (with several ids it just omits the
@@ -280,22 +283,10 @@ class SlurmClient:
             return {}
         argv = squeue_argv(ids)
         result = self._poll(argv, self.timeout_s)
-        if result.returncode != 0:
-            if len(ids) == 1 and _INVALID_JOB_ID in result.stderr:
-                return {}
-            raise PollError(
-                _failure("squeue", result, "treat the jobs as UNKNOWN and poll again later"),
-                argv=argv,
-                returncode=result.returncode,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        try:
-            rows = parse.parse_squeue(result.stdout)
-        except parse.ParseError as exc:
-            raise PollError(
-                f"{exc}; treat the jobs as UNKNOWN", argv=argv, stdout=result.stdout
-            ) from None
+        if result.returncode != 0 and len(ids) == 1 and _INVALID_JOB_ID in result.stderr:
+            return {}
+        rows = self._parsed_poll(argv, result, "squeue", parse.parse_squeue,
+                                 "treat the jobs as UNKNOWN and poll again later")
         return {row.job_id: row for row in rows}
 
     def sacct(self, job_ids: Iterable[int], since: datetime) -> dict[int, SacctRow]:
@@ -312,23 +303,10 @@ class SlurmClient:
             return {}
         argv = sacct_argv(ids, since)
         result = self._poll(argv, self.sacct_timeout_s)
-        if result.returncode != 0:
-            hint = "treat the jobs as UNKNOWN and poll again later"
-            if "accounting storage is disabled" in result.stderr:
-                hint = "this cluster keeps no accounting (AccountingStorageType=none); ask its admins for slurmdbd"
-            raise PollError(
-                _failure("sacct", result, hint),
-                argv=argv,
-                returncode=result.returncode,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        try:
-            rows = parse.parse_sacct(result.stdout)
-        except parse.ParseError as exc:
-            raise PollError(
-                f"{exc}; treat the jobs as UNKNOWN", argv=argv, stdout=result.stdout
-            ) from None
+        hint = "treat the jobs as UNKNOWN and poll again later"
+        if "accounting storage is disabled" in result.stderr:
+            hint = "this cluster keeps no accounting (AccountingStorageType=none); ask its admins for slurmdbd"
+        rows = self._parsed_poll(argv, result, "sacct", parse.parse_sacct, hint)
         return {row.job_id: row for row in rows}
 
     def cancel(
@@ -446,6 +424,18 @@ class SlurmClient:
                 "is slow or down; check `scontrol ping` and try again",
                 argv=argv,
             ) from None
+
+    @staticmethod
+    def _parsed_poll(argv: Sequence[str], result: subprocess.CompletedProcess[str], command: str,
+                     parser: Callable[[str], list[_Row]], hint: str) -> list[_Row]:
+        """A poll's rows; a failed command or unreadable output is a PollError (UNKNOWN)."""
+        if result.returncode != 0:
+            raise PollError(_failure(command, result, hint), argv=argv, returncode=result.returncode,
+                            stdout=result.stdout, stderr=result.stderr)
+        try:
+            return parser(result.stdout)
+        except parse.ParseError as exc:
+            raise PollError(f"{exc}; treat the jobs as UNKNOWN", argv=argv, stdout=result.stdout) from None
 
     def _poll(self, argv: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         try:
