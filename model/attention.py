@@ -120,15 +120,21 @@ def flash_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def select_attention(flash: FlashMode, device: torch.device) -> AttentionKernel:
-    """The kernel for train.flash: 'cuda' demands flash-attn, 'auto' uses it when it can."""
-    on_cuda = device.type == "cuda"
+def select_attention(flash: FlashMode, device: torch.device, half: bool = True) -> AttentionKernel:
+    """The kernel for train.flash: 'cuda' demands flash-attn, 'auto' uses it when it can.
+
+    `half`: the model computes in bf16; flash-attn has no fp32 kernels, so fp32 uses SDPA.
+    """
+    usable = device.type == "cuda" and flash_available()
     if flash == "cuda":
-        if not (on_cuda and flash_available()):
+        if not usable:
             raise RuntimeError("train.flash='cuda' needs a CUDA device and the flash-attn package; "
                                "install the gpu extra or set train.flash to 'auto' or 'none'")
+        if not half:
+            raise RuntimeError("train.flash='cuda': flash-attn computes in bf16/fp16 only; set model.dtype "
+                               "to bf16 (or auto), or train.flash to 'auto' or 'none'")
         return FlashAttention()
-    if flash == "auto" and on_cuda and flash_available():
+    if flash == "auto" and usable and half:
         return FlashAttention()
     return SdpaAttention()
 

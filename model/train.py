@@ -1,8 +1,10 @@
 """The FM9G trainer: `torchrun ... -m fm9g.model.train --run-dir RUN`.
 
-Reads the run's resolved config.yaml, joins the process group (gloo on CPU, nccl on GPU),
-builds tokenizer -> model -> data, then runs the torchtitan-shaped loop:
+Reads the run's resolved config.yaml, joins the process group (gloo on CPU, nccl on GPU,
+or BMTrain's own), builds tokenizer -> model -> data, then runs the torchtitan-shaped loop:
 load -> loop (step -> save every save_iters -> log -> check checkpoint-now) -> close.
+The loop is the same for every `model.backend`; how the model is sharded and stepped is
+the backend's (`backends.py`: torch DDP/FSDP2, bmtrain ZeRO-3).
 
 Contract with the node agent and the supervisor (files under the run directory):
   - heartbeats/node<k>.json every step (local rank 0 of each node),
@@ -30,19 +32,12 @@ import torch.nn.functional as F
 from fm9g.launchers import protocol
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
+from fm9g.model.backends import BackendError, init_process_group, make_backend
 from fm9g.model.checkpoint import Checkpointer, CheckpointError
-from fm9g.model.distributed import (
-    Dist,
-    full_model_state,
-    init_distributed,
-    load_local_optimizer_state,
-    local_optimizer_state,
-    wrap_model,
-)
+from fm9g.model.distributed import Dist
 from fm9g.model.dragonfly import build_model, count_parameters
 from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
-from fm9g.model.optim import build_optimizer
 from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
 from fm9g.orchestrator.atomic import write_json
@@ -71,7 +66,6 @@ class Trainer:
         self.run, self.config, self.cfg, self.ctx = run, config, config.train, ctx
         self.generation = int(os.environ.get(protocol.ENV_GENERATION, "0"))
         self.node_rank = int(os.environ.get(protocol.ENV_NODE_RANK) or os.environ.get("GROUP_RANK") or 0)
-        self.fsdp = config.model.fsdp
         self.notes: list[str] = []
         self._check_supported()
         seed_everything(self.cfg.seed + ctx.rank)  # dropout/data randomness differs per rank
@@ -81,13 +75,16 @@ class Trainer:
         self.logger = MetricsLogger(run.metrics, self.tensorboard_dir, enabled=ctx.is_main)
         model = build_model(self.args, ctx.device, seed=self.cfg.seed)
         model.encoder.checkpoint_layers = self.cfg.use_checkpoint
+        self.bf16 = config.model.dtype == "bf16" or (config.model.dtype == "auto" and ctx.device.type == "cuda")
         try:
-            set_attention(model, select_attention(self.cfg.flash, ctx.device))
+            set_attention(model, select_attention(self.cfg.flash, ctx.device, half=self.bf16))
         except RuntimeError as exc:
             raise TrainerConfigError(str(exc)) from None
         self.raw_model = model
         self.model: torch.nn.Module = model
-        self.bf16 = config.model.dtype == "bf16" or (config.model.dtype == "auto" and ctx.device.type == "cuda")
+        self.param_count = count_parameters(model)  # before a backend shards the parameters
+        self.backend = make_backend(config.model.backend, ctx, fsdp=config.model.fsdp, bf16=self.bf16,
+                                    use_checkpoint=self.cfg.use_checkpoint, offload=config.model.offload)
         self.checkpointer = Checkpointer(run.checkpoints, ctx.rank, ctx.world_size, ctx.barrier,
                                          keep_last=self.cfg.keep_checkpoints)
         self.progress = Progress()
@@ -97,13 +94,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _check_supported(self) -> None:
-        backend = self.config.model.backend
-        if backend == "bmtrain":
-            if self.ctx.device.type != "cuda":
-                raise TrainerConfigError("model.backend=bmtrain needs CUDA GPUs (BMTrain builds CUDA/NCCL kernels); "
-                                         "use model.backend: torch on CPU")
-            raise TrainerConfigError("model.backend=bmtrain: this trainer runs the torch backend only; use "
-                                     "model.backend: torch (DDP) or model.fsdp: true for ZeRO-3-style sharding")
         if self.ctx.device.type == "cpu":
             if self.cfg.ignore_cuda_oom:
                 self.notes.append("ignore_cuda_oom has no effect on CPU")
@@ -172,9 +162,9 @@ class Trainer:
             missing, unexpected = self.raw_model.load_state_dict(state, strict=self.cfg.strict_state_dict)
             if missing or unexpected:
                 self.notes.append(f"non-strict load: missing {missing}, unexpected {unexpected}")
-        self.model = wrap_model(self.raw_model, self.ctx, self.fsdp)
-        self.optimizer = build_optimizer(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                         scale_width=self.args.scale_width)
+        self.model = self.backend.wrap(self.raw_model)
+        self.optimizer = self.backend.build_optimizer(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                                      scale_width=self.args.scale_width)
         if source is not None and full:
             trainer_state = self.checkpointer.load_trainer(source) or {}
             if "progress" in trainer_state:
@@ -202,8 +192,9 @@ class Trainer:
             resume_no_optimze=self.cfg.resume_no_optimze if source is not None else 0)
         how = "fresh start" if source is None else f"{'resumed' if full else 'weights only'} from {source}"
         self.logger.say(f"world_size={self.ctx.world_size} device={self.ctx.device} step={self.start_step} ({how})")
-        self.logger.say(f"model {self.config.model.config}: {count_parameters(self.raw_model):,} parameters, "
-                        f"attention {type(self.raw_model.attention_kernel).__name__}, bf16={self.bf16}, fsdp={self.fsdp}")
+        self.logger.say(f"model {self.config.model.config}: {self.param_count:,} parameters, "
+                        f"attention {type(self.raw_model.attention_kernel).__name__}, bf16={self.bf16}, "
+                        f"backend {self.backend.name}")
         for note in self.notes:
             self.logger.say(f"note: {note}")
 
@@ -211,10 +202,7 @@ class Trainer:
         # load_state_dict also restores each group's lr (the *scheduled* lr at save time) and
         # weight decay; the schedule needs the configured base lrs, so put the config back.
         configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        if self.fsdp:
-            load_local_optimizer_state(self.optimizer, state)
-        else:
-            self.optimizer.load_state_dict(state)
+        self.backend.load_optimizer_state(state)
         for group, hyper in zip(self.optimizer.param_groups, configured):
             group.update(hyper)
 
@@ -225,30 +213,24 @@ class Trainer:
         except StopIteration:
             return None
 
-    def _sync_context(self, last: bool) -> Any:
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
-            return nullcontext()
-        return nullcontext() if last else self.model.no_sync()
-
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """Forward/backward over the micro-batches, clip, optimizer and schedule step; global figures."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.zero_grad()
         names = list(batches[0]["task_names"])
         sums = torch.zeros(3 * len(names) + 3, dtype=torch.float64)  # loss, tokens, flops, per-task sums/counts/tokens
         device = self.ctx.device
         for index, batch in enumerate(batches):
             ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-            with self._sync_context(index == len(batches) - 1), autocast:
+            with self.backend.accumulation(index == len(batches) - 1), autocast:
                 logits = self.model(ids, batch["position_ids"].to(device), batch["segment_ids"].to(device),
                                     batch["cu_seqlens"].to(device), int(batch["max_seqlen"]))
                 per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                             reduction="none")  # targets come pre-shifted
                 trained = targets.flatten() != -100
                 loss = per_token.sum() / trained.sum().clamp(min=1)
-                (loss / len(batches)).backward()
+                self.backend.backward(loss / len(batches))
             tasks = batch["task_ids"].to(device).flatten().long()
             sums[0] += float(loss.detach()) / len(batches)
             sums[1] += int(batch["num_tokens"])
@@ -258,11 +240,11 @@ class Trainer:
                 0, tasks[trained], per_token.detach()[trained].double()).cpu()
             sums[3 + n:3 + 2 * n] += torch.bincount(tasks[trained], minlength=n)[:n].double().cpu()
             sums[3 + 2 * n:] += torch.bincount(tasks[tasks >= 0], minlength=n)[:n].double().cpu()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad))
+        grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
         if self.cfg.inspect_iters and (self.progress.step + 1) % self.cfg.inspect_iters == 0:
             self._inspect(self.progress.step + 1)
         lr = self.scheduler.current_lr  # the lr this update uses
-        self.optimizer.step()
+        self.backend.step()
         self.scheduler.step()
         total = self.ctx.all_reduce(sums)
         n = len(names)
@@ -284,7 +266,7 @@ class Trainer:
                 raise RuntimeError(f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a "
                                    "batch when world_size is 1; exiting so torchrun restarts from the last "
                                    "checkpoint (lower data.max_length or train.batch_size)") from None
-            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.zero_grad()
             torch.cuda.empty_cache()
             self.scheduler.step()  # the step still counts, so the schedule stays aligned with it
             self.logger.say(f"step {self.progress.step + 1}: CUDA out of memory, batch skipped (train.ignore_cuda_oom)")
@@ -355,8 +337,8 @@ class Trainer:
     def save(self, blocking: bool | None = None) -> None:
         """Collective: write a checkpoint of the current step."""
         rngs = self.ctx.gather_objects(rng_state())
-        model_state = full_model_state(self.model, self.fsdp)
-        optimizer_state = local_optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
+        model_state = self.backend.model_state()
+        optimizer_state = self.backend.optimizer_state()
         step = self.progress.step
         log = {"iteration": step, "global_token_pass": self.progress.tokens_passed,
                "global_total_task_token": self.progress.task_tokens}
@@ -423,11 +405,11 @@ def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
 def run(run_dir: str | Path) -> int:
     """One trainer session over a run directory; returns the process exit code."""
     run_dirs = RunDir.of(run_dir)
-    fatal_types = (ConfigError, ModelConfigError, CheckpointError, TrainerConfigError, _data_error())
+    fatal_types = (ConfigError, ModelConfigError, CheckpointError, TrainerConfigError, BackendError, _data_error())
     ctx: Dist | None = None
     try:
         config = load_resolved(run_dirs.config)
-        ctx = init_distributed()
+        ctx = init_process_group(config.model.backend)
         trainer = Trainer(run_dirs, config, ctx)
         try:
             trainer.load()

@@ -59,6 +59,16 @@ class ModelConfig(Section):
     backend: Literal["torch", "bmtrain"] = Field("torch", description="torch: DDP (FSDP2 with fsdp=true); bmtrain: ZeRO-3, GPU only.")
     fsdp: bool = Field(False, description="Shard parameters with FSDP2 (torch backend) for models that do not fit one device.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.")
+    offload: bool | None = Field(None, description="bmtrain: keep Adam states on the CPU (AdamOffloadOptimizer). None: on, as the FM9G script always passed --offload. The torch backend has no offload.")
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> ModelConfig:
+        if self.backend == "bmtrain" and self.fsdp:
+            raise ValueError("fsdp is a torch-backend option (bmtrain already shards with ZeRO-3): "
+                             "remove model.fsdp or use model.backend: torch")
+        if self.backend == "torch" and self.offload:
+            raise ValueError("offload is a bmtrain option: remove model.offload, or use model.backend: bmtrain")
+        return self
 
 
 class DataConfig(Section):
@@ -177,7 +187,7 @@ class PipelineConfig(Section):
     serve_port: int = Field(0, ge=0, le=65535, description="Port of the serve stage's server; 0 = any free port (published in serve/endpoint.json).")
 
     @model_validator(mode="after")
-    def _prompts_for_infer(self) -> "PipelineConfig":
+    def _prompts_for_infer(self) -> PipelineConfig:
         if "infer" in self.after_train and not self.eval_prompts:
             raise ValueError("pipeline.after_train has infer but pipeline.eval_prompts is not set: point it at a jsonl prompt file (see examples/tiny/prompts.jsonl)")
         return self
@@ -197,7 +207,7 @@ class RunConfig(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "RunConfig":
+    def _warmup_fits(self) -> RunConfig:
         warmup = self.train.warmup_iters
         if warmup >= 1 and warmup > self.train.train_iters:
             raise ValueError(f"train.warmup_iters ({warmup:g}) is longer than train.train_iters ({self.train.train_iters}); lower it or give a fraction below 1")

@@ -96,3 +96,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_tp_size_above_one_is_rejected_with_reason() -> None:
     with pytest.raises(ConfigError, match="tensor parallelism is not implemented"):
         cfg.load(None, ["train.tp_size=2"])
+
+
+def test_backend_options_that_do_not_go_together_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="fsdp is a torch-backend option"):
+        cfg.load(None, ["model.backend=bmtrain", "model.fsdp=true"])
+    with pytest.raises(ConfigError, match="offload is a bmtrain option"):
+        cfg.load(None, ["model.offload=true"])
+    bmtrain, _ = cfg.load(None, ["model.backend=bmtrain", "model.offload=false"])
+    assert (bmtrain.model.backend, bmtrain.model.offload) == ("bmtrain", False)
