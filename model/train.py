@@ -172,6 +172,7 @@ class Trainer:
             else:  # a bare FM9G checkpoint: the step from its .log_ckpt
                 self.progress.step = self.checkpointer.step_of(source)
             if self.cfg.load_grad:
+                self._check_optimizer_layout(source, trainer_state.get("optimizer_layout"))
                 self._load_optimizer(self.checkpointer.load_optimizer(source, self.cfg.grad_ckpt_num))
             rngs = trainer_state.get("rng") or []
             if len(rngs) == self.ctx.world_size:
@@ -197,6 +198,24 @@ class Trainer:
                         f"backend {self.backend.name}")
         for note in self.notes:
             self.logger.say(f"note: {note}")
+
+    def _check_optimizer_layout(self, source: Path, saved: dict[str, Any] | None) -> None:
+        """Refuse optimizer files this backend and world size cannot use, before they fail obscurely.
+
+        DDP's state is replicated, so any world size can read it (rank % files); sharded states
+        (FSDP2, bmtrain) only fit the backend and world size that wrote them.
+        """
+        if saved is None:  # a checkpoint from before the layout was recorded, or a bare FM9G one
+            return
+        here = {"backend": self.backend.name, "world_size": self.ctx.world_size}
+        if saved["backend"] == here["backend"] and (here["backend"] == "torch-ddp"
+                                                     or saved["world_size"] == here["world_size"]):
+            return
+        raise CheckpointError(
+            f"{source}: its optimizer state was written by {saved['backend']} with {saved['world_size']} ranks and "
+            f"cannot be loaded by {here['backend']} with {here['world_size']}; resume with the same backend and "
+            "world size, or set train.load_grad: false to keep the weights, schedule and data position and "
+            "restart the Adam moments")
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         # load_state_dict also restores each group's lr (the *scheduled* lr at save time) and
@@ -345,7 +364,8 @@ class Trainer:
         self.checkpointer.save(
             step, model=model_state, optimizer=optimizer_state, data=self.loader.state_dict(),
             trainer={"progress": self.progress.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                     "world_size": self.ctx.world_size},
+                     "world_size": self.ctx.world_size,
+                     "optimizer_layout": {"backend": self.backend.name, "world_size": self.ctx.world_size}},
             log=log, config=self.args.to_json(), tokenizer=self.tokenizer,
             blocking=not self.cfg.async_save if blocking is None else blocking)
         self.saved_step = step

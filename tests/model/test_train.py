@@ -130,6 +130,21 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path: Path, corpus: dict[str, Path]) 
         torch.load(ddp.checkpoints / "4" / "fm9g_live_checkpoint-4.pt"))
 
 
+def test_sharded_optimizer_state_is_refused_by_another_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    ddp = make_run(tmp_path / "ddp_state", corpus, train_iters=2, save_iters=2)
+    assert train.run(ddp.root) == 0
+    step2 = str(ddp.checkpoints / "2")
+    fsdp = make_run(tmp_path / "fsdp_from_ddp", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2)
+    assert train.run(fsdp.root) == protocol.EXIT_CONFIG
+    reason = json.loads((fsdp.control / "fatal.json").read_text())["reason"]
+    assert "written by torch-ddp with 1 ranks" in reason and "train.load_grad: false" in reason
+    # The fix the message names: weights, schedule position and data continue; Adam restarts.
+    weights = make_run(tmp_path / "fsdp_weights", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2,
+                       load_grad=False)
+    assert train.run(weights.root) == 0
+    assert sorted(metrics(weights)) == [3, 4]
+
+
 def test_tensorboard_heartbeat_and_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
     run = make_run(tmp_path / "tb", corpus, train_iters=4, save_iters=2, peak_tflops=1.0, inspect_iters=2)
     assert train.run(run.root) == 0
