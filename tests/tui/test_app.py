@@ -4,7 +4,6 @@ the confirmation modal (killing real processes), resubmit, help."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
