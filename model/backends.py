@@ -29,6 +29,7 @@ class Backend(Protocol):
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    can_skip_a_batch: bool  # a step that raised (CUDA OOM) can be dropped and training goes on
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Distribute a built (and possibly loaded) model; returns the module to call."""
@@ -64,6 +65,7 @@ class TorchBackend:
     def __init__(self, ctx: Dist, fsdp: bool) -> None:
         self.ctx, self.fsdp = ctx, fsdp
         self.name = "torch-fsdp2" if fsdp else "torch-ddp"
+        self.can_skip_a_batch = True
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.fsdp:
@@ -150,5 +152,5 @@ def make_backend(backend: str, ctx: Dist, *, fsdp: bool, use_checkpoint: bool, b
     if backend == "bmtrain":
         from fm9g.model.bmtrain_backend import BMTrainBackend
 
-        return BMTrainBackend(ctx, use_checkpoint=use_checkpoint, bf16=bf16, offload=offload is not False)
+        return BMTrainBackend(ctx, use_checkpoint=use_checkpoint, bf16=bf16, offload=offload)
     return TorchBackend(ctx, fsdp)

@@ -11,9 +11,12 @@ first use, so the torch backend never needs it installed.  Written against BMTra
     gradients reduce-scattered on exit, recomputed in backward when `train.use_checkpoint`);
     the embedding and final norm are `DistributedParameter`s gathered where they are used.
     Parameter names, and so checkpoint keys, are unchanged: FM9G keys.
-  - With bf16 the weights themselves are bf16 and the optimizer keeps fp32 masters, as in
-    FM9G; `AdamOffloadOptimizer` (Adam states on the CPU, FM9G's `--offload`) unless
-    `model.offload: false`.  `OptimManager(loss_scale=None)`: bf16 needs no loss scale.
+  - With bf16 the weights themselves are bf16 and BMTrain's Adam keeps fp32 masters, as
+    in FM9G: `AdamOffloadOptimizer` (Adam states on the CPU, FM9G's `--offload`) unless
+    `model.offload: false`.  Its bf16 kernels decay the weights as AdamW does.  In fp32,
+    BMTrain's Adam would add the decay to the gradient (L2) instead, so fp32 uses torch's
+    AdamW on the partitions: the same update as the torch backend.
+    `OptimManager(loss_scale=None)`: bf16 needs no loss scale.
 """
 
 from __future__ import annotations
@@ -95,10 +98,15 @@ def init_bmtrain() -> BMTrainDist:
 class BMTrainBackend:
     """ZeRO-3 blocks, BMTrain's Adam and OptimManager behind the `Backend` methods."""
 
-    def __init__(self, ctx: Dist, *, use_checkpoint: bool, bf16: bool, offload: bool) -> None:
+    def __init__(self, ctx: Dist, *, use_checkpoint: bool, bf16: bool, offload: bool | None) -> None:
         self.bmt = import_bmtrain()
-        self.ctx, self.use_checkpoint, self.bf16, self.offload = ctx, use_checkpoint, bf16, offload
-        self.name = "bmtrain-zero3" + ("-offload" if offload else "")
+        if offload and not bf16:
+            raise BackendError("model.offload: true needs bf16 weights (BMTrain's CPU Adam decays fp32 weights as "
+                               "L2, not AdamW): set model.dtype to bf16 (or auto), or model.offload: false")
+        self.ctx, self.use_checkpoint, self.bf16 = ctx, use_checkpoint, bf16
+        self.offload = bf16 and offload is not False  # on by default, as FM9G always passed --offload
+        self.name = "bmtrain-zero3" + ("-offload" if self.offload else "")
+        self.can_skip_a_batch = False  # a Block that failed mid-forward keeps its gathered state
 
     def wrap(self, model: nn.Module) -> nn.Module:
         bmt = self.bmt
@@ -115,9 +123,12 @@ class BMTrainBackend:
 
     def build_optimizer(self, *, lr: float, weight_decay: float, scale_width: float) -> torch.optim.Optimizer:
         optim = self.bmt.optim
-        adam = optim.AdamOffloadOptimizer if self.offload else optim.AdamOptimizer
-        self.optimizer = adam(param_groups(self.model.named_parameters(), lr, scale_width), lr=lr, betas=BETAS,
-                              weight_decay=weight_decay)
+        groups = param_groups(self.model.named_parameters(), lr, scale_width)
+        if self.bf16:
+            adam = optim.AdamOffloadOptimizer if self.offload else optim.AdamOptimizer
+            self.optimizer = adam(groups, lr=lr, betas=BETAS, weight_decay=weight_decay)
+        else:  # OptimManager steps a plain torch optimizer as it is
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=BETAS, weight_decay=weight_decay, foreach=True)
         self.manager = optim.OptimManager(loss_scale=None)  # our scheduler steps separately, as with torch
         self.manager.add_optimizer(self.optimizer)
         return self.optimizer

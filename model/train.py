@@ -280,11 +280,13 @@ class Trainer:
         except torch.OutOfMemoryError:
             if not (self.cfg.ignore_cuda_oom and self.ctx.device.type == "cuda"):
                 raise
-            if self.ctx.world_size > 1:
-                # The other ranks already wait in DDP's gradient all-reduce; a one-sided skip would hang them.
+            if self.ctx.world_size > 1 or not self.backend.can_skip_a_batch:
+                # Other ranks already wait in the gradient all-reduce (a one-sided skip would hang them),
+                # and a ZeRO-3 block that ran out of memory half-way cannot be unwound.
                 raise RuntimeError(f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a "
-                                   "batch when world_size is 1; exiting so torchrun restarts from the last "
-                                   "checkpoint (lower data.max_length or train.batch_size)") from None
+                                   f"batch with the torch backend on one rank ({self.backend.name}, world_size "
+                                   f"{self.ctx.world_size}); exiting so torchrun restarts from the last checkpoint "
+                                   "(lower data.max_length or train.batch_size)") from None
             self.backend.zero_grad()
             torch.cuda.empty_cache()
             self.scheduler.step()  # the step still counts, so the schedule stays aligned with it

@@ -59,7 +59,7 @@ class ModelConfig(Section):
     backend: Literal["torch", "bmtrain"] = Field("torch", description="torch: DDP (FSDP2 with fsdp=true); bmtrain: ZeRO-3, GPU only.")
     fsdp: bool = Field(False, description="Shard parameters with FSDP2 (torch backend) for models that do not fit one device.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.")
-    offload: bool | None = Field(None, description="bmtrain: keep Adam states on the CPU (AdamOffloadOptimizer). None: on, as the FM9G script always passed --offload. The torch backend has no offload.")
+    offload: bool | None = Field(None, description="bmtrain with bf16: keep Adam states on the CPU (AdamOffloadOptimizer). None: on for bf16, as the FM9G script always passed --offload; off for fp32. The torch backend has no offload.")
 
     @model_validator(mode="after")
     def _backend_options(self) -> ModelConfig:

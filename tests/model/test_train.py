@@ -314,8 +314,10 @@ def test_bmtrain_backend_trains_matches_torch_and_resumes(tmp_path: Path, corpus
     assert straight.done_flag.exists() and split.done_flag.exists()
 
     torch_m, bmt_m, split_m = metrics(reference), metrics(straight), metrics(split)
-    # Same init, same data: the first loss is the same forward pass whichever backend runs it.
+    # Same init, same data, and in fp32 the same AdamW update: the backends differ only in how
+    # gradients are reduced (all-reduce vs ZeRO-3 reduce-scatter), i.e. in rounding.
     assert abs(torch_m[1]["loss"] - bmt_m[1]["loss"]) <= 1e-4
+    assert all(abs(torch_m[s]["loss"] - bmt_m[s]["loss"]) <= 1e-3 for s in range(1, 7))
     assert bmt_m[6]["loss"] < bmt_m[1]["loss"]
     # Resume restores the partitioned Adam state, the schedule and the data position.
     assert all(abs(bmt_m[s]["loss"] - split_m[s]["loss"]) <= 1e-4 for s in range(1, 7))
