@@ -8,33 +8,28 @@ at them, so the training stage reads only finished, indexed data.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fm9g.orchestrator.atomic import write_json
 from fm9g.orchestrator.config import ConfigError, RunConfig
 from fm9g.orchestrator.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
+if TYPE_CHECKING:
+    from fm9g.data.mixture import Mixture
+
 Say = Callable[[str], None]
 
 
-def _mixture_entries(config: RunConfig) -> tuple[Path, list[dict]]:
+def _mixture(config: RunConfig) -> Mixture:
+    """The run's mixture, parsed and validated once by the data layer (a DataError names file and entry)."""
+    from fm9g.data.mixture import load_mixture
+
     if not config.data.dataset_config:
         raise ConfigError("data.dataset_config is not set: point it at a mixture JSON list (see examples/tiny/mixture.json)")
-    path = Path(config.data.dataset_config)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"data.dataset_config: {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    if isinstance(entries, dict):  # the GUI wrapper of the original wrote a single dict
-        entries = [entries]
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: a mixture is a JSON list of datasets, got {type(entries).__name__}")
-    return path, entries
+    return load_mixture(Path(config.data.dataset_config))
 
 
 def guess_language(path: Path, sample_bytes: int = 65536) -> str:
@@ -55,16 +50,11 @@ def guess_language(path: Path, sample_bytes: int = 65536) -> str:
 def index_datasets(config: RunConfig, run: RunDir, store: StateStore, say: Say, progress: bool = True) -> Path:
     """Index raw datasets into the run, write the resolved mixture, return its path."""
     from fm9g.data.indexer import build_index
-    from fm9g.data.mixture import load_mixture, needs_index
+    from fm9g.data.mixture import needs_index
 
-    path, entries = _mixture_entries(config)
-    mixture = load_mixture(path)
     resolved = []
-    for entry, task in zip(entries, mixture.entries):
-        entry = dict(entry)
-        entry["path"] = task.path
-        if task.transforms:
-            entry["transforms"] = task.transforms
+    for task in _mixture(config).entries:
+        entry = task.model_dump(exclude_none=True)  # absolute path and transforms, as validated
         if needs_index(task):
             stage = f"index:{task.task_name}"
             output = run.indexed / task.task_name
@@ -121,11 +111,11 @@ def train_tokenizer(config: RunConfig, run: RunDir, store: StateStore, say: Say)
         store.set_stage("tokenizer", "SKIPPED", detail=str(target))
         return target
     store.set_stage("tokenizer", "RUNNING")
-    _, entries = _mixture_entries(config)
+    tasks = _mixture(config).entries
 
     def texts() -> object:
-        for entry in entries:
-            dataset = IndexedDataset(Path(entry["path"]))
+        for task in tasks:
+            dataset = IndexedDataset(Path(task.path))
             for i in range(len(dataset)):
                 record = dataset.get_json(i)
                 for key in ("input", "output"):

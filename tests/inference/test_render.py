@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,18 +31,8 @@ def render(stage: str, *, run_dir: str = "/shared/runs/demo", values: dict | Non
 
 
 @pytest.mark.parametrize("stage", sorted(VALUES))
-def test_golden(stage: str, request: pytest.FixtureRequest) -> None:
-    text, path = render(stage), GOLDEN / f"{stage}.sbatch"
-    if request.config.getoption("--regen-golden") or not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-        if not request.config.getoption("--regen-golden"):
-            pytest.fail(f"{path} did not exist; written now, review and commit it")
-        return
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
-        pytest.fail(f"rendered script differs from {path} (rerun with --regen-golden if intended):\n{diff}")
+def test_golden(stage: str, golden: Callable[[Path, str], None]) -> None:
+    golden(GOLDEN / f"{stage}.sbatch", render(stage))
 
 
 @pytest.mark.parametrize("stage", sorted(VALUES))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,23 +27,9 @@ def full_cluster() -> ClusterConfig:
                          setup=["module load cuda/12.1", "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN"])
 
 
-def check_golden(name: str, text: str, regen: bool) -> None:
-    path = GOLDEN / name
-    if regen or not path.exists():
-        path.write_text(text)
-        if not regen:
-            pytest.fail(f"{path} did not exist; written now, review and commit it")
-        return
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
-        pytest.fail(f"rendered script differs from {path} (rerun with --regen-golden if intended):\n{diff}")
-
-
 @pytest.mark.parametrize("role,rank", [("master", 0), ("worker", 1)])
-def test_golden_scripts(role: str, rank: int, request: pytest.FixtureRequest) -> None:
-    text = render_node(node_job(role, rank), full_cluster())
-    check_golden(f"{role}.sbatch", text, request.config.getoption("--regen-golden"))
+def test_golden_scripts(role: str, rank: int, golden: Callable[[Path, str], None]) -> None:
+    golden(GOLDEN / f"{role}.sbatch", render_node(node_job(role, rank), full_cluster()))
 
 
 def test_every_option_reaches_the_script() -> None:
