@@ -439,15 +439,9 @@ class SlurmClient:
 
     def _poll(self, argv: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         try:
-            return self._run(argv, timeout_s)
-        except subprocess.TimeoutExpired:
-            raise PollError(
-                f"{argv[0]} did not answer within {timeout_s:g}s; treat the jobs as "
-                "UNKNOWN and poll again later",
-                argv=argv,
-            ) from None
-        except SlurmError as exc:
-            raise PollError(str(exc), argv=argv) from None
+            return self._run_checked_timeout(argv, timeout_s)
+        except SlurmError as exc:  # no answer, or no command: the jobs' states are unknown for now
+            raise PollError(f"{exc} (the jobs count as UNKNOWN until a poll answers)", argv=argv) from None
 
     def _check(self, argv: Sequence[str], hint: str) -> subprocess.CompletedProcess[str]:
         result = self._run_checked_timeout(argv, self.timeout_s)
