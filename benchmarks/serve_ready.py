@@ -26,7 +26,6 @@ from pathlib import Path
 
 from fm9g.orchestrator.inference.engines import choose_engine, tokenizer_mode
 from fm9g.orchestrator.inference.jobs import open_context
-from fm9g.orchestrator.inference.paths import api_key_file
 from fm9g.orchestrator.inference.serve_stage import ensure_api_key, healthy, serve_stage, stop_serve
 from fm9g.orchestrator.inference.stages import resolve_target
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         model = args.model.resolve() if args.model else make_model(root)
         runs = root / "runs"
-        key_file = api_key_file(resolve_target(model, name="serve-ready-bench", run_root=runs).run)
+        key_file = resolve_target(model, name="serve-ready-bench", run_root=runs).run.api_key_file
         ensure_api_key(key_file)
         bare, orchestrated = [], []
         for index in range(args.repeats):

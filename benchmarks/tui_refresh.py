@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fm9g.orchestrator.config import RunConfig, TrainConfig, dump
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.config import RunConfig, TrainConfig, dump
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.tui.app import make_app
 from fm9g.orchestrator.tui.reader import RunReader

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.data.errors import DataError
-from fm9g.orchestrator.atomic import write_text
+from fm9g.rundir.atomic import write_text
 
 _CONTROL = ("<unk>", "<s>", "</s>")
 

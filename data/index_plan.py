@@ -24,7 +24,7 @@ from typing import Any
 
 from fm9g.data.errors import DataError
 from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, Segment, ShardSpec
-from fm9g.orchestrator.atomic import read_json, write_json
+from fm9g.rundir.atomic import read_json, write_json
 
 _SUFFIXES = {".jsonl": "jsonl", ".txt": "txt"}
 

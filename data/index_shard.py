@@ -30,7 +30,7 @@ from fm9g.data.index_plan import plan_shard_dir, read_plan
 from fm9g.data.index_stats import LineCounter, count_method, shrink_sample
 from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, SegmentResult, ShardResult, ShardSpec
 from fm9g.data.txt2jsonl import txt_line_to_jsonl
-from fm9g.orchestrator.atomic import read_json, write_json
+from fm9g.rundir.atomic import read_json, write_json
 
 # Bytes read per step: big enough that per-block numpy/msgspec calls amortise, small
 # enough that a few processes stay well within memory.

@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from fm9g.data.cpm_tokenizer import CPMTokenizer
 from fm9g.data.errors import DataError
-from fm9g.orchestrator.atomic import write_bytes
+from fm9g.rundir.atomic import write_bytes
 
 __all__ = [
     "CPMTokenizer",

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fm9g.data.errors import DataError
-from fm9g.data.files import atomic_output
+from fm9g.rundir.atomic import atomic_output
 
 # Read this many bytes at a time; lines are re-joined across block edges.
 _BLOCK_BYTES = 8 << 20

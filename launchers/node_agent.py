@@ -28,13 +28,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from fm9g.launchers import protocol
-from fm9g.launchers.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
+from fm9g.rundir import protocol
+from fm9g.rundir.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
 from fm9g.launchers.torchrun import TorchrunProcess, TrainerCommand, torchrun_argv
-from fm9g.orchestrator.atomic import write_json
-from fm9g.orchestrator.config import RunConfig, load_resolved
-from fm9g.orchestrator.render import slug
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import write_json
+from fm9g.rundir.config import RunConfig, load_resolved
+from fm9g.rundir.protocol import slug
+from fm9g.rundir import RunDir
 
 TRAINER = "fm9g.model.train"
 MASTER_EXIT_GRACE_S = 3.0  # keep the store up while the other agents finish their exit barrier
@@ -83,7 +83,7 @@ class NodeAgent:
         return cluster.procs_per_node or cluster.gpus_per_node or 1
 
     def fatal_reason(self) -> str | None:
-        path = self.run.control / "fatal.json"
+        path = self.run.fatal_record
         if not path.exists():
             return None
         try:

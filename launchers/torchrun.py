@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fm9g.launchers.endpoint import Endpoint
-from fm9g.orchestrator.config import RendezvousConfig
+from fm9g.rundir.endpoint import Endpoint
+from fm9g.rundir.config import RendezvousConfig
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import torch
 from fm9g.model.args import ModelArgs
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.hf import Architecture, from_hf, to_hf
-from fm9g.orchestrator.atomic import replace_dir
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import replace_dir
+from fm9g.rundir import RunDir
 from safetensors.torch import load_file, save_file
 
 

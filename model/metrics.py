@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.atomic import write_json
+from fm9g.rundir.atomic import write_json
 
 # TensorBoard tag of each metrics field; per-task losses go to Loss/train/<task>.
 TAGS = {"loss": "Loss/train", "lr": "Optimizer/lr", "grad_norm": "Optimizer/grad_norm",

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from fm9g.launchers import protocol
+from fm9g.rundir import protocol
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
 from fm9g.model.backends import BackendError, init_process_group, make_backend
@@ -40,9 +40,9 @@ from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
 from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
-from fm9g.orchestrator.atomic import write_json
-from fm9g.orchestrator.config import ConfigError, RunConfig, load_resolved
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import write_json
+from fm9g.rundir.config import ConfigError, RunConfig, load_resolved
+from fm9g.rundir import RunDir
 
 Outcome = Literal["done", "checkpoint_now", "session_limit"]
 
@@ -419,7 +419,7 @@ class Trainer:
 def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
     reason = f"{type(exc).__name__}: {exc}"
     print(f"fatal (rank {rank}): {reason}", file=sys.stderr, flush=True)
-    write_json(run.control / "fatal.json", {"reason": reason, "rank": rank, "time": time.time(),
+    write_json(run.fatal_record, {"reason": reason, "rank": rank, "time": time.time(),
                                             "traceback": traceback.format_exc(limit=5)})
     return protocol.EXIT_CONFIG
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fm9g.orchestrator.config import load_resolved
+from fm9g.rundir.config import load_resolved
 from fm9g.orchestrator.executors import make_executor
-from fm9g.orchestrator.executors.local import LocalExecutor
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.supervisor import write_cancel_flag
 
@@ -26,9 +25,8 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> list[str]:
         if job_id is None:
             write_cancel_flag(run)
         executor = make_executor(config.executor)
-        if isinstance(executor, LocalExecutor):
-            for row in targets:
-                executor.track(str(row.job_id), Path(row.log))
+        for row in targets:
+            executor.adopt(str(row.job_id), Path(row.log))
         ids = [str(row.job_id) for row in targets]
         if ids:
             executor.cancel(ids)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fm9g.orchestrator.config import ConfigError
+from fm9g.rundir.config import ConfigError
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -39,7 +39,7 @@ def run_launch(args: argparse.Namespace) -> int:
 
 def _run_dir(path: Path) -> "RunDir":  # noqa: F821
     from fm9g.orchestrator.launch import LaunchError
-    from fm9g.orchestrator.rundir import RunDir
+    from fm9g.rundir import RunDir
 
     run = RunDir.of(path)
     if not run.config.exists():
@@ -214,7 +214,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.config import load_resolved
+    from fm9g.rundir.config import load_resolved
     from fm9g.orchestrator.inference.jobs import open_context
     from fm9g.orchestrator.inference.serve_stage import EXECUTOR_META, serve_stage, stop_serve
     from fm9g.orchestrator.inference.stages import convert_stage

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from fm9g.launchers import protocol
+from fm9g.orchestrator.slurm.states import INFRASTRUCTURE_STATES, JobState
+from fm9g.rundir import protocol
 
 
 class FailureClass(str, Enum):
@@ -16,8 +17,6 @@ class FailureClass(str, Enum):
     FATAL = "do-not-retry"         # config error, user cancel, reserved exit code
     CONTINUE = "continue"          # checkpointed on request: resubmit without spending a budget
 
-
-INFRA_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "TIMEOUT", "DEADLINE", "REVOKED"})
 
 # Communication errors in a log mean a peer died, not that this node is broken.
 COMM_ERROR = re.compile(r"(gloo|nccl|NCCL|Connection (closed|reset) by peer|RendezvousConnectionError|DistNetworkError)")
@@ -29,20 +28,21 @@ class Failure:
     reason: str
 
 
-def classify(state: str, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False) -> Failure:
+def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False) -> Failure:
     """Classify one ended node job that did not complete the run."""
+    state = JobState.parse(state)
     if exit_code == protocol.EXIT_CONTINUE:
         return Failure(FailureClass.CONTINUE, "checkpointed on a walltime/preemption signal")
     if exit_code == protocol.EXIT_CONFIG:
         return Failure(FailureClass.FATAL, "the trainer reported a config or data error (see control/fatal.json)")
-    if state == "CANCELLED" and cancelled_by_user:
+    if state is JobState.CANCELLED and cancelled_by_user:
         return Failure(FailureClass.FATAL, "cancelled by the user")
-    if state in INFRA_STATES:
-        return Failure(FailureClass.INFRA, f"Slurm ended the job with {state}")
-    if state == "CANCELLED":
+    if state in INFRASTRUCTURE_STATES:
+        return Failure(FailureClass.INFRA, f"Slurm ended the job with {state.value}")
+    if state is JobState.CANCELLED:
         # Cancelled by someone other than this run's user action: an admin, or a node lost.
         return Failure(FailureClass.INFRA, "the job was cancelled outside fm9g-launch")
-    if state == "OUT_OF_MEMORY":
+    if state is JobState.OUT_OF_MEMORY:
         return Failure(FailureClass.APP, "out of memory")
     if exit_code == protocol.EXIT_ENDPOINT_TIMEOUT:
         return Failure(FailureClass.APP, "the worker never saw the master's endpoint")

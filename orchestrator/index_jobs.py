@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 from collections.abc import Callable
 from pathlib import Path
 
-from fm9g.orchestrator.atomic import read_json, write_text
-from fm9g.orchestrator.config import ConfigError, RunConfig
+from fm9g.rundir.atomic import read_json, write_text
+from fm9g.rundir.config import ConfigError, RunConfig
 from fm9g.orchestrator.render import config_hash, render_template, sbatch_flags, slug
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 # About one shard per 64 MB, at most this many array tasks per dataset.

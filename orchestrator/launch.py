@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fm9g.orchestrator import config as config_mod
-from fm9g.orchestrator.atomic import read_json, write_text
-from fm9g.orchestrator.config import ConfigError, RunConfig
+from fm9g.rundir import config as config_mod
+from fm9g.rundir.atomic import read_json, write_text
+from fm9g.rundir.config import ConfigError, RunConfig
 from fm9g.orchestrator.render import NodeJob, config_hash, render_node
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 

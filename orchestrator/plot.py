@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.tui.metrics import MetricPoint, parse_point
 
 

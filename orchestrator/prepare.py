@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fm9g.orchestrator.atomic import write_json
-from fm9g.orchestrator.config import ConfigError, RunConfig
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import write_json
+from fm9g.rundir.config import ConfigError, RunConfig
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from typing import Literal
 
 import jinja2
 
-from fm9g.orchestrator.config import ClusterConfig, ConfigError
+from fm9g.rundir.config import ClusterConfig, ConfigError
+from fm9g.rundir.protocol import job_name, job_tag, slug
 
 Role = Literal["master", "worker"]
 
@@ -33,24 +34,6 @@ def sbatch_value(value: object, what: str) -> str:
     if not _SBATCH_SAFE.match(text):
         raise ConfigError(f"{what}={text!r} cannot go on an #SBATCH line (whitespace, quotes or '#' are not allowed there); fix the value in the config")
     return text
-
-
-def slug(name: str) -> str:
-    """A run name reduced to characters every Slurm field accepts, plus a short hash so
-    two names that reduce alike stay distinct."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.-")[:40] or "run"
-    if safe == name:
-        return safe
-    return f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
-
-
-def job_tag(run_name: str, stage: str, role: str, node_rank: int, attempt: int) -> str:
-    """The --comment every job carries, so a job can be matched back to its run after a crash."""
-    return f"fm9g:{slug(run_name)}:{stage}:{role}:{node_rank}:{attempt}"
-
-
-def job_name(run_name: str, stage: str, role: str, node_rank: int) -> str:
-    return f"fm9g-{slug(run_name)}-{stage}-{role}{node_rank}"
 
 
 def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str) -> list[str]:

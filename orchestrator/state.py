@@ -9,6 +9,7 @@ never cause a second submission of the same attempt.
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import time
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fm9g.orchestrator.slurm.states import TERMINAL_STATES, JobState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,8 +64,22 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL",
-                             "PREEMPTED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED"})
+__all__ = ["TERMINAL_STATES", "EventRow", "JobRow", "JobState", "StageRow", "StageStatus", "StateStore"]
+
+
+class StageStatus(str, enum.Enum):
+    """Where a stage stands; a stage row's `status` column holds the value."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def ended(self) -> bool:
+        return self in (StageStatus.COMPLETED, StageStatus.FAILED, StageStatus.SKIPPED, StageStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class JobRow:
     script: str
     script_hash: str
     job_id: str | None
-    state: str
+    state: JobState
     reason: str
     node: str
     exit_code: int | None
@@ -103,7 +120,7 @@ class JobRow:
 class StageRow:
     name: str
     kind: str
-    status: str
+    status: StageStatus
     depends_on: list[str]
     detail: str
     progress: float | None
@@ -164,21 +181,22 @@ class StateStore:
         self.db.execute("INSERT INTO stages(name, kind, status, depends_on) VALUES(?, ?, 'PENDING', ?) "
                         "ON CONFLICT(name) DO NOTHING", (name, kind, json.dumps(depends_on or [])))
 
-    def set_stage(self, name: str, status: str, detail: str | None = None, progress: float | None = None) -> None:
+    def set_stage(self, name: str, status: StageStatus | str, detail: str | None = None, progress: float | None = None) -> None:
         now = time.time()
+        status = StageStatus(status)
         sets = ["status=?"]
-        values: list[Any] = [status]
+        values: list[Any] = [status.value]
         if detail is not None:
             sets.append("detail=?")
             values.append(detail)
         if progress is not None:
             sets.append("progress=?")
             values.append(progress)
-        if status == "RUNNING":
+        if status is StageStatus.RUNNING:
             sets.append("started_at=COALESCE(started_at, ?)")
             values.append(now)
             sets.append("ended_at=NULL")
-        elif status in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"):
+        elif status.ended:
             sets.append("ended_at=?")
             values.append(now)
         self.db.execute(f"UPDATE stages SET {', '.join(sets)} WHERE name=?", (*values, name))
@@ -191,7 +209,7 @@ class StateStore:
 
     def stages(self) -> list[StageRow]:
         rows = self.db.execute("SELECT * FROM stages ORDER BY rowid").fetchall()
-        return [StageRow(name=r["name"], kind=r["kind"], status=r["status"], depends_on=json.loads(r["depends_on"]),
+        return [StageRow(name=r["name"], kind=r["kind"], status=StageStatus(r["status"]), depends_on=json.loads(r["depends_on"]),
                          detail=r["detail"], progress=r["progress"], started_at=r["started_at"], ended_at=r["ended_at"])
                 for r in rows]
 
@@ -217,6 +235,8 @@ class StateStore:
     def update_job(self, row_id: int, **fields: Any) -> None:
         if not fields:
             return
+        if isinstance(fields.get("state"), JobState):
+            fields["state"] = fields["state"].value
         fields["updated_at"] = time.time()
         names = ", ".join(f"{key}=?" for key in fields)
         self.db.execute(f"UPDATE jobs SET {names} WHERE id=?", (*fields.values(), row_id))
@@ -229,15 +249,15 @@ class StateStore:
             values.append(stage)
         if live_only:
             clauses.append(f"state NOT IN ({','.join('?' * len(TERMINAL_STATES))})")
-            values.extend(sorted(TERMINAL_STATES))
+            values.extend(sorted(state.value for state in TERMINAL_STATES))
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         rows = self.db.execute(query + " ORDER BY id", values).fetchall()
-        return [JobRow(**dict(r)) for r in rows]
+        return [_job_row(r) for r in rows]
 
     def job(self, row_id: int) -> JobRow | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (row_id,)).fetchone()
-        return JobRow(**dict(row)) if row else None
+        return _job_row(row) if row else None
 
     # ------------------------------------------------------------------ events
     def event(self, kind: str, message: str, *, stage: str = "", job: int | None = None, **data: Any) -> None:
@@ -252,3 +272,9 @@ class StateStore:
         rows = self.db.execute(query + " ORDER BY id", values).fetchall()
         return [EventRow(id=r["id"], time=r["time"], kind=r["kind"], stage=r["stage"], job=r["job"],
                          message=r["message"], data=json.loads(r["data"])) for r in rows]
+
+
+def _job_row(record: sqlite3.Row) -> JobRow:
+    values = dict(record)
+    values["state"] = JobState.parse(values["state"])
+    return JobRow(**values)

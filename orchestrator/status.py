@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.atomic import read_json
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import read_json
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 SCHEMA_VERSION = 1
@@ -46,7 +46,7 @@ def last_metrics(run: RunDir, max_bytes: int = 65536) -> dict[str, Any] | None:
 def collect(run: RunDir) -> dict[str, Any]:
     """Everything `status` shows about one run, as plain JSON-able data."""
     result: dict[str, Any] = {"name": run.name, "path": str(run.root), "status": "NEW", "stages": [], "jobs": [],
-                              "progress": None, "endpoint": read_json(run.endpoint), "serve": read_json(run.root / "serve" / "endpoint.json"),
+                              "progress": None, "endpoint": read_json(run.endpoint), "serve": read_json(run.serve_endpoint),
                               "done": run.done_flag.exists(), "recoveries": [], "owner": None, "executor": None}
     if run.state_db.exists():
         store = StateStore(run.state_db, readonly=True)
@@ -78,7 +78,7 @@ def collect(run: RunDir) -> dict[str, Any]:
 
 def _train_iters(run: RunDir) -> int | None:
     try:
-        from fm9g.orchestrator.config import load_resolved
+        from fm9g.rundir.config import load_resolved
         return load_resolved(run.config).train.train_iters
     except Exception:  # a status view never fails on one broken run
         return None

@@ -18,22 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fm9g.launchers import protocol
-from fm9g.launchers.endpoint import read_endpoint
-from fm9g.orchestrator.atomic import read_json, write_text
-from fm9g.orchestrator.config import ClusterConfig, RunConfig
-from fm9g.orchestrator.executors.base import Executor, JobStatus
+from fm9g.rundir import protocol
+from fm9g.rundir.endpoint import read_endpoint
+from fm9g.rundir.atomic import read_json, write_text
+from fm9g.rundir.config import ClusterConfig, RunConfig
+from fm9g.orchestrator.executors.base import UNKNOWN, Executor, JobStatus, PollError
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.render import NodeJob, config_hash, render_node
-from fm9g.orchestrator.rundir import RunDir
-from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, StateStore
+from fm9g.rundir import RunDir
+from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, JobState, StateStore
 
 Say = Callable[[str], None]
 STAGE = "train"
-
-
-class PollError(RuntimeError):
-    """Raised by an executor whose poll failed; the tick is skipped, nothing is acted on."""
 
 
 def log_tail(path: str, size: int = 8192) -> str:
@@ -94,11 +90,7 @@ class TrainSupervisor:
         row_id = self.store.record_intent(stage=STAGE, role=role, node_rank=node_rank, attempt=attempt,
                                           generation=generation, tag=job.tag, script=str(script),
                                           script_hash=config_hash(text), log=str(log))
-        env = None
-        if self.executor.name == "local":
-            # Local "nodes" share this machine's cores; give each its share, as Slurm would.
-            env = {"SLURM_CPUS_ON_NODE": str(max(1, (os.cpu_count() or 1) // self.config.cluster.nodes))}
-        job_id = self.executor.submit(script, log=log, tag=job.tag, env=env)
+        job_id = self.executor.submit(script, log=log, tag=job.tag, env=self.executor.job_env(self.config.cluster.nodes))
         self.store.mark_submitted(row_id, job_id)
         self.store.event("submitted", f"{role}{node_rank} attempt {attempt} submitted as job {job_id} ({why})",
                          stage=STAGE, job=row_id, node_rank=node_rank, job_id=job_id, generation=generation)
@@ -116,13 +108,12 @@ class TrainSupervisor:
         excluded = self.excluded_nodes()
         if not excluded:
             return self.config.cluster
-        known_nodes = getattr(self.executor, "known_nodes", None)
-        if known_nodes is not None:
-            try:
-                known = known_nodes()
-            except Exception as exc:  # noqa: BLE001 - sinfo failing must not stop a repair
-                self.store.event("exclude", f"cannot check excluded nodes against sinfo ({exc}); not excluding", stage=STAGE)
-                return self.config.cluster
+        try:
+            known = self.executor.usable_nodes()
+        except Exception as exc:  # noqa: BLE001 - sinfo failing must not stop a repair
+            self.store.event("exclude", f"cannot check excluded nodes against sinfo ({exc}); not excluding", stage=STAGE)
+            return self.config.cluster
+        if known is not None:
             excluded &= known
             if len(known - excluded - set(self.config.cluster.exclude)) < self.config.cluster.nodes:
                 self.store.event("exclude", f"excluding {sorted(excluded)} would leave fewer than {self.config.cluster.nodes} nodes; not excluding", stage=STAGE)
@@ -154,7 +145,7 @@ class TrainSupervisor:
         current = read_endpoint(self.run.endpoint)
         generation = current.generation + 1 if current else 0
         self.run.checkpoint_now_flag.unlink(missing_ok=True)
-        (self.run.control / "cancel").unlink(missing_ok=True)
+        self.run.cancel_flag.unlink(missing_ok=True)
         self.store.set_stage(STAGE, "RUNNING", detail=f"{self.config.cluster.nodes} nodes")
         for rank in range(self.config.cluster.nodes):
             if rank not in live:
@@ -166,10 +157,8 @@ class TrainSupervisor:
         rows = [row for row in self.latest_rows().values() if row.live and row.job_id]
         if not rows:
             return
-        track = getattr(self.executor, "track", None)
         for row in rows:
-            if track is not None:
-                track(str(row.job_id), Path(row.log))
+            self.executor.adopt(str(row.job_id), Path(row.log))
         for _ in range(attempts):
             try:
                 statuses = self.executor.poll([str(row.job_id) for row in rows])
@@ -178,8 +167,8 @@ class TrainSupervisor:
                 continue
             unknown = False
             for row in rows:
-                status = statuses.get(str(row.job_id), JobStatus("UNKNOWN"))
-                if status.state == "UNKNOWN":
+                status = statuses.get(str(row.job_id), UNKNOWN)
+                if status.state is JobState.UNKNOWN:
                     unknown = True
                 elif status.state != row.state:
                     self.store.update_job(row.id, state=status.state, exit_code=status.exit_code,
@@ -200,8 +189,8 @@ class TrainSupervisor:
             return None
         changed = False
         for row in live:
-            status = statuses.get(row.job_id or "", JobStatus("UNKNOWN"))
-            if status.state == "UNKNOWN":
+            status = statuses.get(row.job_id or "", UNKNOWN)
+            if status.state is JobState.UNKNOWN:
                 continue
             changed |= self.update_row(row, status)
         self.track_recoveries()
@@ -212,11 +201,11 @@ class TrainSupervisor:
 
     def update_row(self, row: JobRow, status: JobStatus) -> bool:
         fields: dict[str, object] = {}
-        if self.config.cluster.requeue and status.state in ("NODE_FAIL", "PREEMPTED"):
+        if self.config.cluster.requeue and status.state in (JobState.NODE_FAIL, JobState.PREEMPTED):
             # Slurm owns requeue for this run (--requeue): the same job id comes back by
             # itself, so this end is not final and must not be repaired a second time.
-            status = replace(status, state="REQUEUED", reason=f"{status.state}, Slurm requeues it")
-        if row.state == "RUNNING" and status.state in ("PENDING", "REQUEUED") and status.restarts <= row.restarts:
+            status = replace(status, state=JobState.REQUEUED, reason=f"{status.state.value}, Slurm requeues it")
+        if row.state is JobState.RUNNING and status.state in (JobState.PENDING, JobState.REQUEUED) and status.restarts <= row.restarts:
             status = replace(status, restarts=row.restarts + 1)
         if status.restarts > row.restarts:
             # Slurm requeued this job by itself (NODE_FAIL + requeue): same id, it comes
@@ -230,7 +219,7 @@ class TrainSupervisor:
             fields["node"] = status.node
         if status.reason != row.reason:
             fields["reason"] = status.reason
-        if status.state == "RUNNING" and row.started_at is None:
+        if status.state is JobState.RUNNING and row.started_at is None:
             fields["started_at"] = status.started_at or self.clock()
         if status.state in TERMINAL_STATES:
             fields["exit_code"] = status.exit_code
@@ -248,9 +237,9 @@ class TrainSupervisor:
     def on_end(self, row: JobRow) -> None:
         if self.run.done_flag.exists():
             return
-        if row.state == "COMPLETED" and row.exit_code == protocol.EXIT_OK:
+        if row.state is JobState.COMPLETED and row.exit_code == protocol.EXIT_OK:
             return
-        user_cancel = (self.run.control / "cancel").exists()
+        user_cancel = self.run.cancel_flag.exists()
         exit_code = row.exit_code
         if exit_code is None and row.job_id:
             # squeue shows an end before sacct knows its exit code; the agent wrote it down.
@@ -262,9 +251,9 @@ class TrainSupervisor:
         failure = classify(row.state, exit_code, log_tail(row.log), cancelled_by_user=user_cancel)
         if row.job_id in self.hang_cancelled:
             failure = Failure(FailureClass.APP, "no training progress within supervise.hang_timeout")
-        self.store.event("failure", f"{row.role}{row.node_rank} (job {row.job_id}) ended {row.state}: {failure.reason}",
+        self.store.event("failure", f"{row.role}{row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason}",
                          stage=STAGE, job=row.id, klass=failure.klass.value, node=row.node, log=row.log)
-        self.say(f"{row.role} node {row.node_rank} (job {row.job_id}) ended {row.state}: {failure.reason} [{failure.klass.value}]")
+        self.say(f"{row.role} node {row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason} [{failure.klass.value}]")
         if failure.klass is FailureClass.CONTINUE:
             self.continuing.add(row.node_rank)
             return
@@ -337,7 +326,7 @@ class TrainSupervisor:
         if live:
             self.executor.cancel([row.job_id for row in live if row.job_id])
             for row in live:
-                self.store.update_job(row.id, state="CANCELLED", reason=f"stopped: {status.lower()}", ended_at=self.clock())
+                self.store.update_job(row.id, state=JobState.CANCELLED, reason=f"stopped: {status.lower()}", ended_at=self.clock())
         self.store.set_stage(STAGE, status, detail=reason)
         self.store.event("stage_end", f"train {status.lower()}: {reason}", stage=STAGE)
         self.say(f"train {status.lower()}: {reason}")
@@ -348,7 +337,7 @@ class TrainSupervisor:
         live = [row for row in self.latest_rows().values() if row.live and row.job_id]
         self.executor.cancel([row.job_id for row in live if row.job_id])
         for row in live:
-            self.store.update_job(row.id, state="CANCELLED", reason="full restart", ended_at=self.clock())
+            self.store.update_job(row.id, state=JobState.CANCELLED, reason="full restart", ended_at=self.clock())
         self.start()
 
     def decide(self) -> str | None:
@@ -377,7 +366,7 @@ class TrainSupervisor:
     def check_replacement_bound(self, rows: dict[int, JobRow]) -> None:
         limit = self.config.supervise.replacement_timeout
         for row in rows.values():
-            if row.attempt > 1 and row.state in ("PENDING", "SUBMITTING") and row.submitted_at and \
+            if row.attempt > 1 and row.state in (JobState.PENDING, JobState.SUBMITTING) and row.submitted_at and \
                     self.clock() - row.submitted_at > limit:
                 self.full_restart(f"the replacement for node {row.node_rank} (job {row.job_id}) waited more than "
                                   f"{limit}s in the queue (supervise.replacement_timeout)")
@@ -395,7 +384,7 @@ class TrainSupervisor:
         return max((int(b.get("step", -1)) for b in self.heartbeats()), default=-1)
 
     def check_hang(self, rows: dict[int, JobRow]) -> None:
-        if not rows or any(row.state != "RUNNING" for row in rows.values()):
+        if not rows or any(row.state is not JobState.RUNNING for row in rows.values()):
             return
         limit = self.config.supervise.hang_timeout
         newest = max((float(b.get("time", 0)) for b in self.heartbeats()), default=0.0)
@@ -447,6 +436,6 @@ class TrainSupervisor:
 
 
 def write_cancel_flag(run: RunDir) -> Path:
-    path = run.control / "cancel"
+    path = run.cancel_flag
     write_text(path, f"{time.time()}\n")
     return path

@@ -1,34 +1,66 @@
 """The executor interface every backend fills in: submit a rendered script, poll many
-jobs in one call, cancel.  A poll that cannot tell returns UNKNOWN, never FAILED."""
+jobs in one call, cancel, and adopt a job another process submitted.  A poll that
+cannot tell says UNKNOWN, never FAILED; a poll that cannot run at all raises PollError.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+from fm9g.orchestrator.slurm.states import JobState
+
+ExecutorKind = Literal["local", "slurm"]
+
+
+class PollError(RuntimeError):
+    """A poll failed as a whole (slurmctld down, a timeout): nothing is concluded from it."""
 
 
 @dataclass(frozen=True)
 class JobStatus:
-    state: str                 # a JobState name (PENDING, RUNNING, COMPLETED, FAILED, ..., UNKNOWN)
+    state: JobState
     exit_code: int | None = None
     node: str = ""
     reason: str = ""
-    restarts: int = 0          # Slurm's own requeue count (same job id)
+    restarts: int = 0  # Slurm's own requeue count (same job id)
     started_at: float | None = None
     ended_at: float | None = None
 
 
+UNKNOWN = JobStatus(JobState.UNKNOWN)
+
+
 class Executor(Protocol):
-    name: str
+    name: ExecutorKind
 
     def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
         """Start `script` as one job with stdout+stderr appended to `log`; returns its id."""
         ...
 
-    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
-        """States of many jobs in one call; jobs that cannot be seen map to UNKNOWN."""
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """States of many jobs in one call; a job that cannot be seen maps to UNKNOWN.
+        Raises PollError when the poll itself failed."""
         ...
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Ask each job to stop (SIGTERM to its batch step, as scancel does)."""
+        ...
+
+    def adopt(self, job_id: str, log: Path) -> None:
+        """Let this process poll and cancel a job that another fm9g-launch process submitted."""
+        ...
+
+    def usable_nodes(self) -> set[str] | None:
+        """Names of the nodes jobs can land on now, or None where there is no such notion."""
+        ...
+
+    def job_env(self, jobs_at_once: int) -> dict[str, str]:
+        """Extra environment for each of `jobs_at_once` jobs that share this executor's machine."""
+        ...
+
+    def tick_interval(self, configured: float) -> float:
+        """Seconds between polls, given supervise.poll_interval."""
         ...

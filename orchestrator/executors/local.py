@@ -4,6 +4,10 @@ SLURM_* variables a job would see, so a laptop runs exactly what a cluster would
 Each job is `bash SCRIPT` under a small wrapper that records the exit code in
 `<log>.rc` (written atomically), so another fm9g-launch process (status, cancel,
 resume) can tell a finished job from a killed one.  Job ids are the wrapper's pid.
+
+A pid is reused once its process is gone, so a recorded id is trusted only while the
+process with that pid is still the wrapper of that job: its command line names the
+job's exit-code file.  Anything else is never signalled.
 """
 
 from __future__ import annotations
@@ -12,15 +16,21 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fm9g.orchestrator.executors.base import JobStatus
+from fm9g.orchestrator.slurm.states import JobState
+
+WRAPPER_NAME = "fm9g-local-job"
 
 # Runs the script, then writes its exit code next to the log (temp name + rename).
 _WRAPPER = 'export SLURM_JOB_ID=$$; bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$rc"'
 
 
 class LocalExecutor:
+    """Runs each job as a local process group; the embedded default executor."""
+
     name = "local"
 
     def __init__(self) -> None:
@@ -41,7 +51,7 @@ class LocalExecutor:
         })
         job_env.update(env or {})
         with open(log, "ab") as out:
-            child = subprocess.Popen(["bash", "-c", _WRAPPER, "fm9g-local-job", str(script), str(rc_file)],
+            child = subprocess.Popen(["bash", "-c", _WRAPPER, WRAPPER_NAME, str(script), str(rc_file)],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=job_env, start_new_session=True)
         job_id = str(child.pid)  # the wrapper exports it as SLURM_JOB_ID, as Slurm would
@@ -50,9 +60,35 @@ class LocalExecutor:
         self._started[job_id] = time.time()
         return job_id
 
-    def track(self, job_id: str, log: Path) -> None:
-        """Adopt a job started by another fm9g-launch process (resume, status)."""
+    def adopt(self, job_id: str, log: Path) -> None:
+        """Adopt a job started by another fm9g-launch process (resume, status, cancel)."""
         self._rc_files.setdefault(job_id, log.with_name(log.name + ".rc"))
+
+    def usable_nodes(self) -> set[str] | None:
+        return None
+
+    def job_env(self, jobs_at_once: int) -> dict[str, str]:
+        # Local "nodes" share this machine's cores; give each its share, as Slurm would.
+        return {"SLURM_CPUS_ON_NODE": str(max(1, (os.cpu_count() or 1) // max(1, jobs_at_once)))}
+
+    def tick_interval(self, configured: float) -> float:
+        # Polling local processes costs nothing; a short tick keeps laptops responsive.
+        return min(configured, 0.5)
+
+    def owns(self, job_id: str) -> bool:
+        """True while the process `job_id` is still this job's wrapper (not a reused pid)."""
+        child = self._children.get(job_id)
+        if child is not None:
+            return child.poll() is None
+        rc_file = self._rc_files.get(job_id)
+        if rc_file is None or not job_id.isdigit():
+            return False
+        try:
+            with open(f"/proc/{job_id}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            return False
+        return WRAPPER_NAME.encode() in argv and str(rc_file).encode() in argv
 
     def _status(self, job_id: str) -> JobStatus:
         child = self._children.get(job_id)
@@ -63,22 +99,26 @@ class LocalExecutor:
             try:
                 code = int(rc_file.read_text().strip())
             except ValueError:
-                return JobStatus("UNKNOWN")
-            return JobStatus("COMPLETED" if code == 0 else "FAILED", exit_code=code, node="localhost",
+                return JobStatus(JobState.UNKNOWN)
+            return JobStatus(JobState.COMPLETED if code == 0 else JobState.FAILED, exit_code=code, node="localhost",
                              ended_at=rc_file.stat().st_mtime, started_at=self._started.get(job_id))
-        if _alive(int(job_id)):
-            return JobStatus("RUNNING", node="localhost", started_at=self._started.get(job_id))
         if rc_file is None:
-            return JobStatus("UNKNOWN")
-        # Gone without writing its exit code: the wrapper itself was killed.
-        return JobStatus("CANCELLED", node="localhost", reason="process killed", ended_at=time.time())
+            return JobStatus(JobState.UNKNOWN)
+        if self.owns(job_id) and _alive(int(job_id)):
+            return JobStatus(JobState.RUNNING, node="localhost", started_at=self._started.get(job_id))
+        # Gone without writing its exit code (the wrapper itself was killed), or the
+        # pid now belongs to another process.
+        return JobStatus(JobState.CANCELLED, node="localhost", reason="process killed", ended_at=time.time())
 
-    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return {job_id: self._status(job_id) for job_id in job_ids}
 
-    def cancel(self, job_ids: list[str]) -> None:
-        """SIGTERM each job's process group, as scancel does to a job's batch step."""
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """SIGTERM each job's process group, as scancel does to a job's batch step.
+        A pid that no longer belongs to the job is left alone."""
         for job_id in job_ids:
+            if not self.owns(job_id):
+                continue
             try:
                 os.killpg(int(job_id), signal.SIGTERM)
             except (ProcessLookupError, PermissionError, ValueError):
@@ -89,7 +129,7 @@ class LocalExecutor:
 
         The node agent runs torchrun in a session of its own, so the job's process
         group alone would leave it behind; this walks the tree like Slurm's
-        proctrack/linuxproc does."""
+        proctrack/linuxproc does.  Fault injection for tests and benchmarks."""
         for pid in [int(job_id), *descendants(int(job_id))]:
             try:
                 os.kill(pid, sig)

@@ -8,30 +8,34 @@ and sacct (accounting lags slurmctld by seconds) is UNKNOWN, never FAILED.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fm9g.orchestrator.executors.base import JobStatus
+from fm9g.orchestrator.executors.base import JobStatus, PollError
 from fm9g.orchestrator.slurm import commands
 from fm9g.orchestrator.slurm.parse import SacctRow, SqueueRow
-from fm9g.orchestrator.supervisor import PollError
+from fm9g.orchestrator.slurm.states import JobState
 
 
 def _from_squeue(row: SqueueRow, now: float) -> JobStatus:
-    started = now - row.elapsed.total_seconds() if row.elapsed and row.state.value in ("RUNNING", "COMPLETING") else None
+    running = row.state in (JobState.RUNNING, JobState.COMPLETING)
+    started = now - row.elapsed.total_seconds() if row.elapsed and running else None
     reason = "" if row.reason == "None" else row.reason  # squeue prints "None" for no reason
-    return JobStatus(row.state.value, node=row.batch_host or row.nodes, reason=reason, started_at=started)
+    return JobStatus(row.state, node=row.batch_host or row.nodes, reason=reason, started_at=started)
 
 
 def _from_sacct(row: SacctRow) -> JobStatus:
     # A job killed by a signal reports 0:<signal>; a shell would call that 128+signal.
     code = row.exit_code if not row.signal else 128 + row.signal
-    return JobStatus(row.state.value, exit_code=code, node=row.node_list, restarts=row.restarts,
+    return JobStatus(row.state, exit_code=code, node=row.node_list, restarts=row.restarts,
                      started_at=row.start.timestamp() if row.start else None,
                      ended_at=row.end.timestamp() if row.end else None)
 
 
 class SlurmExecutor:
+    """Submits with sbatch; one squeue per poll, sacct only for jobs that left the queue."""
+
     name = "slurm"
 
     def __init__(self, client: commands.SlurmClient | None = None, since: datetime | None = None) -> None:
@@ -46,7 +50,7 @@ class SlurmExecutor:
         job_id = self.client.submit(script, extra_args=[f"--output={output}", f"--error={output}"], env=env)
         return str(job_id)
 
-    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         ids = [int(job_id) for job_id in job_ids]
         try:
             queued = self.client.squeue(ids)
@@ -66,24 +70,29 @@ class SlurmExecutor:
                 row = accounted.get(job_id)
                 if row is None or (job_id in queued and not row.state.is_terminal):
                     if job_id not in queued:
-                        result[str(job_id)] = JobStatus("UNKNOWN")  # accounting lags: ask again next tick
+                        result[str(job_id)] = JobStatus(JobState.UNKNOWN)  # accounting lags: ask again next tick
                     continue  # squeue's view stands; the exit code comes from the agent's record
-                elif row.state.value == "REQUEUED":
+                elif row.state is JobState.REQUEUED:
                     # Cancelled while waiting to restart: sacct keeps REQUEUED as its last
                     # state for good, but the job is gone from the queue, so it has ended.
-                    result[str(job_id)] = JobStatus("CANCELLED", node=row.node_list, restarts=row.restarts,
+                    result[str(job_id)] = JobStatus(JobState.CANCELLED, node=row.node_list, restarts=row.restarts,
                                                     reason="cancelled while requeued")
                 else:
                     result[str(job_id)] = _from_sacct(row)
         return result
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: Sequence[str]) -> None:
         self.client.cancel(int(job_id) for job_id in job_ids)
 
-    def known_nodes(self) -> set[str]:
+    def adopt(self, job_id: str, log: Path) -> None:
+        """Nothing to do: squeue and sacct see every job by its id."""
+
+    def usable_nodes(self) -> set[str] | None:
         """Every node name of every partition, as sinfo lists them now."""
         return set().union(*(partition.node_names for partition in self.client.partitions().values()))
 
-    def signal(self, job_id: str, signal: str, batch_only: bool = True) -> None:
-        """Send a signal (e.g. USR1) to a job's batch shell, as Slurm does before the walltime."""
-        self.client.cancel([int(job_id)], signal=signal, batch_only=batch_only)
+    def job_env(self, jobs_at_once: int) -> dict[str, str]:
+        return {}  # Slurm gives each job its own allocation and SLURM_* variables
+
+    def tick_interval(self, configured: float) -> float:
+        return configured

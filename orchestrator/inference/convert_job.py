@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fm9g.orchestrator.atomic import replace_dir, write_text
+from fm9g.rundir.atomic import replace_dir, write_text
 from fm9g.orchestrator.inference.prompts import CHAT_TEMPLATE
 
 

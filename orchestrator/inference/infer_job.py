@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from fm9g.orchestrator.atomic import write_text
+from fm9g.rundir.atomic import write_text
 from fm9g.orchestrator.inference.errors import InferenceError
 from fm9g.orchestrator.inference.sampling_options import add_sampling_options
 from fm9g.orchestrator.inference.prompts import (

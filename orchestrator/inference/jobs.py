@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.atomic import write_text
-from fm9g.orchestrator.config import ClusterConfig, RunConfig
-from fm9g.orchestrator.executors.base import Executor, JobStatus
+from fm9g.rundir.atomic import write_text
+from fm9g.rundir.config import ClusterConfig, RunConfig
+from fm9g.orchestrator.executors.base import UNKNOWN, Executor, JobStatus, PollError
 from fm9g.orchestrator.render import config_hash, job_name, job_tag, render_template, sbatch_flags
-from fm9g.orchestrator.rundir import RunDir
-from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, StateStore
-from fm9g.orchestrator.supervisor import PollError
+from fm9g.rundir import RunDir
+from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, JobState, StateStore
 
 Say = Callable[[str], None]
 
@@ -77,9 +76,8 @@ def submit(ctx: StageContext, *, stage: str, template: str, values: dict[str, An
 
 def adopt(ctx: StageContext, row: JobRow) -> None:
     """Let this process's executor see a job another fm9g-launch process submitted."""
-    track = getattr(ctx.executor, "track", None)
-    if track is not None and row.job_id:
-        track(str(row.job_id), Path(row.log))
+    if row.job_id:
+        ctx.executor.adopt(str(row.job_id), Path(row.log))
 
 
 def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
@@ -88,8 +86,8 @@ def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
     try:
         status = ctx.executor.poll([str(row.job_id)])[str(row.job_id)]
     except PollError:  # nothing is concluded from a failed poll
-        return JobStatus("UNKNOWN")
-    if status.state != "UNKNOWN":
+        return UNKNOWN
+    if status.state is not JobState.UNKNOWN:
         fields: dict[str, Any] = {"state": status.state, "reason": status.reason}
         if status.node:
             fields["node"] = status.node
@@ -111,7 +109,7 @@ class Visibility:
         self.since: float | None = None
 
     def check(self, status: JobStatus) -> None:
-        if status.state != "UNKNOWN":
+        if status.state is not JobState.UNKNOWN:
             self.since = None
             return
         now = time.monotonic()
@@ -150,6 +148,7 @@ def open_context(run: RunDir, config: RunConfig, executor_kind: str, say: Say, p
 
     from fm9g.orchestrator.executors import make_executor
 
-    interval = 0.5 if executor_kind == "local" else config.supervise.poll_interval
-    return StageContext(run=run, config=config, store=StateStore(run.state_db), executor=make_executor(executor_kind),
-                        say=say, python=python or config.cluster.python or sys.executable, poll_interval=interval)
+    executor = make_executor(executor_kind)
+    return StageContext(run=run, config=config, store=StateStore(run.state_db), executor=executor, say=say,
+                        python=python or config.cluster.python or sys.executable,
+                        poll_interval=executor.tick_interval(config.supervise.poll_interval))

@@ -12,15 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fm9g.orchestrator.config import RunConfig
+from fm9g.rundir.config import RunConfig
 from fm9g.orchestrator.executors.base import Executor
 from fm9g.orchestrator.inference.errors import InferenceError
 from fm9g.orchestrator.inference.jobs import Say, StageContext
-from fm9g.orchestrator.inference.paths import infer_output
 from fm9g.orchestrator.inference.prompts import Sampling
 from fm9g.orchestrator.inference.serve_stage import serve_stage
 from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 ORDER = ("convert", "infer", "serve")
@@ -39,7 +38,7 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
         return 0
     ctx = StageContext(run=run, config=config, store=store, executor=executor, say=say,
                        python=config.cluster.python or sys.executable,
-                       poll_interval=0.5 if config.executor == "local" else config.supervise.poll_interval)
+                       poll_interval=executor.tick_interval(config.supervise.poll_interval))
     pipeline = config.pipeline
     done: list[str] = []
     try:
@@ -47,7 +46,7 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
         done.append("convert")
         if "infer" in wanted:
             assert pipeline.eval_prompts is not None  # the config validator guarantees it
-            output = Path(pipeline.eval_output) if pipeline.eval_output else infer_output(run)
+            output = Path(pipeline.eval_output) if pipeline.eval_output else run.infer_output()
             infer_stage(ctx, model=model, prompts=Path(pipeline.eval_prompts), output=output,
                         sampling=eval_sampling(config), chat=config.data.sft, engine=pipeline.engine)
             done.append("infer")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.atomic import read_json, write_json
+from fm9g.rundir.atomic import read_json, write_json
 from fm9g.orchestrator.inference.errors import InferenceError
 
 

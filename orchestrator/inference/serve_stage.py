@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.atomic import read_json, write_text
+from fm9g.rundir.atomic import read_json, write_text
 from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
 from fm9g.orchestrator.inference.errors import InferenceError
 from fm9g.orchestrator.inference.jobs import (
@@ -28,7 +28,6 @@ from fm9g.orchestrator.inference.jobs import (
     refresh,
     submit,
 )
-from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
 
 STAGE = "serve"
@@ -63,7 +62,7 @@ def healthy(endpoint: dict[str, Any], timeout: float = 2.0) -> bool:
 
 def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> dict[str, Any]:
     """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
-    path = serve_endpoint(ctx.run)
+    path = ctx.run.serve_endpoint
     started = time.monotonic()
     visibility = Visibility(ctx, row)
     while True:
@@ -104,16 +103,16 @@ def serve_stage(ctx: StageContext, *, model: Path, port: int = 0, engine: Engine
     model = model.resolve()
     check_model_dir(model)
     store.upsert_stage(STAGE, "serve")
-    endpoint_path = serve_endpoint(run)
+    endpoint_path = run.serve_endpoint
     live = _current_job(ctx)
     if live is not None:
         ctx.say(f"serve: job {live.job_id} already serves this run (stop it first with --stop to change it)")
         row = live
     else:
         endpoint_path.unlink(missing_ok=True)  # a stale endpoint of a job that has ended
-        ensure_api_key(api_key_file(run))
+        ensure_api_key(run.api_key_file)
         store.set_stage(STAGE, "RUNNING", detail=f"starting: {model}")
-        values = {"model": str(model), "endpoint": str(endpoint_path), "api_key_file": str(api_key_file(run)),
+        values = {"model": str(model), "endpoint": str(endpoint_path), "api_key_file": str(run.api_key_file),
                   "engine": engine, "port": port}
         row = submit(ctx, stage=STAGE, template="serve.sbatch.j2", values=values, why=f"serving {model}")
         store.set_meta(EXECUTOR_META, ctx.executor.name)  # --stop must cancel through the same executor
@@ -124,14 +123,14 @@ def serve_stage(ctx: StageContext, *, model: Path, port: int = 0, engine: Engine
     store.event("serve", f"ready at {endpoint['url']} (job {row.job_id}, {endpoint.get('engine')})", stage=STAGE,
                 job=row.id, **{k: endpoint.get(k) for k in ("host", "port", "engine")})
     ctx.say(f"serve: ready at {endpoint['url']} (job {row.job_id}, engine {endpoint.get('engine')}); "
-            f"model id {endpoint.get('model')!r}; API key in {api_key_file(run)}")
+            f"model id {endpoint.get('model')!r}; API key in {run.api_key_file}")
     return endpoint
 
 
 def stop_serve(ctx: StageContext, grace: float = 60.0) -> list[str]:
     """Cancel the run's serve jobs and remove the endpoint; returns the job ids cancelled."""
     run, store = ctx.run, ctx.store
-    endpoint_path = serve_endpoint(run)
+    endpoint_path = run.serve_endpoint
     rows = []
     for row in store.jobs(STAGE):
         if row.job_id and row.live:

@@ -12,15 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fm9g.orchestrator import config as config_mod
-from fm9g.orchestrator.atomic import write_text
-from fm9g.orchestrator.config import RunConfig
+from fm9g.rundir import config as config_mod
+from fm9g.rundir.atomic import write_text
+from fm9g.rundir.config import RunConfig
 from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
 from fm9g.orchestrator.inference.errors import InferenceError
 from fm9g.orchestrator.inference.jobs import StageContext, log_tail, submit, wait
-from fm9g.orchestrator.inference.paths import hf_dir
 from fm9g.orchestrator.inference.prompts import Sampling, read_prompts
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 
 # ------------------------------------------------------------------ RUN_OR_MODEL
 
@@ -100,7 +99,7 @@ def convert_stage(ctx: StageContext, *, step: int | None = None, output: Path | 
     step was already converted to that folder.  Returns the folder."""
     run, store = ctx.run, ctx.store
     step = checkpoint_step(run, step)
-    target = (output or hf_dir(run, step)).resolve()
+    target = (output or run.hf_dir(step)).resolve()
     store.upsert_stage(stage, "convert")
     converted = store.meta("converted", {})
     if (target / "config.json").is_file() and converted.get(str(target)) == step:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 from fm9g.orchestrator.slurm.parse import Partition, expand_hostlist
 
 if TYPE_CHECKING:
-    from fm9g.orchestrator.config import RunConfig
-    from fm9g.orchestrator.rundir import RunDir
+    from fm9g.rundir.config import RunConfig
+    from fm9g.rundir import RunDir
 
 
 class PreflightError(RuntimeError):

@@ -36,6 +36,9 @@ class JobState(str, enum.Enum):
     SPECIAL_EXIT = "SPECIAL_EXIT"
     RESIZING = "RESIZING"
     UNKNOWN = "UNKNOWN"
+    # Ours, not Slurm's: a job row recorded before sbatch was called (no job id yet).
+    # No Slurm spelling maps to it.
+    SUBMITTING = "SUBMITTING"
 
     @property
     def is_terminal(self) -> bool:
@@ -48,6 +51,14 @@ class JobState(str, enum.Enum):
         return self in _ACTIVE
 
     @classmethod
+    def parse(cls, text: str) -> JobState:
+        """A state as stored in state.db (a member's value); anything else is UNKNOWN."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.UNKNOWN
+
+    @classmethod
     def from_slurm(cls, text: str) -> JobState:
         """Map any of Slurm's spellings of a state (long, short, `by <uid>`, `+`) to a JobState."""
         name = text.strip()
@@ -57,6 +68,11 @@ class JobState(str, enum.Enum):
         name = name.rstrip("+").upper()
         return SLURM_STATE_NAMES.get(name, cls.UNKNOWN)
 
+
+# Slurm's own verdicts that the allocation, not the program, failed.
+INFRASTRUCTURE_STATES = frozenset(
+    {JobState.NODE_FAIL, JobState.BOOT_FAIL, JobState.PREEMPTED, JobState.TIMEOUT, JobState.DEADLINE, JobState.REVOKED}
+)
 
 # Ended: the exit code and the end time are final.  NODE_FAIL and PREEMPTED are
 # terminal for this run of the job even though Slurm may requeue the same job id by
@@ -77,6 +93,8 @@ _TERMINAL = frozenset(
     }
 )
 
+TERMINAL_STATES = _TERMINAL
+
 # In the queue or on nodes.  COMPLETING is active: the batch script has exited but
 # the epilog and step cleanup still hold the node.  REQUEUED is the short window
 # before a requeued job is PENDING again; SPECIAL_EXIT is a requeued job held by
@@ -91,6 +109,7 @@ _ACTIVE = frozenset(
         JobState.SUSPENDED,
         JobState.SPECIAL_EXIT,
         JobState.RESIZING,
+        JobState.SUBMITTING,
     }
 )
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fm9g.orchestrator.atomic import read_json
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.atomic import read_json
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import TERMINAL_STATES, EventRow, JobRow, StageRow, StateStore
 from fm9g.orchestrator.status import overall
 from fm9g.orchestrator.tui.format import estimate_eta
@@ -85,7 +85,7 @@ class RunReader:
         if not self._train_iters_read:
             self._train_iters_read = True
             try:
-                from fm9g.orchestrator.config import load_resolved
+                from fm9g.rundir.config import load_resolved
                 self._train_iters = load_resolved(self.run.config).train.train_iters
             except Exception:  # a viewer never fails on one broken config
                 self._train_iters = None

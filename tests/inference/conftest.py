@@ -21,9 +21,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from fm9g.orchestrator import config as config_mod
-from fm9g.orchestrator.inference.paths import api_key_file, serve_endpoint
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import config as config_mod
+from fm9g.rundir import RunDir
 
 QUESTION = "你好"
 ANSWER = "你好，我是九格。"
@@ -150,9 +149,9 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
 
 def check_server(run: RunDir) -> dict:
     """What every served run must offer: completions and chats with the key, 401 without."""
-    endpoint = json.loads(serve_endpoint(run).read_text())
-    key = api_key_file(run).read_text().strip()
-    assert stat.S_IMODE(api_key_file(run).stat().st_mode) == 0o600
+    endpoint = json.loads(run.serve_endpoint.read_text())
+    key = run.api_key_file.read_text().strip()
+    assert stat.S_IMODE(run.api_key_file.stat().st_mode) == 0o600
     client = openai.OpenAI(base_url=endpoint["url"], api_key=key, max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     assert model == endpoint["model"]

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from fm9g.orchestrator.cli import main
-from fm9g.orchestrator.inference.paths import serve_endpoint
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 from .conftest import ANSWER, TrainedRun, check_server
@@ -61,5 +60,5 @@ def test_infer_and_serve_on_slurm(slurm_run: TrainedRun, tmp_path: Path) -> None
     assert slurm_state(str(serve_job.job_id)) == "RUNNING"
 
     assert cli("serve", run.root, "--stop") == 0
-    assert not serve_endpoint(run).exists()
+    assert not run.serve_endpoint.exists()
     assert slurm_state(str(serve_job.job_id)) in ("CANCELLED", "COMPLETED", "CANCELLED by 0")

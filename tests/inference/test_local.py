@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from fm9g.orchestrator.cli import main
 from fm9g.orchestrator.executors.local import LocalExecutor
-from fm9g.orchestrator.inference.paths import serve_endpoint
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import TERMINAL_STATES, StateStore
 
 from .conftest import ANSWER, TrainedRun, check_server, write_run_config
@@ -140,7 +139,7 @@ def test_serve_local(served: RunDir, capsys: pytest.CaptureFixture[str]) -> None
     assert len(jobs(run, "serve")) == 1
 
     assert cli("serve", run.root, "--stop") == 0
-    assert not serve_endpoint(run).exists()
+    assert not run.serve_endpoint.exists()
     executor = LocalExecutor()
     executor.track(str(job.job_id), Path(job.log))
     assert executor.poll([str(job.job_id)])[str(job.job_id)].state in TERMINAL_STATES

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fm9g.orchestrator import config as config_mod
+from fm9g.rundir import config as config_mod
 from fm9g.orchestrator.executors.local import LocalExecutor
 from fm9g.orchestrator.inference.pipeline import run_post_train_stages
 from fm9g.orchestrator.state import StateStore

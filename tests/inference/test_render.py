@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fm9g.orchestrator.config import ClusterConfig
+from fm9g.rundir.config import ClusterConfig
 from fm9g.orchestrator.inference.jobs import render_stage
 from fm9g.orchestrator.inference.prompts import Sampling
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.orchestrator import config as cfg
-from fm9g.orchestrator.atomic import write_text
+from fm9g.rundir import config as cfg
+from fm9g.rundir.atomic import write_text
 from fm9g.orchestrator.executors.slurm import SlurmExecutor
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.supervisor import TrainSupervisor
 

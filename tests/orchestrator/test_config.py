@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.orchestrator import config as cfg
-from fm9g.orchestrator.config import ConfigError
+from fm9g.rundir import config as cfg
+from fm9g.rundir.config import ConfigError
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

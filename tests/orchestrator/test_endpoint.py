@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fm9g.launchers.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
+from fm9g.rundir.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
 
 
 def test_publish_and_read(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fm9g.launchers import protocol
+from fm9g.rundir import protocol
 from fm9g.orchestrator.failures import FailureClass, classify
 
 

@@ -34,7 +34,7 @@ def test_exit_codes_and_slurm_environment(tmp_path: Path) -> None:
     assert "node=localhost job=fm9g:t" in log.read_text()
     # Another process (a fresh executor) sees the same end through the rc file.
     other = LocalExecutor()
-    other.track(job, log)
+    other.adopt(job, log)
     assert other.poll([job])[job].state == "FAILED"
 
 

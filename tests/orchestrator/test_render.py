@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.orchestrator.config import ClusterConfig, ConfigError
+from fm9g.rundir.config import ClusterConfig, ConfigError
 from fm9g.orchestrator.render import NodeJob, render_node, slug
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fm9g.orchestrator import config as cfg
-from fm9g.orchestrator.atomic import write_text
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import config as cfg
+from fm9g.rundir.atomic import write_text
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fm9g.orchestrator.config import RunConfig
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.config import RunConfig
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.slurm.commands import SlurmClient
 from fm9g.orchestrator.slurm.preflight import PreflightError, check, check_run
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.launchers.endpoint import Endpoint, publish_endpoint
-from fm9g.orchestrator.config import RunConfig, TrainConfig, dump
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir.endpoint import Endpoint, publish_endpoint
+from fm9g.rundir.config import RunConfig, TrainConfig, dump
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 
 BASE = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC

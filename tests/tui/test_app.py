@@ -241,7 +241,7 @@ async def test_help_and_quit(demo_run: DemoRun, settle) -> None:
 
 
 async def test_runs_root_and_a_run_without_state(runs_root: Path, settle) -> None:
-    from fm9g.orchestrator.config import RunConfig, dump
+    from fm9g.rundir.config import RunConfig, dump
 
     fresh = runs_root / "fresh"
     fresh.mkdir(parents=True)

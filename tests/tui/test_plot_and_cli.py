@@ -11,7 +11,7 @@ import pytest
 
 from fm9g.orchestrator.cli import build_parser, main
 from fm9g.orchestrator.plot import PlotError, plot_run, read_points
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 
 from .conftest import STEPS, DemoRun
 

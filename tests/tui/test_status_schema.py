@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fm9g.orchestrator.cli import main
-from fm9g.orchestrator.config import RunConfig, dump
+from fm9g.rundir.config import RunConfig, dump
 from fm9g.orchestrator.status import SCHEMA_VERSION
 
 from .conftest import DemoRun

@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from fm9g.orchestrator import actions
-from fm9g.orchestrator.rundir import RunDir
+from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import JobRow
 from fm9g.orchestrator.tui.catalog import RunSummary, list_runs
 from fm9g.orchestrator.tui.logtail import LogChunk, LogFollower

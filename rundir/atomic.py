@@ -7,11 +7,13 @@ temporary file is renamed over the final path in one step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None, durable: bool = True) -> Path:
@@ -65,3 +67,36 @@ def replace_dir(tmp_dir: str | os.PathLike[str], final_dir: str | os.PathLike[st
     final = Path(final_dir)
     os.replace(tmp_dir, final)
     return final
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary handle whose content replaces `path` atomically on success."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and non-Linux platforms) refuse fsync on directories
+    finally:
+        os.close(fd)

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fm9g.orchestrator.atomic import write_json
+from fm9g.rundir.atomic import write_json
 
 
 @dataclass(frozen=True)

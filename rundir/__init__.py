@@ -1,4 +1,5 @@
-"""`RunDir` owns every path under `runs/<name>/`; nobody else spells those paths.
+"""The run-directory contract every process shares (the bottom layer: it imports no other
+`fm9g` package).  `RunDir` owns every path under `runs/<name>/`; nobody else spells them.
 
     runs/<name>/
       config.yaml                 the resolved, validated config
@@ -7,8 +8,11 @@
       rendezvous/endpoint.json    {host, port, generation, job_id, rdzv_id}
       logs/<stage>/<job>.out
       heartbeats/<node>.json      last step, time, pid
-      control/                    flags the supervisor raises (checkpoint-now, done)
+      control/                    flags: checkpoint_now, DONE, cancel, fatal.json, exits/<job>.json
       checkpoints/<step>/  checkpoints/latest
+      hf/<step>/                  converted Hugging Face folders
+      infer/<stage>.jsonl         completions of an eval prompt set
+      serve/api_key  serve/endpoint.json
       tensorboard/
       metrics.jsonl
 """
@@ -81,6 +85,16 @@ class RunDir:
         """Raised by a node agent on USR1 (preemption/walltime); ranks read it at step boundaries."""
         return self.control / "checkpoint_now"
 
+    @property
+    def cancel_flag(self) -> Path:
+        """Raised by `fm9g-launch cancel` (and the TUI): the supervisor reads job ends as a user's decision."""
+        return self.control / "cancel"
+
+    @property
+    def fatal_record(self) -> Path:
+        """Written by the trainer on a config or data error: retrying cannot help."""
+        return self.control / "fatal.json"
+
     def exit_record(self, job_id: str) -> Path:
         """Written by a node agent as it exits: its exit code, which squeue cannot tell
         and sacct may report only seconds later."""
@@ -90,10 +104,15 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def latest_pointer(self) -> Path:
+        """A text file naming the step of the last complete checkpoint."""
+        return self.checkpoints / "latest"
+
     def latest_step(self) -> int | None:
         """The step `checkpoints/latest` names, or None before the first checkpoint."""
         try:
-            return int((self.checkpoints / "latest").read_text().strip())
+            return int(self.latest_pointer.read_text().strip())
         except (OSError, ValueError):
             return None
 
@@ -117,6 +136,31 @@ class RunDir:
     def indexed(self) -> Path:
         """Index directories built by the run's `index` stage for raw datasets."""
         return self.root / "indexed"
+
+    def hf_dir(self, step: int) -> Path:
+        """The Hugging Face folder converted from checkpoint `step`."""
+        return self.root / "hf" / str(step)
+
+    def infer_output(self, stage: str = "infer") -> Path:
+        return self.root / "infer" / f"{stage}.jsonl"
+
+    @property
+    def serve_dir(self) -> Path:
+        return self.root / "serve"
+
+    @property
+    def serve_endpoint(self) -> Path:
+        """{host, port, url, job_id, engine, model}, written by the serve job."""
+        return self.serve_dir / "endpoint.json"
+
+    @property
+    def api_key_file(self) -> Path:
+        """The server's API key, mode 0600."""
+        return self.serve_dir / "api_key"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
 
     @property
     def lock(self) -> Path:

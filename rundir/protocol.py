@@ -1,0 +1,42 @@
+"""The contract between the node agent, the trainer and the supervisor: environment
+variable names, exit codes, and the names every job carries (Slurm job name and
+--comment tag).  Stdlib only, so every side can import it cheaply."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Environment the node agent gives the trainer (on top of torchrun's RANK, WORLD_SIZE, ...).
+ENV_RUN_DIR = "FM9G_RUN_DIR"
+ENV_NODE_RANK = "FM9G_NODE_RANK"
+ENV_GENERATION = "FM9G_GENERATION"
+ENV_STAGE = "FM9G_STAGE"
+
+# Exit codes of a node job, read back by the supervisor (sacct ExitCode / local rc).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ENDPOINT_TIMEOUT = 3    # a worker never saw the master's endpoint
+EXIT_CONTINUE = 75           # checkpointed on request (preemption/walltime): continue the run
+EXIT_CONFIG = 78             # config/data error: retrying cannot help (do-not-retry class)
+
+# Heartbeats older than this many seconds mean the node is not making progress.
+HEARTBEAT_STALE_S = 120
+
+
+def slug(name: str) -> str:
+    """A run name reduced to characters every Slurm field accepts, plus a short hash so
+    two names that reduce alike stay distinct."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.-")[:40] or "run"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+def job_tag(run_name: str, stage: str, role: str, node_rank: int, attempt: int) -> str:
+    """The --comment every job carries, so a job can be matched back to its run after a crash."""
+    return f"fm9g:{slug(run_name)}:{stage}:{role}:{node_rank}:{attempt}"
+
+
+def job_name(run_name: str, stage: str, role: str, node_rank: int) -> str:
+    return f"fm9g-{slug(run_name)}-{stage}-{role}{node_rank}"
