@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fm9g.data.errors import DataError
 from fm9g.data.transforms import load_transform
+from fm9g.rundir.config import DuplicateKeyError, load_json_strict
 
 OversizeRule = Literal["drop", "head", "segment"]
 
@@ -126,7 +127,10 @@ def load_mixture(path_or_list: str | Path | list[dict[str, Any]], base_dir: str 
     if isinstance(path_or_list, (str, Path)):
         source_path = Path(path_or_list)
         try:
-            raw = json.loads(source_path.read_text(encoding="utf-8"))
+            raw = load_json_strict(source_path.read_text(encoding="utf-8"))
+        except DuplicateKeyError as error:
+            where = f"{source_path}:{error.line}" if error.line else str(source_path)
+            raise DataError(f"{where}: {error}") from None
         except OSError as error:
             raise DataError(f"{source_path}: cannot read the mixture file ({error})") from None
         except json.JSONDecodeError as error:

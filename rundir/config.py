@@ -25,10 +25,24 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the field and the fix."""
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one mapping of a YAML or JSON file (1-based `line`, 0 if unknown).
+
+    Both parsers silently keep the last value, so `train:` written twice would drop the
+    whole first section; callers turn this into their layer's error naming the file."""
+
+    def __init__(self, key: str, line: int, first_line: int = 0) -> None:
+        self.key, self.line, self.first_line = key, line, first_line
+        where = f" (first at line {first_line})" if first_line else ""
+        super().__init__(f"key {key!r} appears twice in the same mapping{where}; keep one of them")
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `--set train.lr=nan` passes every `gt=0` bound
+    # and would only show up as a NaN loss after the run has started.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ClusterConfig(Section):
@@ -252,12 +266,22 @@ def suggest(path: str) -> str | None:
     return leaves[match[0]] if match else None
 
 
+def _override_for(loc: str, overrides: dict[str, str]) -> tuple[str | None, list[str]]:
+    """(the --set item that wrote exactly `loc` or a section above it, --set items below `loc`)."""
+    exact = None
+    for key, item in overrides.items():
+        if loc == key or loc.startswith(key + "."):
+            exact = item
+    inside = [item for key, item in overrides.items() if not loc or key.startswith(loc + ".")]
+    return exact, inside
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
         hint = suggest(loc)
-        fix = f"did you mean '{hint}'?" if hint else "remove it (see `fm9g-launch config --help` for the fields)"
+        fix = f"did you mean '{hint}'?" if hint else "remove it (every field, with its default and description, is defined in fm9g/rundir/config.py; examples/ has working recipes)"
         return f"unknown key '{loc}': {fix}"
     got = error.get("input")
     shown = json.dumps(got, ensure_ascii=False, default=str) if not isinstance(got, dict) else "a mapping"
@@ -267,13 +291,30 @@ def _describe(error: dict[str, Any]) -> str:
     return f"'{loc}': {message} (got {shown})" if loc else message
 
 
-def validate(raw: dict[str, Any], source: str) -> RunConfig:
-    """Validate a raw mapping; errors become one ConfigError naming `source` and each field."""
+def validate(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw mapping; errors become one ConfigError naming `source` and each field.
+
+    A field written by `--set KEY=VALUE` (one of `overrides`) is blamed on that option,
+    not on the file: the file may not even mention the field."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"  - {_describe(err)}" for err in exc.errors()]
-        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+        by_key = {".".join(parse_override(item)[0]): item for item in overrides or []}
+        lines, from_file = [], False
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"])
+            exact, inside = _override_for(loc, by_key)
+            if exact is not None:
+                lines.append(f"  - --set {exact}: {_describe(err)}; fix or drop this --set option")
+            elif inside:
+                # A section- or run-level check (warmup vs train_iters) that a --set value may have tipped.
+                from_file = True
+                lines.append(f"  - {_describe(err)} (with --set {', --set '.join(inside)})")
+            else:
+                from_file = True
+                lines.append(f"  - {_describe(err)}")
+        header = f"{source}: invalid config" if from_file or not overrides else "invalid --set override"
+        raise ConfigError(header + "\n" + "\n".join(lines)) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -307,6 +348,79 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Only the mapping's own keys count: a key it also takes from a `<<` merge is an
+        # intended override, so the check runs before flatten_mapping mixes them.
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(str(key), line, seen[key])
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_strict(text: str) -> Any:
+    """yaml.safe_load, but a duplicate mapping key raises DuplicateKeyError with its line."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:]')
+
+
+def _json_duplicate_line(text: str, key: str) -> tuple[int, int]:
+    """(line of the second `key` in one JSON object, line of the first); (0, 0) if not found.
+
+    Runs only on text json.loads accepted, so a token scan (strings, brackets, colons) suffices."""
+    stack: list[dict[str, int] | None] = []
+    previous: re.Match[str] | None = None
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token == "{":
+            stack.append({})
+        elif token == "[":
+            stack.append(None)
+        elif token in "]}":
+            if stack:
+                stack.pop()
+        elif token == ":" and previous is not None and previous.group().startswith('"') and stack and stack[-1] is not None:
+            name = json.loads(previous.group())
+            line = text.count("\n", 0, previous.start()) + 1
+            keys = stack[-1]
+            if name == key and name in keys:
+                return line, keys[name]
+            keys.setdefault(name, line)
+        previous = match
+    return 0, 0
+
+
+def load_json_strict(text: str) -> Any:
+    """json.loads, but a key repeated in one object raises DuplicateKeyError with its line."""
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise DuplicateKeyError(key, 0)
+            result[key] = value
+        return result
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs_hook)
+    except DuplicateKeyError as exc:
+        line, first = _json_duplicate_line(text, exc.key)
+        raise DuplicateKeyError(exc.key, line, first) from None
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON config file into a mapping, with the line of a syntax error."""
     try:
@@ -317,9 +431,12 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix == ".json":
-            data = json.loads(text)
+            data = load_json_strict(text)
         else:
-            data = yaml.safe_load(text)
+            data = load_yaml_strict(text)
+    except DuplicateKeyError as exc:
+        where = f"{path}:{exc.line}" if exc.line else str(path)
+        raise ConfigError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except yaml.YAMLError as exc:
@@ -355,7 +472,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> tuple[R
     raw = apply_overrides(raw, overrides or [])
     if source is None:
         _resolve_paths(raw, Path.cwd())
-    config = validate(raw, str(source) if source else "--set")
+    config = validate(raw, str(source) if source else "--set", overrides)
     return config, config.run_name(source)
 
 

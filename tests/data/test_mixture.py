@@ -155,3 +155,12 @@ def test_invalid_json_file(setup: Path) -> None:
     path.write_text("[\n{,}\n]")
     with pytest.raises(DataError, match=r"mixture\.json:2: not valid JSON"):
         load_mixture(path)
+
+
+def test_duplicate_key_in_a_mixture_entry_names_file_line_and_key(setup: Path) -> None:
+    path = setup / "mixture.json"
+    path.write_text('[\n  {"dataset_name": "a", "task_name": "a", "path": "indexed",\n'
+                    '   "abs_weight": 0.5,\n   "path": "raw/b.jsonl"}\n]\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_mixture(path)
+    assert f"{path}:4:" in str(info.value) and "'path'" in str(info.value) and "twice" in str(info.value)

@@ -105,3 +105,74 @@ def test_backend_options_that_do_not_go_together_are_rejected() -> None:
         cfg.load(None, ["model.offload=true"])
     bmtrain, _ = cfg.load(None, ["model.backend=bmtrain", "model.offload=false"])
     assert (bmtrain.model.backend, bmtrain.model.offload) == ("bmtrain", False)
+
+
+# ---------------------------------------------------------------- issue 18: strict parsing, --set blame
+
+
+def test_yaml_section_written_twice_is_an_error_naming_file_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lr: 0.1\nmodel:\n  config: tiny\ntrain:\n  seed: 7\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    message = str(info.value)
+    assert f"{path}:5:" in message and "'train'" in message and "first at line 1" in message
+
+
+def test_yaml_nested_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lr: 0.1\n  seed: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:4: key 'lr' appears twice"):
+        cfg.load(path)
+
+
+def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
+    text = "x-base: &base\n  lr: 0.1\n  seed: 3\n"
+    raw = cfg.load_yaml_strict(text + "train:\n  <<: *base\n  lr: 0.2\n")
+    assert raw["train"] == {"lr": 0.2, "seed": 3}
+
+
+def test_json_duplicate_key_names_file_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.json", '{\n  "train": {"lr": 0.1},\n  "model": {"config": "tiny"},\n  "train": {"seed": 7}\n}\n')
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    assert f"{path}:4:" in str(info.value) and "'train'" in str(info.value) and "first at line 2" in str(info.value)
+
+
+def test_same_key_in_different_json_objects_is_fine() -> None:
+    assert cfg.load_json_strict('[{"a": 1}, {"a": 2}]') == [{"a": 1}, {"a": 2}]
+
+
+def test_set_error_names_the_option_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, ["cluster.nodes=zero"])
+    message = str(info.value)
+    assert "--set cluster.nodes=zero" in message and "'cluster.nodes'" in message
+    assert str(path) not in message  # the file is fine; the option is at fault
+
+
+def test_file_error_still_names_the_file_when_set_is_given(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, ["train.seed=3"])
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid config") and "train.lrr" in message
+    assert "--set train.seed" not in message
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan", "inf", "1e400"])
+def test_non_finite_float_override_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg.load(None, [f"train.lr={value}"])
+    assert f"--set train.lr={value}" in str(info.value) and "finite" in str(info.value)
+
+
+def test_non_finite_float_in_the_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "train:\n  clip_grad: .nan\n")
+    with pytest.raises(ConfigError, match=r"'train.clip_grad'.*finite"):
+        cfg.load(path)
+
+
+def test_unknown_key_without_suggestion_points_at_something_that_exists() -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg.load(None, ["qqqwwwzzzxxkk=1"])
+    assert "config --help" not in str(info.value) and "fm9g/rundir/config.py" in str(info.value)
