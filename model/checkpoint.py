@@ -238,10 +238,6 @@ class Checkpointer:
         file = path / "trainer_state.pt"
         return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
 
-    def load_log(self, path: Path) -> dict[str, Any]:
-        """The .log_ckpt JSON (iteration and token counts)."""
-        return json.loads(self._one(path, f"{SAVE_NAME}-*.log_ckpt").read_text())
-
     @staticmethod
     def saved_world_size(path: Path) -> int | None:
         try:
