@@ -273,6 +273,21 @@ class StateStore:
         return [EventRow(id=r["id"], time=r["time"], kind=r["kind"], stage=r["stage"], job=r["job"],
                          message=r["message"], data=json.loads(r["data"])) for r in rows]
 
+    # ------------------------------------------------------------------ for viewers
+    def jobs_updated_since(self, since: float | None) -> list[JobRow]:
+        """Job rows written at or after `since` (every row when None), so a viewer that
+        refreshes every second reads what changed, not the whole history."""
+        if since is None:
+            return self.jobs()
+        rows = self.db.execute("SELECT * FROM jobs WHERE updated_at >= ? OR updated_at IS NULL ORDER BY id",
+                               (since,)).fetchall()
+        return [_job_row(r) for r in rows]
+
+    def max_event_id(self) -> int:
+        """The newest event's id (0 when there is none): where a viewer's next
+        `events(since_id=...)` starts."""
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
 
 def _job_row(record: sqlite3.Row) -> JobRow:
     values = dict(record)
