@@ -8,7 +8,7 @@ in the same run, alternating, and printed as a ratio.
     python benchmarks/serve_ready.py --model runs/NAME/hf/STEP
 
 The engine is the one `serve` would pick here (vLLM on a GPU node with vllm, else the
-transformers app of fm9g.orchestrator.inference.hf_server).  Both sides poll /health
+transformers app of fm9g.launchers.serve).  Both sides poll /health
 every --poll seconds.
 """
 
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fm9g.orchestrator.inference.engines import choose_engine, tokenizer_mode
+from fm9g.launchers.infer import choose_engine, tokenizer_mode
 from fm9g.orchestrator.inference.jobs import open_context
 from fm9g.orchestrator.inference.serve_stage import ensure_api_key, healthy, serve_stage, stop_serve
 from fm9g.orchestrator.inference.stages import resolve_target
@@ -58,8 +58,11 @@ def bare_start(model: Path, key_file: Path, engine: str, poll: float) -> float:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
                 "--port", str(port), "--dtype", "auto", "--tokenizer-mode", tokenizer_mode(model)]
     else:
-        argv = [sys.executable, "-m", "fm9g.orchestrator.inference.hf_server", "--model", str(model),
-                "--api-key-file", str(key_file), "--host", host, "--port", str(port), "--log-level", "warning"]
+        # The serve job's own body run directly: no render, no submit, no job start.
+        env["FM9G_HOST"] = host
+        argv = [sys.executable, "-m", "fm9g.launchers.serve", "--model", str(model), "--api-key-file", str(key_file),
+                "--endpoint", str(key_file.parent / "bare-endpoint.json"), "--engine", "transformers",
+                "--port", str(port)]
     started = time.monotonic()
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

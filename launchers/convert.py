@@ -1,6 +1,6 @@
 """The body of a convert job (node side), what templates/convert.sbatch.j2 runs:
 
-    python -m fm9g.orchestrator.inference.convert_job --run-dir RUN --step N --output DIR
+    python -m fm9g.launchers.convert --run-dir RUN --step N --output DIR
 
 `fm9g.model.convert.convert` exports the checkpoint; this adds the FM9G chat template
 (chat_template.jinja) so that chat completions work under transformers and vLLM, and
@@ -15,8 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from fm9g.launchers.prompts import CHAT_TEMPLATE
 from fm9g.rundir.atomic import replace_dir, write_text
-from fm9g.orchestrator.inference.prompts import CHAT_TEMPLATE
 
 
 def export(run_dir: Path, step: int, output: Path) -> Path:
@@ -39,7 +39,7 @@ def export(run_dir: Path, step: int, output: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.orchestrator.inference.convert_job",
+    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.convert",
                                      description="Export a run's checkpoint to a Hugging Face folder.")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--step", type=int, required=True)

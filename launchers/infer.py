@@ -1,18 +1,37 @@
-"""Generation engines, node side: vLLM's `LLM.generate` when vllm is importable and a
-CUDA GPU is present, else transformers' `generate` on whatever device torch has.
+"""The body of an infer job (node side), what templates/infer.sbatch.j2 runs:
 
-vllm is imported only inside `generate_vllm`: a CPU install never needs it.
+    python -m fm9g.launchers.infer --model HF_DIR --prompts IN.jsonl --output OUT.jsonl
+        [--chat] [--engine auto|vllm|transformers] [--temperature T --top-p P --max-tokens N --n N --seed S]
+
+It writes OUT.jsonl in one atomic step: one line per prompt, in the prompt file's order.
+
+The engines: vLLM's `LLM.generate` when vllm is importable and a CUDA GPU is present,
+else transformers' `generate` on whatever device torch has.  torch, transformers and
+vllm are imported only inside the functions that use them, so the login side can import
+`check_model_dir` and a CPU install never needs vllm.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.prompts import Sampling
+from fm9g.launchers.prompts import (
+    InferenceError,
+    Sampling,
+    add_sampling_options,
+    completion_record,
+    dump_jsonl,
+    format_prompt,
+    read_prompts,
+    sampling_from,
+)
+from fm9g.rundir.atomic import write_text
 
 Engine = Literal["vllm", "transformers"]
 EngineChoice = Literal["auto", "vllm", "transformers"]
@@ -141,3 +160,46 @@ def generate(engine: Engine, model_dir: Path, texts: list[str], sampling: Sampli
              progress: Callable[[int, int], None] = lambda done, total: None) -> list[list[dict[str, Any]]]:
     runner = generate_vllm if engine == "vllm" else generate_transformers
     return runner(model_dir, texts, sampling, progress)
+
+
+def run(model: Path, prompts_path: Path, output: Path, sampling: Sampling, *, chat: bool, engine_choice: str) -> int:
+    """Generate completions for every prompt and write them; returns the number written."""
+    prompts = read_prompts(prompts_path)
+    texts = [format_prompt(p.text, chat) for p in prompts]
+    engine = choose_engine(engine_choice)  # type: ignore[arg-type]
+    print(f"infer: {len(prompts)} prompts from {prompts_path}, model {model}, engine {engine}, "
+          f"sampling {sampling.to_dict()}, chat format {'on' if chat else 'off'}", flush=True)
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 10 == 0:
+            print(f"infer: {done}/{total} prompts ({time.monotonic() - started:.1f}s)", flush=True)
+
+    results = generate(engine, model, texts, sampling, progress)
+    records = [completion_record(p, text, outputs, sampling=sampling, model=str(model), engine=engine)
+               for p, text, outputs in zip(prompts, texts, results)]
+    write_text(output, dump_jsonl(records))
+    print(f"infer: wrote {len(records)} lines to {output}", flush=True)
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.infer",
+                                     description="Offline batch generation over a jsonl prompt file.")
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face model folder")
+    parser.add_argument("--prompts", type=Path, required=True, help="jsonl, one {\"prompt\": ...} per line")
+    parser.add_argument("--output", type=Path, required=True, help="jsonl of completions, same order")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat format <用户>…<AI>")
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto")
+    add_sampling_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args.model, args.prompts, args.output, sampling_from(args), chat=args.chat, engine_choice=args.engine)
+    except InferenceError as exc:
+        print(f"infer: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

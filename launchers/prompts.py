@@ -1,4 +1,6 @@
-"""Prompt files in, completion records out: the pure part of `infer` (no torch).
+"""Prompt files in, completion records out, and the sampling options: the pure part of
+`infer` (no torch), which the login side imports too (the CLI builds its parser from
+`add_sampling_options`; the stages check a prompt file before they submit).
 
 A prompt file is JSON lines, one object per line with a `prompt` string, or an `input`
 string as in the training data.  Blank lines are skipped; everything else that is not
@@ -9,14 +11,20 @@ generation prompt of FM9G's chat format, unless it already holds the markers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.sampling_options import DEFAULTS
+
+class InferenceError(RuntimeError):
+    """A convert, infer or serve stage cannot go on; the message names the file (and
+    line) or the job at fault and says what to do next."""
+
+
+DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 128, "n": 1, "seed": 0}
 
 USER, ASSISTANT = "<用户>", "<AI>"
 
@@ -64,6 +72,23 @@ class Sampling:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """--temperature --top-p --max-tokens --n --seed."""
+    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
+                        help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})")
+    parser.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help=f"nucleus sampling mass (default {DEFAULTS['top_p']})")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+                        help=f"new tokens per completion (default {DEFAULTS['max_tokens']})")
+    parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="completions per prompt (default 1)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                        help="sampling seed; prompt i is seeded with seed+i (default 0)")
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    """The Sampling of parsed `add_sampling_options` arguments."""
+    return Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n, seed=args.seed)
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:

@@ -153,7 +153,7 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from fm9g.orchestrator.inference.sampling_options import add_sampling_options
+    from fm9g.launchers.prompts import add_sampling_options
 
     convert = sub.add_parser("convert", help="export a run's checkpoint to a Hugging Face folder (stage convert)",
                              description="Export checkpoint STEP (default: the latest) of a run to a Hugging Face "

@@ -12,7 +12,7 @@ from fm9g.rundir.config import ConfigError
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.inference.errors import InferenceError
+    from fm9g.launchers.prompts import InferenceError
     from fm9g.orchestrator.launch import LaunchError
 
     handlers = {"pretrain": run_launch, "sft": run_launch, "resume": run_resume, "index": run_index,
@@ -196,8 +196,7 @@ def _target_context(args: argparse.Namespace) -> tuple["Target", "StageContext"]
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.inference.infer_job import sampling_from
-    from fm9g.orchestrator.inference.prompts import read_prompts
+    from fm9g.launchers.prompts import read_prompts, sampling_from
     from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 
     sampling = sampling_from(args)

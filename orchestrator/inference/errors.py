@@ -1,8 +1,8 @@
-"""The exception of the inference layer."""
+"""The exception of the inference layer, defined node side (fm9g.launchers.prompts) so
+that the login side catches what the node-side code raises."""
 
 from __future__ import annotations
 
+from fm9g.launchers.prompts import InferenceError
 
-class InferenceError(RuntimeError):
-    """A convert, infer or serve stage cannot go on; the message names the file (and
-    line) or the job at fault and says what to do next."""
+__all__ = ["InferenceError"]

@@ -115,7 +115,7 @@ class Visibility:
         now = time.monotonic()
         self.since = self.since if self.since is not None else now
         if now - self.since > self.ctx.unknown_grace:
-            from fm9g.orchestrator.inference.errors import InferenceError
+            from fm9g.launchers.prompts import InferenceError
 
             raise InferenceError(f"job {self.row.job_id} has not been visible to the {self.ctx.executor.name} "
                                  f"executor for {self.ctx.unknown_grace:g}s; it may still exist: look for it "

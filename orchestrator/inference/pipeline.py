@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from fm9g.rundir.config import RunConfig
+from fm9g.launchers.prompts import InferenceError, Sampling
 from fm9g.orchestrator.executors.base import Executor
-from fm9g.orchestrator.inference.errors import InferenceError
 from fm9g.orchestrator.inference.jobs import Say, StageContext
-from fm9g.orchestrator.inference.prompts import Sampling
 from fm9g.orchestrator.inference.serve_stage import serve_stage
 from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 from fm9g.rundir import RunDir

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.rundir.atomic import read_json, write_text
-from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
-from fm9g.orchestrator.inference.errors import InferenceError
+from fm9g.launchers.infer import EngineChoice, check_model_dir
+from fm9g.launchers.prompts import InferenceError
 from fm9g.orchestrator.inference.jobs import (
     StageContext,
     Visibility,

@@ -15,10 +15,9 @@ from pathlib import Path
 from fm9g.rundir import config as config_mod
 from fm9g.rundir.atomic import write_text
 from fm9g.rundir.config import RunConfig
-from fm9g.orchestrator.inference.engines import EngineChoice, check_model_dir
-from fm9g.orchestrator.inference.errors import InferenceError
+from fm9g.launchers.infer import EngineChoice, check_model_dir
+from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts
 from fm9g.orchestrator.inference.jobs import StageContext, log_tail, submit, wait
-from fm9g.orchestrator.inference.prompts import Sampling, read_prompts
 from fm9g.rundir import RunDir
 
 # ------------------------------------------------------------------ RUN_OR_MODEL

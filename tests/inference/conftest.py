@@ -96,7 +96,7 @@ def trained_run(trained_template: TrainedRun, tmp_path: Path) -> TrainedRun:
 @pytest.fixture(scope="session")
 def hf_model(trained_template: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained checkpoint converted in-process (no job), chat template included."""
-    from fm9g.orchestrator.inference.convert_job import export
+    from fm9g.launchers.convert import export
 
     with one_thread():
         return export(trained_template.run.root, trained_template.step, tmp_path_factory.mktemp("hf") / "tiny-sft-hf")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fm9g.orchestrator.inference import infer_job
-from fm9g.orchestrator.inference.engines import (
+from fm9g.launchers import infer
+from fm9g.launchers.infer import (
     choose_engine,
     generate_transformers,
     tokenizer_mode,
     vllm_usable,
 )
-from fm9g.orchestrator.inference.prompts import Sampling
+from fm9g.launchers.prompts import Sampling
 
 from .conftest import ANSWER
 
@@ -40,7 +40,7 @@ def test_infer_job_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path) 
     output = tmp_path / "deep" / "out.jsonl"
     argv = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(output), "--chat",
             "--engine", "transformers", "--temperature", "0", "--max-tokens", "24"]
-    assert infer_job.main(argv) == 0
+    assert infer.main(argv) == 0
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 4]
     assert [r["text"] for r in records] == [ANSWER, "北京。", "jumps over the lazy dog."]
@@ -52,7 +52,7 @@ def test_infer_job_reports_bad_input(hf_model: Path, tmp_path: Path, capsys) -> 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\nnot json\n')
     argv = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]
-    assert infer_job.main(argv) == 2
+    assert infer.main(argv) == 2
     assert f"{prompts}:2:" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from fm9g.orchestrator.inference.hf_server import ApiKeyGate
+from fm9g.launchers.serve import ApiKeyGate
 
 
 async def _inner(scope: dict, receive: Any, send: Any) -> None:
@@ -44,3 +44,13 @@ def test_model_swapping_routes_are_closed() -> None:
 def test_empty_key_refused() -> None:
     with pytest.raises(ValueError):
         ApiKeyGate(_inner, "")
+
+
+def test_scheme_is_case_insensitive() -> None:
+    """RFC 7235 §2.1: an auth scheme matches case-insensitively; the key itself does not."""
+    for scheme in (b"bearer", b"BEARER", b"bEaReR"):
+        assert call("/v1/models", [(b"authorization", scheme + b" s3cret")]) == 200
+    assert call("/v1/models", [(b"authorization", b"bearer  s3cret")]) == 200
+    assert call("/v1/models", [(b"authorization", b"bearer S3CRET")]) == 401
+    assert call("/v1/models", [(b"authorization", b"basic s3cret")]) == 401
+    assert call("/v1/models", [(b"authorization", b"bearers3cret")]) == 401

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fm9g.orchestrator.inference.errors import InferenceError
-from fm9g.orchestrator.inference.prompts import (
+from fm9g.launchers.prompts import (
+    InferenceError,
     Sampling,
     completion_record,
     format_prompt,
@@ -72,6 +72,6 @@ def test_record_carries_sampling() -> None:
 
 
 def read_prompt():
-    from fm9g.orchestrator.inference.prompts import Prompt
+    from fm9g.launchers.prompts import Prompt
 
     return Prompt(1, "q")

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fm9g.rundir.config import ClusterConfig
+from fm9g.launchers.prompts import Sampling
 from fm9g.orchestrator.inference.jobs import render_stage
-from fm9g.orchestrator.inference.prompts import Sampling
+from fm9g.rundir.config import ClusterConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
