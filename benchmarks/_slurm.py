@@ -1,4 +1,7 @@
-"""Helpers the Slurm benchmarks share: a tiny-run launcher and wall-clock waits."""
+"""Helpers the Slurm benchmarks share: a tiny-run launcher and wall-clock waits.
+
+The run is launched with the tests' helper (tests/helpers/runs.py), so a benchmark and a
+test start the same run; importing this module puts the repository root on sys.path."""
 
 from __future__ import annotations
 
@@ -8,14 +11,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "examples" / "tiny" / "pretrain.yaml"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.helpers.runs import start_tiny  # noqa: E402 - needs REPO on sys.path
 
 
 def start_tiny_run(root: Path, name: str, nodes: int, iters: int, *extra: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "fm9g.orchestrator.cli", "pretrain", "--config", str(TINY), "--executor", "slurm",
-            "--nodes", str(nodes), "--name", name, "--no-progress", "--set", f"run_root={root}",
-            "--set", f"train.train_iters={iters}", "--set", "train.warmup_iters=0.1", "--set", "train.log_iters=1", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The tiny pretraining on the test cluster, with the config's own supervisor tick
+    (what a benchmark measures); output in a pipe."""
+    return start_tiny(root, name, "--nodes", str(nodes), "--set", f"train.train_iters={iters}",
+                      "--set", "train.warmup_iters=0.1", *extra, executor="slurm", poll_interval=None)
 
 
 def first_step_time(run: Path) -> float | None:

@@ -14,12 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import sys
+from _slurm import first_step_time, start_tiny_run
 
-from _slurm import REPO, first_step_time, start_tiny_run
-
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from faults import wait_for as wait  # noqa: E402
+from tests.helpers.runs import wait_for as wait  # _slurm put the repository root on sys.path
 
 
 def bare_sbatch(tmp: Path, nodes: int) -> float:

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-import faults  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import faults, runs  # noqa: E402
 
 SCENARIOS = {
     "worker": faults.scancel_worker,
@@ -49,14 +49,14 @@ def measure(root: Path, scenario: str, index: int, reuse: Path | None) -> tuple[
     nodes = 3 if scenario == "crash" else 4
     proc = faults.start_run(root, name, "--nodes", str(nodes), "--set", "train.train_iters=60", reuse=reuse)
     run = root / name
-    faults.wait_for(lambda: faults.checkpoint_step(run) >= 8 and len(faults.live_jobs(run)) == nodes, 600, "step 8")
+    runs.wait_for(lambda: runs.checkpoint_step(run) >= 8 and len(runs.live_jobs(run)) == nodes, 600, "step 8")
     # Inject right after a step was logged, so the fault lands mid-step on every repeat.
-    logged = faults.last_step(run)
-    faults.wait_for(lambda: faults.last_step(run) > logged, 60, "a fresh step", interval=0.01)
+    logged = runs.last_step(run)
+    runs.wait_for(lambda: runs.last_step(run) > logged, 60, "a fresh step", interval=0.01)
     fault_at = time.time()
     try:
         SCENARIOS[scenario](run)
-        recovered = faults.wait_for(lambda: first_step_after(run, fault_at + 0.05), 900, "the first step after the fault")
+        recovered = runs.wait_for(lambda: first_step_after(run, fault_at + 0.05), 900, "the first step after the fault")
     finally:
         if scenario == "crash":
             faults.repair_nodes()

@@ -1,12 +1,22 @@
-"""Shared fixtures and options for the whole suite."""
+"""Shared fixtures, options and markers for the whole suite.
+
+Markers (declared in pyproject.toml):
+- `cluster`: needs the test Slurm cluster.  Skipped here, with the reason, when it is not
+  up, unless FM9G_REQUIRE_CLUSTER=1 (`make test` sets it), which makes that an error.
+- `slow`: runs a real training run (a CLI subprocess, torchrun, a trained fixture) or
+  otherwise takes more than ~20 s; `make unit` deselects it with `cluster`.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.cluster import NOT_UP, cluster_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,6 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regen-golden", action="store_true",
                      help="rewrite tests/golden/* from the current renderer instead of comparing")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: `make unit` never probes
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_cluster = [item for item in items if item.get_closest_marker("cluster") is not None]
+    if not needs_cluster or cluster_up():
+        return
+    if os.environ.get("FM9G_REQUIRE_CLUSTER") == "1":
+        raise pytest.UsageError(f"FM9G_REQUIRE_CLUSTER=1 but {NOT_UP}")
+    skip = pytest.mark.skip(reason=NOT_UP)
+    for item in needs_cluster:
+        item.add_marker(skip)
 
 
 @pytest.fixture

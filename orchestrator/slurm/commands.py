@@ -22,18 +22,18 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from fm9g.orchestrator.slurm import parse
-from fm9g.orchestrator.slurm.parse import Partition, SacctRow, ScontrolJob, SqueueRow
+from fm9g.orchestrator.slurm.parse import Partition, SacctRow, SqueueRow
 
 _Row = TypeVar("_Row")
 
 # What Slurm prints for an id it does not know (any more).  Slurm 22.05's squeue
 # errors out with it when given exactly one id (with several ids it just omits the
-# unknown ones); scontrol show job always does.  Neither means the poll failed.
+# unknown ones).  That does not mean the poll failed.
 _INVALID_JOB_ID = "Invalid job id specified"
 
 # sbatch's stderr -> the advice a user needs.  First match wins.
@@ -179,16 +179,6 @@ def sinfo_argv() -> list[str]:
     return ["sinfo", "--noheader", f"--format={parse.SINFO_FORMAT}"]
 
 
-def show_job_argv(job_id: int) -> list[str]:
-    """`scontrol show job -o ID`: one line per job."""
-    return ["scontrol", "show", "job", "--oneliner", str(job_id)]
-
-
-def requeue_argv(job_id: int) -> list[str]:
-    """`scontrol requeue ID`."""
-    return ["scontrol", "requeue", str(job_id)]
-
-
 def sdiag_argv() -> list[str]:
     """`sdiag`: controller statistics, including RPCs per user."""
     return ["sdiag"]
@@ -323,51 +313,10 @@ class SlurmClient:
             "check `scontrol ping` and cancel again",
         )
 
-    def requeue(self, job_id: int) -> None:
-        """Put a job back in the queue under the same id (Restarts+1).
-
-        Slurm 22.05 also requeues a job that has already ended, while slurmctld still
-        remembers it (MinJobAge), and runs it again: requeue only jobs seen RUNNING.
-        """
-        argv = requeue_argv(job_id)
-        result = self._run_checked_timeout(argv, self.timeout_s)
-        if result.returncode != 0:
-            # Slurm refuses to requeue a PENDING job ("Job is pending execution").
-            hint = (
-                "the job has not started yet, so there is nothing to requeue"
-                if "pending execution" in result.stderr
-                else "check the job with `scontrol show job`"
-            )
-            raise SlurmError(
-                _failure("scontrol requeue", result, hint),
-                argv=argv,
-                returncode=result.returncode,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-
     def partitions(self) -> dict[str, Partition]:
         """Every partition this user can see, keyed by name."""
         result = self._check(sinfo_argv(), "check `scontrol ping`")
         return parse.parse_sinfo_partitions(result.stdout)
-
-    def show_job(self, job_id: int) -> ScontrolJob | None:
-        """`scontrol show job` for one job; None once slurmctld has forgotten it."""
-        argv = show_job_argv(job_id)
-        result = self._run_checked_timeout(argv, self.timeout_s)
-        if result.returncode != 0:
-            if _INVALID_JOB_ID in result.stderr:
-                return None
-            raise SlurmError(
-                _failure("scontrol show job", result, "check `scontrol ping`"),
-                argv=argv,
-                returncode=result.returncode,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
-        jobs = parse.parse_scontrol_job(result.stdout)
-        # An array job id prints every task; prefer the record that is this id.
-        return next((job for job in jobs if job.job_id == job_id), jobs[0] if jobs else None)
 
     def sdiag_user_rpcs(self) -> dict[str, int]:
         """RPCs per user since the controller's statistics were last reset."""

@@ -14,7 +14,7 @@ comment would still split a record; fm9g never submits one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from fm9g.orchestrator.slurm.states import JobState
@@ -145,26 +145,6 @@ class Partition:
     def node_names(self) -> frozenset[str]:
         """Every node name in the partition (hostlists expanded)."""
         return frozenset(name for group in self.groups for name in expand_hostlist(group.node_list))
-
-    def nodes_with_gpus(self, gpus_per_node: int) -> int:
-        """Nodes with at least `gpus_per_node` GPUs of any type."""
-        return sum(group.count for group in self.groups if group.gpus >= gpus_per_node)
-
-
-@dataclass(frozen=True)
-class ScontrolJob:
-    """The fields of `scontrol show job -o` that the supervisor reads, plus all of them raw."""
-
-    job_id: int
-    state: JobState
-    raw_state: str
-    reason: str
-    batch_host: str
-    node_list: str
-    restarts: int
-    exit_code: int
-    signal: int
-    fields: dict[str, str] = field(repr=False)
 
 
 # ------------------------------------------------------------------------ sbatch
@@ -402,52 +382,6 @@ def parse_sdiag_user_rpcs(text: str) -> dict[str, int]:
     if not inside:
         raise ParseError("sdiag printed no 'Remote Procedure Call statistics by user' block")
     return counts
-
-
-# ------------------------------------------------------------------------ scontrol
-
-# A key starts a field when it follows a space: "Key=" with the key characters
-# Slurm uses ("AllocNode:Sid", "CPUs/Task", "NtasksPerN:B:S:C").  Slurm's keys
-# start with a capital letter; requiring one keeps "Comment=run=demo stage=x"
-# whole.  A value holding " Capital=" still splits: read names and comments
-# from squeue, whose fields are separated unambiguously.
-_SCONTROL_KEY = re.compile(r"(?:^|\s)([A-Z][A-Za-z0-9_:/]*)=")
-
-
-def parse_scontrol_job(text: str) -> list[ScontrolJob]:
-    """Jobs from `scontrol show job -o` (one line per job; an array prints one per task)."""
-    jobs = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = _scontrol_fields(line)
-        if "JobId" not in fields or "JobState" not in fields:
-            raise ParseError(f"scontrol show job: no JobId/JobState in {line[:120]!r}")
-        exit_code, signal = parse_exit_code(fields.get("ExitCode", "0:0"))
-        jobs.append(
-            ScontrolJob(
-                job_id=_int(fields["JobId"], "scontrol JobId"),
-                state=JobState.from_slurm(fields["JobState"]),
-                raw_state=fields["JobState"],
-                reason=fields.get("Reason", ""),
-                batch_host=fields.get("BatchHost", ""),
-                node_list="" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
-                restarts=_int(fields.get("Restarts", "0"), "scontrol Restarts"),
-                exit_code=exit_code,
-                signal=signal,
-                fields=fields,
-            )
-        )
-    return jobs
-
-
-def _scontrol_fields(line: str) -> dict[str, str]:
-    matches = list(_SCONTROL_KEY.finditer(line))
-    fields = {}
-    for here, after in zip(matches, matches[1:] + [None]):
-        end = after.start() if after is not None else len(line)
-        fields[here.group(1)] = line[here.end() : end].strip()
-    return fields
 
 
 # ------------------------------------------------------------------------ values

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # record.sh - run a fixed mix of jobs on the test cluster and save the raw output
 # of the exact command lines fm9g.orchestrator.slurm.commands runs (the argv
-# builders there are called, not copied) into tests/slurm/recorded/*.txt.
+# builders there are called, not copied; `scontrol show job`, which only the tests
+# run, from tests/helpers/scontrol.py) into tests/slurm/recorded/*.txt.
 # tests/slurm/test_parse.py reads those files.  Takes about two minutes, most of
 # it waiting for the --time=1 job to reach TIMEOUT.
 #
@@ -28,10 +29,12 @@ timeout 10 scontrol ping >/dev/null || { echo "record.sh: cluster not up (tests/
 # capture FILE BUILDER ARGS...: run commands.<BUILDER>_argv(ARGS) and save its
 # stdout as FILE; the argv and exit status go to COMMANDS.txt.
 capture() {
-  "$PY" - "$OUT" "$@" <<'PYTHON'
+  "$PY" - "$REPO" "$OUT" "$@" <<'PYTHON'
 import subprocess, sys
 from datetime import datetime
 from fm9g.orchestrator.slurm import commands
+sys.path.insert(0, sys.argv.pop(1))  # the repository root: tests.helpers
+from tests.helpers import scontrol
 
 out, file, builder, *args = sys.argv[1:]
 ids = lambda text: [int(i) for i in text.split(",")]
@@ -40,7 +43,7 @@ argv = {
     "squeue": lambda text: commands.squeue_argv(ids(text)),
     "sacct": lambda text, since: commands.sacct_argv(ids(text), datetime.fromisoformat(since)),
     "sinfo": commands.sinfo_argv,
-    "show_job": lambda job_id: commands.show_job_argv(int(job_id)),
+    "show_job": lambda job_id: scontrol.show_job_argv(int(job_id)),
     "sdiag": commands.sdiag_argv,
 }[builder](*args)
 result = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -6,32 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "examples" / "tiny" / "pretrain.yaml"
+from tests.helpers import runs
 
 pytestmark = pytest.mark.cluster
 
 
-def _cluster_up() -> bool:
-    try:
-        return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).stdout.count("UP") > 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    if not _cluster_up():
-        pytest.skip("the test Slurm cluster is not up (make cluster-up, as root)")
-
-
 @pytest.fixture
-def shared_tmp() -> Path:
+def shared_tmp() -> Iterator[Path]:
     # The node namespaces share this machine's filesystem, so any path is "shared storage";
     # keep runs out of pytest's per-test tmp, which may be cleaned while jobs still write.
     import tempfile
@@ -42,10 +28,7 @@ def shared_tmp() -> Path:
 
 
 def launch(root: Path, name: str, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "fm9g.orchestrator.cli", "pretrain", "--config", str(TINY), "--executor", "slurm",
-            "--name", name, "--no-progress", "--set", f"run_root={root}", "--set", "supervise.poll_interval=0.5",
-            "--set", "train.log_iters=1", *extra]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return runs.run_tiny(root, name, *extra, executor="slurm", timeout=timeout)
 
 
 def squeue_ids() -> list[str]:
@@ -108,10 +91,8 @@ def test_master_lands_on_another_node(shared_tmp: Path) -> None:
     blocker = subprocess.run(["sbatch", "--parsable", "-N1", "-w", "node1", "-o", "/dev/null", "--wrap=sleep 600"],
                              capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     try:
-        deadline = time.monotonic() + 60
-        while "R" not in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%t"], capture_output=True, text=True).stdout:
-            assert time.monotonic() < deadline, "the blocker never started on node1"
-            time.sleep(0.2)
+        runs.wait_for(lambda: "R" in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%t"], capture_output=True,
+                                                     text=True).stdout, 60, "the blocker to start on node1")
         result = launch(shared_tmp, "moved", "--nodes", "2", "--set", "train.train_iters=6", "--set", "train.save_iters=3", "--set", "train.warmup_iters=2")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         endpoint = json.loads((shared_tmp / "moved" / "rendezvous" / "endpoint.json").read_text())

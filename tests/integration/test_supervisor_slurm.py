@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fm9g.rundir import config as cfg
-from fm9g.rundir.atomic import write_text
 from fm9g.orchestrator.executors.slurm import SlurmExecutor
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.supervisor import TrainSupervisor
+from fm9g.rundir import RunDir
+from fm9g.rundir import config as cfg
+from fm9g.rundir.atomic import write_text
 
 pytestmark = pytest.mark.cluster
 
 
-def _cluster_up() -> bool:
-    try:
-        return "UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def supervisor(tmp_path: Path, nodes: int) -> TrainSupervisor:
-    if not _cluster_up():
-        pytest.skip("the test Slurm cluster is not up (make cluster-up, as root)")
     run = RunDir.of(tmp_path / "run").make()
     config, _ = cfg.load(None, [f"cluster.nodes={nodes}", "executor=slurm"])
     write_text(run.config, cfg.dump(config))

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
 from fm9g.orchestrator.slurm.commands import SlurmClient, SlurmError, SubmitError
 from fm9g.orchestrator.slurm.states import JobState
+from tests.helpers import scontrol
 
 pytestmark = pytest.mark.cluster
 
@@ -142,7 +144,7 @@ def test_squeue_is_one_call_for_many_jobs(
     )
     # A pending job cannot be requeued; the error says so.
     with pytest.raises(SlurmError, match="nothing to requeue"):
-        slurm.requeue(job_ids[0])
+        scontrol.requeue(slurm, job_ids[0])
 
 
 def test_unknown_job_ids_are_absent_not_errors(slurm: SlurmClient) -> None:
@@ -150,7 +152,7 @@ def test_unknown_job_ids_are_absent_not_errors(slurm: SlurmClient) -> None:
     unknown = 2_000_000_000
     assert slurm.squeue([unknown]) == {}
     assert slurm.squeue([unknown, unknown + 1]) == {}
-    assert slurm.show_job(unknown) is None
+    assert scontrol.show_job(slurm, unknown) is None
 
 
 def test_requeue_keeps_the_job_id(
@@ -159,11 +161,11 @@ def test_requeue_keeps_the_job_id(
     job_id = slurm.submit(write_script(tmp_path, "requeue", "sleep 300"), extra_args=["--requeue"])
     cleanup.append(job_id)
     eventually(lambda: slurm.squeue([job_id])[job_id].state is JobState.RUNNING, "RUNNING")
-    first = slurm.show_job(job_id)
+    first = scontrol.show_job(slurm, job_id)
     assert first is not None and first.batch_host.startswith("node") and first.restarts == 0
-    slurm.requeue(job_id)
+    scontrol.requeue(slurm, job_id)
     again = eventually(
-        lambda: (j := slurm.show_job(job_id)) and j.restarts == 1 and j, "Restarts=1"
+        lambda: (j := scontrol.show_job(slurm, job_id)) and j.restarts == 1 and j, "Restarts=1"
     )
     assert again.job_id == job_id and again.state.is_active
     # Wait for the second run: slurmdbd 22.05 writes a requeued job's new record only
@@ -193,7 +195,7 @@ def test_partitions(slurm: SlurmClient) -> None:
     partitions = slurm.partitions()
     assert partitions["debug"].default and partitions["debug"].node_count >= 4
     assert partitions["small"].node_count == 2 and not partitions["small"].default
-    assert all(p.nodes_with_gpus(1) == 0 for p in partitions.values())
+    assert all(scontrol.nodes_with_gpus(p, 1) == 0 for p in partitions.values())
 
 
 def test_sdiag_counts_this_users_rpcs(slurm: SlurmClient) -> None:

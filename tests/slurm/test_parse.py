@@ -10,9 +10,11 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+
 from fm9g.orchestrator.slurm import parse
 from fm9g.orchestrator.slurm.parse import ParseError, SacctRow, SqueueRow
 from fm9g.orchestrator.slurm.states import JobState
+from tests.helpers.scontrol import nodes_with_gpus, parse_scontrol_job
 
 Recorded = Callable[[str], str]
 HOSTILE_NAME = "fm9g|pretrain node 0"
@@ -191,7 +193,7 @@ def test_sinfo_idle(recorded: Recorded) -> None:
     assert small.node_names == {"node1", "node2"}
     assert debug.available == "up"
     assert all(group.gres == "" and group.gpus == 0 for group in debug.groups)
-    assert debug.nodes_with_gpus(1) == 0
+    assert nodes_with_gpus(debug, 1) == 0
 
 
 def test_sinfo_mixed_states_sum_per_partition(recorded: Recorded) -> None:
@@ -252,7 +254,7 @@ def test_sdiag_without_user_block_is_an_error() -> None:
 
 
 def test_scontrol_running(recorded: Recorded) -> None:
-    (job,) = parse.parse_scontrol_job(recorded("scontrol_running.txt"))
+    (job,) = parse_scontrol_job(recorded("scontrol_running.txt"))
     assert job.state is JobState.RUNNING and job.batch_host == "node4" and job.node_list == "node4"
     assert job.restarts == 0 and (job.exit_code, job.signal) == (0, 0)
     # Spaces, "|" and lower-case "key=" in user text stay inside their field.
@@ -262,20 +264,20 @@ def test_scontrol_running(recorded: Recorded) -> None:
 
 
 def test_scontrol_requeued(recorded: Recorded) -> None:
-    (job,) = parse.parse_scontrol_job(recorded("scontrol_requeued.txt"))
+    (job,) = parse_scontrol_job(recorded("scontrol_requeued.txt"))
     assert job.state is JobState.PENDING and job.reason == "BeginTime" and job.restarts == 1
     assert job.batch_host == ""
 
 
 def test_scontrol_completed(recorded: Recorded) -> None:
-    (job,) = parse.parse_scontrol_job(recorded("scontrol_completed.txt"))
+    (job,) = parse_scontrol_job(recorded("scontrol_completed.txt"))
     assert job.state is JobState.COMPLETED and job.fields["JobName"] == "fm9g-ok"
 
 
 def test_scontrol_array(recorded: Recorded) -> None:
-    (pending,) = parse.parse_scontrol_job(recorded("scontrol_array_pending.txt"))
+    (pending,) = parse_scontrol_job(recorded("scontrol_array_pending.txt"))
     assert pending.fields["ArrayTaskId"] == "0-3" and pending.reason == "Resources"
-    tasks = parse.parse_scontrol_job(recorded("scontrol_array.txt"))
+    tasks = parse_scontrol_job(recorded("scontrol_array.txt"))
     assert sorted(task.fields["ArrayTaskId"] for task in tasks) == ["0", "1", "2", "3"]
     assert {task.state for task in tasks} == {JobState.COMPLETED, JobState.FAILED}
 
