@@ -141,6 +141,6 @@ def test_serve_local(served: RunDir, capsys: pytest.CaptureFixture[str]) -> None
     assert cli("serve", run.root, "--stop") == 0
     assert not run.serve_endpoint.exists()
     executor = LocalExecutor()
-    executor.track(str(job.job_id), Path(job.log))
+    executor.adopt(str(job.job_id), Path(job.log))
     assert executor.poll([str(job.job_id)])[str(job.job_id)].state in TERMINAL_STATES
     assert stage_status(run, "serve") == "COMPLETED"
