@@ -34,7 +34,7 @@ def test_sampling_is_seeded_per_prompt(hf_model: Path) -> None:
     assert all(o["finish_reason"] == "length" or o["tokens"] <= 6 for o in first[0])
 
 
-def test_infer_job_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path) -> None:
+def test_infer_main_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "你好"}\n{"input": "中国的首都是哪里"}\n\n{"prompt": "the quick brown fox"}\n')
     output = tmp_path / "deep" / "out.jsonl"
@@ -48,7 +48,7 @@ def test_infer_job_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path) 
     assert records[0]["sampling"] == {"temperature": 0.0, "top_p": 0.95, "max_tokens": 24, "n": 1, "seed": 0}
 
 
-def test_infer_job_reports_bad_input(hf_model: Path, tmp_path: Path, capsys) -> None:
+def test_infer_main_reports_bad_input(hf_model: Path, tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\nnot json\n')
     argv = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]
