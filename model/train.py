@@ -132,7 +132,9 @@ class Trainer:
         data = self.config.data
         if not data.dataset_config:
             raise TrainerConfigError("data.dataset_config is not set: point it at a mixture JSON list")
-        path = Path(data.dataset_config)
+        # The run's resolved mixture (raw datasets replaced by their indexes) when the
+        # launcher wrote one; the config's own mixture when the trainer runs by hand.
+        path = self.run.mixture if self.run.mixture.exists() else Path(data.dataset_config)
         mixture = load_mixture(path, path.parent)
         return PackedLoader(mixture, self.tokenizer, batch_size=self.cfg.batch_size, max_length=data.max_length,
                             rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.cfg.seed, sft=data.sft,

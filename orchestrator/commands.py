@@ -23,9 +23,17 @@ def dispatch(args: argparse.Namespace) -> int:
     except (ConfigError, LaunchError, InferenceError) as exc:
         print(f"fm9g-launch: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # run_index turns SIGTERM into KeyboardInterrupt(SIGTERM) so both run the same clean-up.
+        code = 128 + exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
+        if args.command == "index":
+            print(f"fm9g-launch: index interrupted; its temporary folders were removed and {args.output} was not "
+                  "changed (an index already there is kept as it was); run the same command again to index "
+                  "from the start", file=sys.stderr)
+        else:
+            print("fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them",
+                  file=sys.stderr)
+        return code
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -51,18 +59,28 @@ def _run_dir(path: Path) -> "RunDir":  # noqa: F821
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.launch import supervise_locked
+    from fm9g.orchestrator.launch import resume
 
-    run = _run_dir(args.run)
-    return supervise_locked(run, detach_it=args.detach, progress=args.progress, greeting=f"resuming run {run.name}")
+    return resume(_run_dir(args.run), detach_it=args.detach, progress=args.progress)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def run_index(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from fm9g.data.indexer import build_index
     from fm9g.orchestrator.prepare import progress_bar
 
     if args.output.resolve() == args.path.resolve() or (args.path.is_dir() and args.output.resolve() == args.path.resolve()):
         raise ConfigError(f"--output {args.output} is the input; write the index to a different directory")
+    # SIGTERM (kill, a batch system's stop) takes the same clean-up path as Ctrl-C: the pool's
+    # workers are stopped and the hidden temporary folders removed, instead of an abrupt exit.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
         with progress_bar(f"index {args.path.name}", args.progress) as bar:
             result = build_index(args.path, args.output, language=args.language, tokenizer=args.tokenizer,
@@ -72,19 +90,40 @@ def run_index(args: argparse.Namespace) -> int:
             print(f"fm9g-launch: error: {exc}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {args.output}")
+    if result.stale_removed:
+        print(f"  removed {len(result.stale_removed)} temporary folder(s) of killed earlier runs "
+              f"({result.stale_bytes / 2**20:.1f} MiB)")
     for name, kinds in result.errors.items():
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
         print(f"  skipped in {name}: {counts}")
     for example in result.examples:
         print(f"    e.g. {example}")
+    for name, kinds in result.warnings.items():
+        counts = ", ".join(f"{count} lines with {kind.replace('_', ' ')}" for kind, count in sorted(kinds.items()))
+        print(f"  warning: {name}: {counts}: kept, but strict JSON parsers reject raw control characters "
+              "(NUL, \\r, ...) inside strings; escape them (\\u0000) if other tools read this data")
+    for example in result.warning_examples:
+        print(f"    first at {example}")
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator import status
+    from fm9g.orchestrator import status, views
+    from fm9g.orchestrator.launch import LaunchError
 
-    runs = [_run_dir(args.run)] if args.run else status.find_runs(args.runs_root)
+    if args.run:
+        # Not `_run_dir`: a run whose config.yaml is gone is still a run to report on.
+        run = views.find_run(args.run)
+        if run is None:
+            raise LaunchError(f"{args.run} is not a run directory (no config.yaml or state.db); "
+                              "runs live under ./runs/<name>")
+        runs = [run]
+    else:
+        runs = status.find_runs(args.runs_root)
     if args.json:
         print(status.render_json(runs))
         return 0
@@ -135,11 +174,15 @@ def follow_log(path: Path, follow: bool, interval: float = 0.5) -> None:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from fm9g.orchestrator.actions import cancel_run
+    from fm9g.orchestrator.actions import CancelError, cancel_run
 
     run = _run_dir(args.run)
-    cancelled = cancel_run(run, job_id=args.job)
-    print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled) or '-'}")
+    try:
+        result = cancel_run(run, job_id=args.job)
+    except CancelError as exc:
+        print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe())
     return 0
 
 
@@ -162,9 +205,8 @@ def run_plot(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.plot import PlotError, plot_run
 
     run = _run_dir(args.run)
-    output = args.output or Path(f"{run.name}-curves.png")
     try:
-        plot_run(run, output)
+        output = plot_run(run, args.output)  # default: runs/NAME/curves.png
     except PlotError as exc:
         print(f"fm9g-launch: error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,11 @@
-"""`pretrain` / `sft` / `resume`: turn a config into a run directory, prepare its data
-and tokenizer, render the node scripts, and supervise the training stage."""
+"""`pretrain` / `sft` / `resume`: validate a config into a plan, take the run's lock,
+write the run directory, and supervise the plan's stages to the end.
+
+Order matters, and is the same for every command that touches a run:
+    validate + plan (writes nothing) -> lock -> write -> supervise.
+A refused command (a bad config, a run another supervisor holds) leaves the run
+directory byte for byte as it was; a dry run writes only under runs/<name>/dry-run/.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fm9g.rundir import config as config_mod
-from fm9g.rundir.atomic import read_json, write_text
-from fm9g.rundir.config import ConfigError, RunConfig
-from fm9g.orchestrator.render import NodeJob, config_hash, render_node
+from fm9g.orchestrator.plan import Plan, plan_run
+from fm9g.orchestrator.state import StageStatus, StateStore
 from fm9g.rundir import RunDir
-from fm9g.orchestrator.state import StateStore
+from fm9g.rundir import config as config_mod
+from fm9g.rundir.atomic import read_json, write_json, write_text
+from fm9g.rundir.config import ConfigError, RunConfig
 
 
 class LaunchError(RuntimeError):
@@ -71,6 +77,21 @@ class SupervisorLock:
         self.path = run.lock
         self.handle: IO[str] | None = None
 
+    @staticmethod
+    def held(run: RunDir) -> bool:
+        """True while some supervisor holds `run`'s lock (probed without taking it)."""
+        try:
+            handle = open(run.lock)
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
@@ -95,20 +116,6 @@ class SupervisorLock:
             self.handle = None
 
 
-def render_all(run: RunDir, config: RunConfig, python: str) -> list[Path]:
-    """Render every node script of the training stage (dry run: nothing is submitted)."""
-    digest = config_hash(run.config.read_text(encoding="utf-8"))
-    paths = []
-    for rank in range(config.cluster.nodes):
-        job = NodeJob(run_name=run.name, run_dir=str(run.root), stage="train",
-                      role="master" if rank == 0 else "worker", node_rank=rank, attempt=1, generation=0,
-                      python=python, config_hash=digest)
-        path = run.scripts / job.script_name
-        write_text(path, render_node(job, config.cluster), mode=0o755)
-        paths.append(path)
-    return paths
-
-
 def describe_summary(run: RunDir) -> str:
     summary = read_json(run.summary) or {}
     lines = [f"run {run.name} is complete"]
@@ -121,55 +128,81 @@ def describe_summary(run: RunDir) -> str:
     return "\n".join(lines)
 
 
-def prepare_run_dir(config: RunConfig, name: str) -> tuple[RunDir, bool]:
-    """Create (or reopen) runs/<name>/ and write the resolved config; True when it existed."""
-    run = RunDir.of(Path(config.run_root) / name)
-    existed = run.config.exists()
-    run.make()
-    write_text(run.config, config_mod.dump(config))
-    return run, existed
+def greeting(run: RunDir, existed: bool) -> str:
+    if not existed:
+        return f"new run {run.name} in {run.root}"
+    step = run.latest_step()
+    if step is not None and not (run.checkpoints / str(step)).is_dir():
+        return (f"resuming run {run.name} in {run.root}: checkpoints/latest names step {step}, which is missing; "
+                f"the trainer starts from the newest complete checkpoint it finds")
+    return f"resuming run {run.name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else "")
 
 
 def launch(options: LaunchOptions) -> int:
     config, name = resolve_config(options)
     run = RunDir.of(Path(config.run_root) / name)
-    if run.done_flag.exists() and not options.dry_run and not config.pipeline.after_train:
+    warnings = preflight(config)
+    plan = plan_run(config, run)  # validates everything a real run does; writes nothing
+    for warning in warnings:
+        say(f"warning: {warning}")
+    if options.dry_run:
+        return write_dry_run(plan)
+    if run.done_flag.exists() and not config.pipeline.after_train:
         say(describe_summary(run))
         say("nothing to do; give the run a new name (--name or train.model_unique) to train again")
         return 0
-    run, existed = prepare_run_dir(config, name)
-    python = config.cluster.python or sys.executable
-    if options.dry_run:
-        scripts = render_all(run, config, python)
-        say(f"dry run: rendered {len(scripts)} node scripts into {run.scripts} (nothing submitted)")
-        for path in scripts:
-            print(f"  {path}")
-        return 0
-    if existed:
-        step = run.latest_step()
-        greeting = f"resuming run {name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else "")
-    else:
-        greeting = f"new run {name} in {run.root}"
-    return supervise_locked(run, detach_it=options.detach, progress=options.progress, greeting=greeting)
-
-
-def supervise_locked(run: RunDir, *, detach_it: bool, progress: bool, greeting: str) -> int:
-    """Take the run's supervisor lock, then supervise here or in the background."""
+    existed = run.config.exists()
     lock = SupervisorLock(run)
-    lock.acquire()
-    if detach_it:
-        lock.release()  # the background supervisor takes it again
-        return detach(run)
+    lock.acquire()  # before any write: a refused command changes nothing
     try:
-        say(greeting)
-        return supervise(run, progress=progress)
+        run.make()
+        write_text(run.config, plan.config_text)
+        if options.detach:
+            lock.release()  # the background supervisor takes it again
+            return detach(run)
+        say(greeting(run, existed))
+        return supervise(plan, progress=options.progress)
     finally:
         lock.release()
 
 
+def resume(run: RunDir, *, detach_it: bool, progress: bool) -> int:
+    """Supervise an existing run from its config.yaml: re-adopt live jobs, submit what is missing."""
+    lock = SupervisorLock(run)
+    lock.acquire()
+    try:
+        config = config_mod.load_resolved(run.config)
+        for warning in preflight(config):
+            say(f"warning: {warning}")
+        plan = plan_run(config, run)
+        if detach_it:
+            lock.release()
+            return detach(run)
+        say(greeting(run, existed=True))
+        return supervise(plan, progress=progress)
+    finally:
+        lock.release()
+
+
+def write_dry_run(plan: Plan) -> int:
+    """Print the plan and write its config and scripts under runs/<name>/dry-run/ (nothing
+    the run reads): the same bytes a real run of this config submits first."""
+    out = plan.run.dry_run
+    renderer = plan.renderer()
+    write_text(out / "config.yaml", plan.config_text)
+    write_text(out / "plan.txt", plan.describe())
+    paths = []
+    for stage in plan.stages:
+        for job in stage.jobs if not stage.skip else ():
+            paths.append(write_text(out / "scripts" / job.script_name(1), renderer.render(job, 1), mode=0o755))
+    print(plan.describe(), end="")
+    say(f"dry run: {len(paths)} script(s) and the resolved config in {out} (nothing submitted)")
+    return 0
+
+
 def detach(run: RunDir) -> int:
     """Start the supervisor in the background and return; it writes supervisor.log."""
-    log = run.root / "supervisor.log"
+    log = run.supervisor_log
     with open(log, "ab") as out:
         child = subprocess.Popen([sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--no-progress"],
                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -178,29 +211,27 @@ def detach(run: RunDir) -> int:
     return 0
 
 
-def preflight(config: RunConfig, run: RunDir) -> list[str]:
-    """Checks against the cluster before anything waits in the queue (Slurm only)."""
+def preflight(config: RunConfig) -> list[str]:
+    """Checks against the cluster before anything waits in the queue (Slurm only).  It
+    drops excluded nodes the cluster does not know from the config (sbatch would refuse)."""
     if config.executor != "slurm":
         return []
     from fm9g.orchestrator.slurm import preflight as slurm_preflight
 
     try:
-        warnings = slurm_preflight.check_run(config, run)
+        return slurm_preflight.check_run(config)
     except slurm_preflight.PreflightError as exc:
         raise ConfigError(f"not submitted: {exc}") from None
-    write_text(run.config, config_mod.dump(config))  # check_run drops unknown excluded nodes
-    return warnings
 
 
-def supervise(run: RunDir, progress: bool = True) -> int:
-    """Check, prepare the data and tokenizer, then run the training stage to its end."""
-    from fm9g.orchestrator import prepare
+def supervise(plan: Plan, progress: bool = True) -> int:
+    """Run the plan's stages to their end: data stages, training, then post-training."""
     from fm9g.orchestrator.executors import make_executor
+    from fm9g.orchestrator.jobs import JobTracker
+    from fm9g.orchestrator.prepare import run_data_stages
     from fm9g.orchestrator.supervisor import TrainSupervisor
 
-    config = config_mod.load_resolved(run.config)
-    for warning in preflight(config, run):
-        say(f"warning: {warning}")
+    run, config = plan.run, plan.config
     store = StateStore(run.state_db)
     store.set_meta("owner", getpass.getuser())
     store.set_meta("executor", config.executor)
@@ -209,25 +240,23 @@ def supervise(run: RunDir, progress: bool = True) -> int:
         store.set_meta("created_at", time.time())
     started = time.time()
     try:
-        try:
-            mixture = prepare.index_datasets(config, run, store, say, progress=progress)
-            config.data.dataset_config = str(mixture)
-            if config.data.tokenizer_path is None:
-                config.data.tokenizer_path = str(prepare.train_tokenizer(config, run, store, say))
-        except ConfigError:
-            raise
-        except Exception as exc:  # a data error names its file:line; show it as is
-            if type(exc).__name__ in ("DataError", "MixtureError"):
-                raise ConfigError(str(exc)) from None
-            raise
-        write_text(run.config, config_mod.dump(config))
         executor = make_executor(config.executor, since=store.meta("created_at"))
-        supervisor = TrainSupervisor(run, config, store, executor, say=say,
-                                     repair=config.executor == "slurm" or config.supervise.repair_local,
-                                     python=config.cluster.python or sys.executable)
+        tracker = JobTracker(run, store, executor, plan.renderer(), requeue=config.cluster.requeue)
+        tracker.adopt()
+        for stage in plan.stages:
+            store.upsert_stage(stage.name, stage.kind.value, list(stage.depends_on))
+            current = store.stage(stage.name)
+            if stage.skip and current is not None and current.status is StageStatus.PENDING:
+                store.set_stage(stage.name, StageStatus.SKIPPED, detail=stage.skip)
+        write_json(run.mixture, plan.mixture)
+        run_data_stages(plan, tracker, say, progress=progress)
+        supervisor = TrainSupervisor(run, config, store, tracker, say=say,
+                                     repair=config.executor == "slurm" or config.supervise.repair_local)
         # A finished training stage is not run again (post-training stages may still be due).
         outcome = "COMPLETED" if run.done_flag.exists() else supervisor.run_until_done()
         if outcome == "COMPLETED":
+            if store.stage("train") is not None and store.stage("train").status is not StageStatus.COMPLETED:
+                store.set_stage("train", StageStatus.COMPLETED, detail=supervisor.summary_line(), progress=1.0)
             say(describe_summary(run))
             if config.pipeline.after_train:
                 from fm9g.orchestrator.inference.pipeline import run_post_train_stages

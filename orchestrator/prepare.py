@@ -1,96 +1,165 @@
-"""The stages that run on the login node before training: index every dataset of the
-mixture that is not indexed yet, and train the tokenizer when none is given.
+"""The stages before training, run as tracked jobs on either executor: index every raw
+dataset of the mixture (all datasets at once: an array job over shards, then a merge
+afterok of it), then train the tokenizer when the config names none.
 
-Both write their results into the run directory and rewrite the run's config to point
-at them, so the training stage reads only finished, indexed data.
+Every job has a row in state.db, so `status`, the TUI, `cancel` and `resume` see them;
+a supervisor that died mid-way re-adopts the live ones instead of submitting again.
+Finished shards are skipped by the shard cache, so a re-run only redoes what failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fm9g.rundir.atomic import write_json
-from fm9g.rundir.config import ConfigError, RunConfig
-from fm9g.rundir import RunDir
-from fm9g.orchestrator.state import StateStore
-
-if TYPE_CHECKING:
-    from fm9g.data.mixture import Mixture
+from fm9g.orchestrator.jobs import JobTracker, UnknownTooLong
+from fm9g.orchestrator.plan import TOKENIZER, IndexSource, Plan, index_specs, tokenizer_spec
+from fm9g.orchestrator.slurm.states import JobState
+from fm9g.orchestrator.state import JobRow, StageStatus
+from fm9g.rundir.atomic import read_json
+from fm9g.rundir.config import ConfigError
 
 Say = Callable[[str], None]
 
 
-def _mixture(config: RunConfig) -> Mixture:
-    """The run's mixture, parsed and validated once by the data layer (a DataError names file and entry)."""
-    from fm9g.data.mixture import load_mixture
-
-    if not config.data.dataset_config:
-        raise ConfigError("data.dataset_config is not set: point it at a mixture JSON list (see examples/tiny/mixture.json)")
-    return load_mixture(Path(config.data.dataset_config))
+class StageFailed(ConfigError):
+    """A data stage failed; the message names its logs and how to re-run."""
 
 
-def guess_language(path: Path, sample_bytes: int = 65536) -> str:
-    """'en' when most characters of the data's first bytes are ASCII, else 'zh'.
-
-    Only the meta.json token estimate depends on it (0.7/char for zh, 1.5/word for en)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt"))
-    text = ""
-    for file in files[:4]:
-        with open(file, "rb") as handle:
-            text += handle.read(sample_bytes).decode("utf-8", "ignore")
-    if not text:
-        return "zh"
-    ascii_share = sum(1 for ch in text if ord(ch) < 128) / len(text)
-    return "en" if ascii_share > 0.9 else "zh"
+def next_attempt(tracker: JobTracker, stage: str) -> int:
+    return max((row.attempt for row in tracker.store.jobs(stage)), default=0) + 1
 
 
-def index_datasets(config: RunConfig, run: RunDir, store: StateStore, say: Say, progress: bool = True) -> Path:
-    """Index raw datasets into the run, write the resolved mixture, return its path."""
-    from fm9g.data.indexer import build_index
-    from fm9g.data.mixture import needs_index
+def submit_index(tracker: JobTracker, source: IndexSource, datasets_at_once: int) -> list[JobRow]:
+    """Write the shard plan and submit the shard array and its merge."""
+    from fm9g.data.index_plan import plan_shards
+    from fm9g.orchestrator.plan import shard_count
 
-    resolved = []
-    for task in _mixture(config).entries:
-        entry = task.model_dump(exclude_none=True)  # absolute path and transforms, as validated
-        if needs_index(task):
-            stage = f"index:{task.task_name}"
-            output = run.indexed / task.task_name
-            store.upsert_stage(stage, "index")
-            if (output / "meta.json").exists():
-                store.set_stage(stage, "SKIPPED", detail=f"already indexed: {output}")
+    plan_path = plan_shards(source.source, shard_count(source.source), source.work, output=source.output,
+                            language=source.language)
+    assert plan_path == source.shard_plan, (plan_path, source.shard_plan)
+    shards = len(read_json(plan_path)["shards"])
+    shard, merge = index_specs(source, shards)
+    attempt = next_attempt(tracker, shard.stage)
+    array = tracker.submit(shard, attempt=attempt, why=f"{shards} shard(s)", jobs_at_once=datasets_at_once)
+    assert array.job_id is not None
+    merged = tracker.submit(merge, attempt=attempt, why="merge after the shards", after=[array.job_id])
+    return [array, merged]
+
+
+def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = True) -> None:
+    """Index every raw dataset, then train the tokenizer if one is planned; raises StageFailed."""
+    store, config = tracker.store, plan.config
+    interval = tracker.executor.tick_interval(config.supervise.poll_interval)
+    rows: dict[str, list[JobRow]] = {}
+    for source in plan.index_sources:
+        stage = f"index:{source.task_name}"
+        if (source.output / "meta.json").exists():  # finished while no supervisor watched
+            store.set_stage(stage, StageStatus.COMPLETED, detail=f"indexed: {source.output}", progress=1.0)
+            continue
+        live = tracker.live_rows(stage)
+        if live:
+            say(f"{stage}: re-adopting its live jobs ({', '.join(str(row.job_id) for row in live)})")
+            rows[stage] = live
+        else:
+            rows[stage] = submit_index(tracker, source, len(plan.index_sources))
+            say(f"{stage}: shard array job {rows[stage][0].job_id}, merge job {rows[stage][-1].job_id}; "
+                f"{source.source} -> {source.output}")
+        store.set_stage(stage, StageStatus.RUNNING, detail=f"{source.source} -> {source.output}")
+    if rows:
+        sources = {f"index:{s.task_name}": s for s in plan.index_sources}
+        with shard_progress(progress, list(rows)) as show:
+            def report() -> None:
+                for stage in rows:
+                    done, total = shards_done(sources[stage])
+                    store.set_stage_progress(stage, done / total * 0.95 if total else 0.0,
+                                             detail=f"{done}/{total} shards")
+                    show(stage, done, total)
+
+            finished = wait(tracker, [row for group in rows.values() for row in group], interval, report)
+        failed = []
+        for stage, group in rows.items():
+            ids = {row.id for row in group}
+            ended = [row for row in finished if row.id in ids]
+            output = sources[stage].output
+            if all(row.state is JobState.COMPLETED for row in ended) and (output / "meta.json").exists():
+                meta = read_json(output / "meta.json") or {}
+                store.set_stage(stage, StageStatus.COMPLETED, detail=f"{meta.get('nlines')} lines", progress=1.0)
+                say(f"{stage}: indexed {meta.get('nlines')} lines into {output}")
             else:
-                store.set_stage(stage, "RUNNING", detail=f"{task.path} -> {output}")
-                say(f"indexing {task.path} -> {output}")
-                if config.executor == "slurm":
-                    from fm9g.orchestrator.index_jobs import index_on_slurm
+                logs = tracker.run.stage_logs(stage.replace(":", "-"))
+                states = ", ".join(f"{row.role} job {row.job_id} {row.state.value}" for row in ended)
+                reason = f"indexing {sources[stage].source} failed ({states}); see the logs in {logs}"
+                store.set_stage(stage, StageStatus.FAILED, detail=reason)
+                store.event("stage_end", f"{stage} failed: {reason}", stage=stage)
+                failed.append(f"{stage}: {reason}")
+        if failed:
+            raise StageFailed("; ".join(failed) + "; fix the data, then run the same command again "
+                              "(finished shards are kept)")
+    if any(stage.name == TOKENIZER and not stage.skip for stage in plan.stages):
+        train_tokenizer(plan, tracker, say, interval)
 
-                    meta = index_on_slurm(Path(task.path), output, guess_language(Path(task.path)), config, run, store, stage, say)
-                    store.set_stage(stage, "COMPLETED", detail=f"{meta.get('nlines')} lines", progress=1.0)
-                    entry["path"] = str(output)
-                    resolved.append(entry)
-                    continue
 
-                def report(done: int, total: int, stage: str = stage) -> None:
-                    store.set_stage_progress(stage, done / total if total else 1.0)
+def train_tokenizer(plan: Plan, tracker: JobTracker, say: Say, interval: float) -> None:
+    store, run = tracker.store, tracker.run
+    target = run.tokenizer_dir / "tokenizer.model"
+    if target.exists():
+        store.set_stage(TOKENIZER, StageStatus.COMPLETED, detail=str(target), progress=1.0)
+        return
+    live = tracker.live_rows(TOKENIZER)
+    if live:
+        row = live[0]
+    else:
+        row = tracker.submit(tokenizer_spec(run, plan.config.data.tokenizer_vocab_size),
+                             attempt=next_attempt(tracker, TOKENIZER), why="no data.tokenizer_path")
+        say(f"tokenizer: training sentencepiece (vocab {plan.config.data.tokenizer_vocab_size}) as job {row.job_id}")
+    store.set_stage(TOKENIZER, StageStatus.RUNNING)
+    [ended] = wait(tracker, [row], interval, None)
+    if ended.state is JobState.COMPLETED and target.exists():
+        store.set_stage(TOKENIZER, StageStatus.COMPLETED, detail=str(target), progress=1.0)
+        return
+    reason = f"tokenizer job {ended.job_id} ended {ended.state.value} (exit code {ended.exit_code}); see {ended.log}"
+    store.set_stage(TOKENIZER, StageStatus.FAILED, detail=reason)
+    store.event("stage_end", f"tokenizer failed: {reason}", stage=TOKENIZER)
+    raise StageFailed(reason + "; or give one with data.tokenizer_path")
 
-                with progress_bar(f"index {task.task_name}", progress) as bar:
-                    result = build_index(Path(task.path), output, language=guess_language(Path(task.path)),
-                                         processes=1, cache_dir=run.indexed / ".cache",
-                                         progress=lambda d, t: (bar(d, t), report(d, t)))
-                store.set_stage(stage, "COMPLETED", detail=f"{result.nlines} lines", progress=1.0)
-            entry["path"] = str(output)
-        resolved.append(entry)
-    out = run.root / "mixture.json"
-    write_json(out, resolved)
-    return out
+
+def wait(tracker: JobTracker, rows: list[JobRow], interval: float, report: Callable[[], None] | None) -> list[JobRow]:
+    try:
+        return tracker.wait(rows, interval=interval, on_tick=report)
+    except UnknownTooLong as exc:
+        raise StageFailed(str(exc)) from None
+
+
+def shards_done(source: IndexSource) -> tuple[int, int]:
+    plan = read_json(source.shard_plan) or {}
+    total = len(plan.get("shards", []))
+    shards = source.work / "shards"
+    done = len(list(shards.glob("*/result.json"))) if shards.exists() else 0
+    return min(done, total), total
+
+
+@contextlib.contextmanager
+def shard_progress(enabled: bool, stages: list[str]) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich bar per index stage (shards done), or a silent callback (detached, tests)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("shards"), TimeElapsedColumn()) as bar:
+        tasks = {stage: bar.add_task(stage, total=None) for stage in stages}
+
+        def show(stage: str, done: int, total: int) -> None:
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        yield show
 
 
 @contextlib.contextmanager
 def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich byte progress bar, or a silent callback (detached supervisors, tests)."""
+    """A rich byte progress bar for `fm9g-launch index`, or a silent callback."""
     if not enabled:
         yield lambda done, total: None
         return
@@ -98,32 +167,3 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
 
     with byte_progress(description) as update:
         yield update
-
-
-def train_tokenizer(config: RunConfig, run: RunDir, store: StateStore, say: Say) -> Path:
-    """Train a sentencepiece model from the (indexed) mixture into the run directory."""
-    from fm9g.data.reader import IndexedDataset
-    from fm9g.data.tokenizer import train_sentencepiece
-
-    target = run.tokenizer_dir / "tokenizer.model"
-    store.upsert_stage("tokenizer", "tokenizer")
-    if target.exists():
-        store.set_stage("tokenizer", "SKIPPED", detail=str(target))
-        return target
-    store.set_stage("tokenizer", "RUNNING")
-    tasks = _mixture(config).entries
-
-    def texts() -> object:
-        for task in tasks:
-            dataset = IndexedDataset(Path(task.path))
-            for i in range(len(dataset)):
-                record = dataset.get_json(i)
-                for key in ("input", "output"):
-                    value = record.get(key)
-                    if isinstance(value, str) and value:
-                        yield value
-
-    say(f"training a sentencepiece tokenizer (vocab {config.data.tokenizer_vocab_size}) -> {target}")
-    train_sentencepiece(texts(), target, config.data.tokenizer_vocab_size)
-    store.set_stage("tokenizer", "COMPLETED", detail=str(target), progress=1.0)
-    return target

@@ -1,4 +1,4 @@
-"""Render job scripts from the Jinja2 templates: plan in, script text out, no I/O
+"""Render job scripts from the Jinja2 templates: a JobSpec in, script text out, no I/O
 besides reading the packaged templates.
 
 Two kinds of value reach a script and each has its own guard:
@@ -16,14 +16,11 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
 
 import jinja2
 
 from fm9g.rundir.config import ClusterConfig, ConfigError
 from fm9g.rundir.protocol import job_name, job_tag, slug
-
-Role = Literal["master", "worker"]
 
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:=@%/+\-\[\]*()]*$")
 
@@ -36,7 +33,7 @@ def sbatch_value(value: object, what: str) -> str:
     return text
 
 
-def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str) -> list[str]:
+def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str, signal: bool = True) -> list[str]:
     """The #SBATCH options of one node job, sorted (stable golden files)."""
     flags = {
         "--job-name": name,
@@ -48,6 +45,8 @@ def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str) -> list[str
         # workers 30 s after a SIGTERM, so the agent must be the one that hears it.
         "--signal": f"B:USR1@{cluster.signal_lead}",
     }
+    if not signal:
+        del flags["--signal"]
     optional = {
         "--partition": cluster.partition,
         "--account": cluster.account,
@@ -72,31 +71,79 @@ def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str) -> list[str
 
 
 @dataclass(frozen=True)
-class NodeJob:
-    """Everything one node job's script needs."""
+class JobSpec:
+    """One job of a plan: its template and the values only it has.  Pure data.
+
+    Everything that changes between a dry run and the real submission (afterok job ids,
+    the array size, the log path) goes on sbatch's command line, never into the
+    script, so the script a dry run writes is the one a real run submits."""
+
+    stage: str  # "train", "index:wiki", "tokenizer", "convert", "infer", "serve"
+    role: str  # master, worker, shard, merge, tokenizer, convert, infer, serve
+    template: str  # a file under templates/
+    node_rank: int = 0
+    generation: int = 0
+    values: dict[str, object] = field(default_factory=dict)  # template values beyond the common ones
+    env: tuple[tuple[str, str], ...] = ()
+    gpus: bool = True  # False: index and tokenizer jobs ask for no GPU
+    signal: bool = True  # False: no --signal (jobs with no checkpoint to take)
+    array: int | None = None  # array tasks (index shards); given to sbatch as --array
+
+    def tag(self, run_name: str, attempt: int) -> str:
+        return job_tag(run_name, self.stage, self.role, self.node_rank, attempt)
+
+    def name(self, run_name: str) -> str:
+        return job_name(run_name, self.stage.replace(":", "-"), self.role, self.node_rank)
+
+    @property
+    def _prefix(self) -> str:
+        stage = self.stage.replace(":", "-")
+        return stage if self.role == self.stage else f"{stage}-{self.role}{self.node_rank}"
+
+    def script_name(self, attempt: int) -> str:
+        return f"{self._prefix}-a{attempt}.sbatch"
+
+    def log_name(self, attempt: int) -> str:
+        if self.role in ("master", "worker"):
+            return f"{self.role}{self.node_rank}-a{attempt}.out"
+        return f"{self._prefix}-a{attempt}.out"
+
+
+@dataclass(frozen=True)
+class ScriptRenderer:
+    """Renders any JobSpec of one run: the values every script shares, bound once."""
 
     run_name: str
     run_dir: str
-    stage: str
-    role: Role
-    node_rank: int
-    attempt: int
-    generation: int
+    cluster: ClusterConfig
     python: str
     config_hash: str
-    env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
-    @property
-    def tag(self) -> str:
-        return job_tag(self.run_name, self.stage, self.role, self.node_rank, self.attempt)
-
-    @property
-    def name(self) -> str:
-        return job_name(self.run_name, self.stage, self.role, self.node_rank)
-
-    @property
-    def script_name(self) -> str:
-        return f"{self.stage}-{self.role}{self.node_rank}-a{self.attempt}.sbatch"
+    def render(self, spec: JobSpec, attempt: int, cluster: ClusterConfig | None = None) -> str:
+        """Script text of `spec`'s attempt; `cluster` overrides the run's (live node exclusions)."""
+        cluster = cluster or self.cluster
+        if not spec.gpus:
+            cluster = cluster.model_copy(update={"gpus_per_node": 0})
+        for key, _ in spec.env:
+            if not _ENV_NAME.match(key):
+                raise ConfigError(f"environment variable name {key!r} is not valid in a shell")
+        flags = sbatch_flags(cluster, name=spec.name(self.run_name), comment=spec.tag(self.run_name, attempt),
+                             signal=spec.signal)
+        return _environment().get_template(spec.template).render(
+            run_name=self.run_name,
+            run_dir=self.run_dir,
+            stage=spec.stage,
+            role=spec.role,
+            node_rank=spec.node_rank,
+            attempt=attempt,
+            generation=spec.generation,
+            python=self.python,
+            config_hash=self.config_hash,
+            sbatch_flags=flags,
+            setup=cluster.setup,
+            env=list(spec.env),
+            **spec.values,
+        )
 
 
 def _environment() -> jinja2.Environment:
@@ -117,32 +164,6 @@ def _load_template(name: str) -> str:
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def render_node(job: NodeJob, cluster: ClusterConfig) -> str:
-    """Script text of one master or worker node job."""
-    for key, _ in job.env:
-        if not _ENV_NAME.match(key):
-            raise ConfigError(f"environment variable name {key!r} is not valid in a shell")
-    template = _environment().get_template(f"{job.role}.sbatch.j2")
-    return template.render(
-        run_name=job.run_name,
-        run_dir=job.run_dir,
-        stage=job.stage,
-        role=job.role,
-        node_rank=job.node_rank,
-        attempt=job.attempt,
-        generation=job.generation,
-        python=job.python,
-        config_hash=job.config_hash,
-        sbatch_flags=sbatch_flags(cluster, name=job.name, comment=job.tag),
-        setup=cluster.setup,
-        env=list(job.env),
-    )
-
-
-def render_template(name: str, **values: object) -> str:
-    """Render any other packaged template (index, convert, infer, serve) strictly."""
-    return _environment().get_template(name).render(**values)
-
-
 def config_hash(config_text: str) -> str:
+    """The short hash each script's header carries, of the run's config.yaml text."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:12]

@@ -22,14 +22,14 @@ from fm9g.rundir import protocol
 from fm9g.rundir.endpoint import read_endpoint
 from fm9g.rundir.atomic import read_json, write_text
 from fm9g.rundir.config import ClusterConfig, RunConfig
-from fm9g.orchestrator.executors.base import UNKNOWN, Executor, JobStatus, PollError
+from fm9g.orchestrator.jobs import JobTracker
+from fm9g.orchestrator.plan import TRAIN, node_spec
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
-from fm9g.orchestrator.render import NodeJob, config_hash, render_node
 from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, JobState, StateStore
 
 Say = Callable[[str], None]
-STAGE = "train"
+STAGE = TRAIN
 
 
 def log_tail(path: str, size: int = 8192) -> str:
@@ -55,18 +55,18 @@ class Recovery:
 
 
 class TrainSupervisor:
-    def __init__(self, run: RunDir, config: RunConfig, store: StateStore, executor: Executor, *,
-                 say: Say, repair: bool, python: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, run: RunDir, config: RunConfig, store: StateStore, tracker: JobTracker, *,
+                 say: Say, repair: bool, clock: Callable[[], float] = time.time) -> None:
         self.run = run
         self.config = config
         self.store = store
-        self.executor = executor
+        self.tracker = tracker
+        self.executor = tracker.executor
         self.say = say
         self.repair = repair
-        self.python = python
         self.clock = clock
-        self.config_hash = config_hash(run.config.read_text(encoding="utf-8"))
-        self.interval = config.supervise.poll_interval
+        self.base_interval = self.executor.tick_interval(config.supervise.poll_interval)
+        self.interval = self.base_interval
         self.recoveries: list[Recovery] = []
         self.continuing: set[int] = set()
         self.hang_cancelled: set[str] = set()
@@ -79,24 +79,9 @@ class TrainSupervisor:
         return rows
 
     def submit_node(self, node_rank: int, *, attempt: int, generation: int, why: str) -> JobRow:
-        role = "master" if node_rank == 0 else "worker"
-        job = NodeJob(run_name=self.run.name, run_dir=str(self.run.root), stage=STAGE, role=role,
-                      node_rank=node_rank, attempt=attempt, generation=generation, python=self.python,
-                      config_hash=self.config_hash)
-        text = render_node(job, self.cluster_config())
-        script = self.run.scripts / job.script_name
-        write_text(script, text, mode=0o755)
-        log = self.run.stage_logs(STAGE) / f"{role}{node_rank}-a{attempt}.out"
-        row_id = self.store.record_intent(stage=STAGE, role=role, node_rank=node_rank, attempt=attempt,
-                                          generation=generation, tag=job.tag, script=str(script),
-                                          script_hash=config_hash(text), log=str(log))
-        job_id = self.executor.submit(script, log=log, tag=job.tag, env=self.executor.job_env(self.config.cluster.nodes))
-        self.store.mark_submitted(row_id, job_id)
-        self.store.event("submitted", f"{role}{node_rank} attempt {attempt} submitted as job {job_id} ({why})",
-                         stage=STAGE, job=row_id, node_rank=node_rank, job_id=job_id, generation=generation)
-        self.say(f"submitted {role} node {node_rank} as job {job_id} ({why})")
-        row = self.store.job(row_id)
-        assert row is not None
+        row = self.tracker.submit(node_spec(node_rank, generation), attempt=attempt, why=why,
+                                  cluster=self.cluster_config(), jobs_at_once=self.config.cluster.nodes)
+        self.say(f"submitted {row.role} node {node_rank} as job {row.job_id} ({why})")
         return row
 
     def cluster_config(self) -> ClusterConfig:
@@ -151,87 +136,32 @@ class TrainSupervisor:
             if rank not in live:
                 self.submit_node(rank, attempt=attempt, generation=generation, why="start")
 
-    def refresh_live_rows(self, attempts: int = 5) -> None:
+    def refresh_live_rows(self, attempts: int = 5, sleep: Callable[[float], None] = time.sleep) -> None:
         """Before trusting the database's idea of what runs (resume, restart), ask the
         executor; a job that ended while no supervisor watched is marked ended."""
         rows = [row for row in self.latest_rows().values() if row.live and row.job_id]
         if not rows:
             return
-        for row in rows:
-            self.executor.adopt(str(row.job_id), Path(row.log))
+        self.tracker.adopt(rows)
         for _ in range(attempts):
-            try:
-                statuses = self.executor.poll([str(row.job_id) for row in rows])
-            except PollError:
-                time.sleep(1)
-                continue
-            unknown = False
-            for row in rows:
-                status = statuses.get(str(row.job_id), UNKNOWN)
-                if status.state is JobState.UNKNOWN:
-                    unknown = True
-                elif status.state != row.state:
-                    self.store.update_job(row.id, state=status.state, exit_code=status.exit_code,
-                                          ended_at=status.ended_at or (self.clock() if status.state in TERMINAL_STATES else None))
-            if not unknown:
+            if self.tracker.poll(STAGE) is not None and not self.tracker.unseen:
                 return
-            time.sleep(1)
+            sleep(1)
 
     # ------------------------------------------------------------------ polling
     def tick(self) -> str | None:
         """Poll once and act; returns COMPLETED/FAILED/CANCELLED when the stage ended."""
-        rows = self.latest_rows()
-        live = [row for row in rows.values() if row.live and row.job_id]
-        try:
-            statuses = self.executor.poll([row.job_id for row in live if row.job_id])
-        except PollError as exc:
-            self.store.event("poll_error", f"poll failed, state unknown this tick: {exc}", stage=STAGE)
-            return None
-        changed = False
-        for row in live:
-            status = statuses.get(row.job_id or "", UNKNOWN)
-            if status.state is JobState.UNKNOWN:
-                continue
-            changed |= self.update_row(row, status)
+        transitions = self.tracker.poll(STAGE)
+        if transitions is None:
+            return None  # a failed poll: nothing is concluded from it
+        latest = {row.id for row in self.latest_rows().values()}
+        for transition in transitions:
+            if transition.ended and transition.after.id in latest:
+                self.on_end(transition.after)
         self.track_recoveries()
         outcome = self.decide()
-        self.interval = self.config.supervise.poll_interval if changed else min(
-            self.interval * 1.5, self.config.supervise.poll_interval * 8)
+        self.interval = self.base_interval if transitions else min(self.interval * 1.5, self.base_interval * 8)
         return outcome
-
-    def update_row(self, row: JobRow, status: JobStatus) -> bool:
-        fields: dict[str, object] = {}
-        if self.config.cluster.requeue and status.state in (JobState.NODE_FAIL, JobState.PREEMPTED):
-            # Slurm owns requeue for this run (--requeue): the same job id comes back by
-            # itself, so this end is not final and must not be repaired a second time.
-            status = replace(status, state=JobState.REQUEUED, reason=f"{status.state.value}, Slurm requeues it")
-        if row.state is JobState.RUNNING and status.state in (JobState.PENDING, JobState.REQUEUED) and status.restarts <= row.restarts:
-            status = replace(status, restarts=row.restarts + 1)
-        if status.restarts > row.restarts:
-            # Slurm requeued this job by itself (NODE_FAIL + requeue): same id, it comes
-            # back on its own; resubmitting too would give two masters.
-            fields["restarts"] = status.restarts
-            self.store.event("requeued_by_slurm", f"job {row.job_id} was requeued by Slurm (restart {status.restarts}); not resubmitting",
-                             stage=STAGE, job=row.id)
-        if status.state != row.state:
-            fields["state"] = status.state
-        if status.node and status.node != row.node:
-            fields["node"] = status.node
-        if status.reason != row.reason:
-            fields["reason"] = status.reason
-        if status.state is JobState.RUNNING and row.started_at is None:
-            fields["started_at"] = status.started_at or self.clock()
-        if status.state in TERMINAL_STATES:
-            fields["exit_code"] = status.exit_code
-            fields["ended_at"] = status.ended_at or self.clock()
-        if not fields:
-            return False
-        self.store.update_job(row.id, **fields)
-        if status.state in TERMINAL_STATES and row.state not in TERMINAL_STATES:
-            updated = self.store.job(row.id)
-            assert updated is not None
-            self.on_end(updated)
-        return True
 
     # ------------------------------------------------------------------ decisions
     def on_end(self, row: JobRow) -> None:
@@ -323,10 +253,7 @@ class TrainSupervisor:
 
     def stop(self, status: str, reason: str) -> None:
         live = [row for row in self.latest_rows().values() if row.live and row.job_id]
-        if live:
-            self.executor.cancel([row.job_id for row in live if row.job_id])
-            for row in live:
-                self.store.update_job(row.id, state=JobState.CANCELLED, reason=f"stopped: {status.lower()}", ended_at=self.clock())
+        self.tracker.cancel(live, reason=f"stopped: {status.lower()}")
         self.store.set_stage(STAGE, status, detail=reason)
         self.store.event("stage_end", f"train {status.lower()}: {reason}", stage=STAGE)
         self.say(f"train {status.lower()}: {reason}")
@@ -335,9 +262,7 @@ class TrainSupervisor:
         self.say(f"full restart: {reason}")
         self.store.event("full_restart", reason, stage=STAGE)
         live = [row for row in self.latest_rows().values() if row.live and row.job_id]
-        self.executor.cancel([row.job_id for row in live if row.job_id])
-        for row in live:
-            self.store.update_job(row.id, state=JobState.CANCELLED, reason="full restart", ended_at=self.clock())
+        self.tracker.cancel(live, reason="full restart")
         self.start()
 
     def decide(self) -> str | None:

@@ -2,7 +2,8 @@
 `fm9g` package).  `RunDir` owns every path under `runs/<name>/`; nobody else spells them.
 
     runs/<name>/
-      config.yaml                 the resolved, validated config
+      config.yaml                 the resolved, validated config (written once per launch)
+      mixture.json                the mixture the trainer reads (raw paths -> run indexes)
       state.db                    SQLite (WAL): stages, jobs, attempts, events
       scripts/                    rendered scripts, one per job attempt
       rendezvous/endpoint.json    {host, port, generation, job_id, rdzv_id}
@@ -127,6 +128,17 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def mixture(self) -> Path:
+        """The mixture the trainer reads: data.dataset_config with raw datasets replaced
+        by the indexes the run's index stages build."""
+        return self.root / "mixture.json"
+
+    @property
+    def dry_run(self) -> Path:
+        """Where `--dry-run` writes its plan and scripts; nothing of the run reads it."""
+        return self.root / "dry-run"
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -36,8 +36,21 @@ UNKNOWN = JobStatus(JobState.UNKNOWN)
 class Executor(Protocol):
     name: ExecutorKind
 
-    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
-        """Start `script` as one job with stdout+stderr appended to `log`; returns its id."""
+    def submit(
+        self,
+        script: Path,
+        *,
+        log: Path,
+        tag: str,
+        env: dict[str, str] | None = None,
+        after: Sequence[str] = (),
+        array: int | None = None,
+    ) -> str:
+        """Start `script` as one job with stdout+stderr appended to `log`; returns its id.
+
+        `after`: job ids that must all complete successfully first (afterok; the job is
+        cancelled when one fails).  `array`: run it as that many tasks, each with its
+        SLURM_ARRAY_TASK_ID."""
         ...
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:

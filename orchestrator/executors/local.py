@@ -24,8 +24,42 @@ from fm9g.orchestrator.slurm.states import JobState
 
 WRAPPER_NAME = "fm9g-local-job"
 
-# Runs the script, then writes its exit code next to the log (temp name + rename).
-_WRAPPER = 'export SLURM_JOB_ID=$$; bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp" && mv -f "$2.tmp" "$2"; exit "$rc"'
+# The exit code a job gets when a job it runs afterok of failed; Slurm cancels such a
+# job (--kill-on-invalid-dep), so it reads as CANCELLED here too.
+DEPENDENCY_FAILED = 125
+
+# Waits for the jobs it runs afterok of (each given as PID:RC_FILE), runs the script
+# once or as an array of tasks (each with its SLURM_ARRAY_TASK_ID, several at once),
+# then writes its exit code next to the log (temp name + rename).
+_WRAPPER = r"""
+export SLURM_JOB_ID=$$
+script=$1 rc_file=$2 tasks=$3
+shift 3
+finish() { printf '%s\n' "$1" > "$rc_file.tmp" && mv -f "$rc_file.tmp" "$rc_file"; exit "$1"; }
+for dep in "$@"; do
+  pid=${dep%%:*} file=${dep#*:}
+  while [ ! -e "$file" ]; do
+    if ! kill -0 "$pid" 2>/dev/null && [ ! -e "$file" ]; then
+      echo "fm9g-local-job: job $pid ended without an exit code; not running (afterok)" >&2
+      finish DEPENDENCY_FAILED
+    fi
+    sleep 0.2
+  done
+  if [ "$(cat "$file")" != 0 ]; then
+    echo "fm9g-local-job: job $pid failed; not running (afterok)" >&2
+    finish DEPENDENCY_FAILED
+  fi
+done
+if [ "$tasks" -gt 0 ]; then
+  export SLURM_ARRAY_JOB_ID=$$ SLURM_ARRAY_TASK_COUNT=$tasks
+  seq 0 $((tasks - 1)) | xargs -P "${SLURM_CPUS_ON_NODE:-$(nproc)}" -I{} env SLURM_ARRAY_TASK_ID={} bash "$script"
+  rc=$?
+else
+  bash "$script"
+  rc=$?
+fi
+finish "$rc"
+""".replace("DEPENDENCY_FAILED", str(DEPENDENCY_FAILED))
 
 
 class LocalExecutor:
@@ -38,7 +72,20 @@ class LocalExecutor:
         self._rc_files: dict[str, Path] = {}
         self._started: dict[str, float] = {}
 
-    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
+    def submit(
+        self,
+        script: Path,
+        *,
+        log: Path,
+        tag: str,
+        env: dict[str, str] | None = None,
+        after: Sequence[str] = (),
+        array: int | None = None,
+    ) -> str:
+        unknown = [job_id for job_id in after if job_id not in self._rc_files]
+        if unknown:
+            raise ValueError(f"afterok on jobs this executor did not start or adopt: {unknown}")
+        dependencies = [f"{job_id}:{self._rc_files[job_id]}" for job_id in after]
         log.parent.mkdir(parents=True, exist_ok=True)
         rc_file = log.with_name(log.name + ".rc")
         rc_file.unlink(missing_ok=True)
@@ -51,7 +98,7 @@ class LocalExecutor:
         })
         job_env.update(env or {})
         with open(log, "ab") as out:
-            child = subprocess.Popen(["bash", "-c", _WRAPPER, WRAPPER_NAME, str(script), str(rc_file)],
+            child = subprocess.Popen(["bash", "-c", _WRAPPER, WRAPPER_NAME, str(script), str(rc_file), str(array or 0), *dependencies],
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=job_env, start_new_session=True)
         job_id = str(child.pid)  # the wrapper exports it as SLURM_JOB_ID, as Slurm would
@@ -100,6 +147,9 @@ class LocalExecutor:
                 code = int(rc_file.read_text().strip())
             except ValueError:
                 return JobStatus(JobState.UNKNOWN)
+            if code == DEPENDENCY_FAILED:
+                return JobStatus(JobState.CANCELLED, exit_code=code, node="localhost",
+                                 reason="DependencyNeverSatisfied", ended_at=rc_file.stat().st_mtime)
             return JobStatus(JobState.COMPLETED if code == 0 else JobState.FAILED, exit_code=code, node="localhost",
                              ended_at=rc_file.stat().st_mtime, started_at=self._started.get(job_id))
         if rc_file is None:

@@ -43,11 +43,28 @@ class SlurmExecutor:
         # sacct only searches from here on: a bounded query stays cheap for slurmdbd.
         self.since = since or datetime.now() - timedelta(days=2)
 
-    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None) -> str:
+    def submit(
+        self,
+        script: Path,
+        *,
+        log: Path,
+        tag: str,
+        env: dict[str, str] | None = None,
+        after: Sequence[str] = (),
+        array: int | None = None,
+    ) -> str:
         log.parent.mkdir(parents=True, exist_ok=True)
         # '%' starts a filename pattern for sbatch (%j, %N); a literal one is '%%'.
         output = str(log).replace("%", "%%")
-        job_id = self.client.submit(script, extra_args=[f"--output={output}", f"--error={output}"], env=env)
+        args = []
+        if array is not None:
+            args.append(f"--array=0-{array - 1}")
+            # One log per task: <stem>-<task>.out (%a is sbatch's task-index pattern).
+            output = str(log.parent / log.stem).replace("%", "%%") + "-%a" + log.suffix.replace("%", "%%")
+        args += [f"--output={output}", f"--error={output}"]
+        if after:
+            args += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
+        job_id = self.client.submit(script, extra_args=args, env=env)
         return str(job_id)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
@@ -58,9 +75,21 @@ class SlurmExecutor:
             raise PollError(str(exc)) from None
         now = time.time()
         result = {str(job_id): _from_squeue(row, now) for job_id, row in queued.items()}
+        # An array job is polled by its array id: while any of its tasks is queued or
+        # running, that is the array's state (the task whose own id is the array id may
+        # have finished first).
+        for row in queued.values():
+            if row.array_job_id in ids and row.array_job_id != row.job_id and row.state.is_active:
+                current = result.get(str(row.array_job_id))
+                if current is None or not current.state.is_active or row.state is JobState.RUNNING:
+                    result[str(row.array_job_id)] = _from_squeue(row, now)
         # Jobs that left the queue, and ended jobs squeue still shows (it has no exit
         # code): one bounded sacct call for all of them.
-        gone = [job_id for job_id in ids if job_id not in queued or queued[job_id].state.is_terminal]
+        gone = [
+            job_id
+            for job_id in ids
+            if not result.get(str(job_id)) or result[str(job_id)].state.is_terminal
+        ]
         if gone:
             try:
                 accounted = self.client.sacct(gone, self.since)
@@ -68,8 +97,8 @@ class SlurmExecutor:
                 accounted = {}
             for job_id in gone:
                 row = accounted.get(job_id)
-                if row is None or (job_id in queued and not row.state.is_terminal):
-                    if job_id not in queued:
+                if row is None or (str(job_id) in result and not row.state.is_terminal):
+                    if str(job_id) not in result:
                         result[str(job_id)] = JobStatus(JobState.UNKNOWN)  # accounting lags: ask again next tick
                     continue  # squeue's view stands; the exit code comes from the agent's record
                 elif row.state is JobState.REQUEUED:

@@ -6,25 +6,27 @@ stage's template, record the intent, submit, and poll the job into the state DB.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fm9g.rundir.atomic import write_text
-from fm9g.rundir.config import ClusterConfig, RunConfig
-from fm9g.orchestrator.executors.base import UNKNOWN, Executor, JobStatus, PollError
-from fm9g.orchestrator.render import config_hash, job_name, job_tag, render_template, sbatch_flags
+from fm9g.launchers.prompts import InferenceError
+from fm9g.orchestrator.executors.base import UNKNOWN, Executor, JobStatus
+from fm9g.orchestrator.jobs import JobTracker, UnknownTooLong
+from fm9g.orchestrator.render import JobSpec, ScriptRenderer, config_hash
+from fm9g.orchestrator.state import JobRow, StateStore
 from fm9g.rundir import RunDir
-from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, JobState, StateStore
+from fm9g.rundir.config import RunConfig
 
 Say = Callable[[str], None]
 
 
 @dataclass
 class StageContext:
-    """A run, its config, its state store and the executor its stage jobs go to."""
+    """A run, its config, its state store and the tracker its stage jobs go through."""
 
     run: RunDir
     config: RunConfig
@@ -41,67 +43,45 @@ class StageContext:
         except OSError:
             return "-"
 
+    def renderer(self) -> ScriptRenderer:
+        return ScriptRenderer(run_name=self.run.name, run_dir=str(self.run.root), cluster=self.config.cluster,
+                              python=self.python, config_hash=self.config_hash())
 
-def render_stage(template: str, *, run_name: str, run_dir: str, stage: str, attempt: int, config_hash: str,
-                 python: str, cluster: ClusterConfig, values: dict[str, Any]) -> str:
-    """Script text of one stage job (pure: no I/O besides reading the template)."""
-    tag = job_tag(run_name, stage, stage, 0, attempt)
-    return render_template(template, run_name=run_name, run_dir=run_dir, stage=stage, attempt=attempt,
-                           config_hash=config_hash, python=python, setup=cluster.setup,
-                           sbatch_flags=sbatch_flags(cluster, name=job_name(run_name, stage, stage, 0), comment=tag),
-                           **values)
+    def tracker(self) -> JobTracker:
+        return JobTracker(self.run, self.store, self.executor, self.renderer(), requeue=self.config.cluster.requeue)
+
+
+def stage_spec(stage: str, template: str, values: dict[str, Any]) -> JobSpec:
+    """The one job of a post-training stage (convert, infer, serve)."""
+    return JobSpec(stage=stage, role=stage, template=template, values=values)
 
 
 def submit(ctx: StageContext, *, stage: str, template: str, values: dict[str, Any], why: str) -> JobRow:
     """Render `template` for the next attempt of `stage`, record it, submit it."""
-    run, store = ctx.run, ctx.store
-    attempt = len(store.jobs(stage)) + 1
-    tag = job_tag(run.name, stage, stage, 0, attempt)
-    text = render_stage(template, run_name=run.name, run_dir=str(run.root), stage=stage, attempt=attempt,
-                        config_hash=ctx.config_hash(), python=ctx.python, cluster=ctx.config.cluster, values=values)
-    script = run.scripts / f"{stage}-a{attempt}.sbatch"
-    write_text(script, text, mode=0o755)
-    log = run.stage_logs(stage) / f"{stage}-a{attempt}.out"
-    row_id = store.record_intent(stage=stage, role=stage, node_rank=0, attempt=attempt, generation=0, tag=tag,
-                                 script=str(script), script_hash=config_hash(text), log=str(log))
-    job_id = ctx.executor.submit(script, log=log, tag=tag)
-    store.mark_submitted(row_id, job_id)
-    store.event("submitted", f"{stage} attempt {attempt} submitted as job {job_id} ({why})", stage=stage, job=row_id,
-                job_id=job_id)
-    ctx.say(f"submitted {stage} job {job_id} ({why}); log: {log}")
-    row = store.job(row_id)
-    assert row is not None
+    attempt = len(ctx.store.jobs(stage)) + 1
+    row = ctx.tracker().submit(stage_spec(stage, template, values), attempt=attempt, why=why)
+    ctx.say(f"submitted {stage} job {row.job_id} ({why}); log: {row.log}")
     return row
 
 
 def adopt(ctx: StageContext, row: JobRow) -> None:
     """Let this process's executor see a job another fm9g-launch process submitted."""
-    if row.job_id:
-        ctx.executor.adopt(str(row.job_id), Path(row.log))
+    ctx.tracker().adopt([row])
 
 
 def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
-    """Poll one job and write what was seen into its row; a failed poll is UNKNOWN, never FAILED."""
-    assert row.job_id is not None
-    try:
-        status = ctx.executor.poll([str(row.job_id)])[str(row.job_id)]
-    except PollError:  # nothing is concluded from a failed poll
+    """Poll the stage's jobs and return `row`'s status now; UNKNOWN when the poll could not tell."""
+    tracker = ctx.tracker()
+    if tracker.poll(row.stage) is None:
         return UNKNOWN
-    if status.state is not JobState.UNKNOWN:
-        fields: dict[str, Any] = {"state": status.state, "reason": status.reason}
-        if status.node:
-            fields["node"] = status.node
-        if status.exit_code is not None:
-            fields["exit_code"] = status.exit_code
-        if status.started_at is not None:
-            fields["started_at"] = status.started_at
-        if status.ended_at is not None:
-            fields["ended_at"] = status.ended_at
-        ctx.store.update_job(row.id, **fields)
-    return status
+    current = ctx.store.job(row.id)
+    if current is None or row.id in tracker.unseen:
+        return UNKNOWN
+    return JobStatus(current.state, exit_code=current.exit_code, node=current.node, reason=current.reason,
+                     restarts=current.restarts, started_at=current.started_at, ended_at=current.ended_at)
 
 
-class Visibility:
+class UnknownBound:
     """Bounds how long a job may stay UNKNOWN (failed polls, accounting lag) while we wait on it."""
 
     def __init__(self, ctx: StageContext, row: JobRow) -> None:
@@ -109,14 +89,12 @@ class Visibility:
         self.since: float | None = None
 
     def check(self, status: JobStatus) -> None:
-        if status.state is not JobState.UNKNOWN:
+        if status.state is not UNKNOWN.state:
             self.since = None
             return
         now = time.monotonic()
         self.since = self.since if self.since is not None else now
         if now - self.since > self.ctx.unknown_grace:
-            from fm9g.launchers.prompts import InferenceError
-
             raise InferenceError(f"job {self.row.job_id} has not been visible to the {self.ctx.executor.name} "
                                  f"executor for {self.ctx.unknown_grace:g}s; it may still exist: look for it "
                                  f"(squeue, or the process table), then run this command again")
@@ -124,13 +102,12 @@ class Visibility:
 
 def wait(ctx: StageContext, row: JobRow) -> JobStatus:
     """Poll until the job has ended (COMPLETED, FAILED, CANCELLED, ...)."""
-    visibility = Visibility(ctx, row)
-    while True:
-        status = refresh(ctx, row)
-        if status.state in TERMINAL_STATES:
-            return status
-        visibility.check(status)
-        time.sleep(ctx.poll_interval)
+    try:
+        [ended] = ctx.tracker().wait([row], interval=ctx.poll_interval, unknown_bound=ctx.unknown_grace)
+    except UnknownTooLong as exc:
+        raise InferenceError(str(exc)) from None
+    return JobStatus(ended.state, exit_code=ended.exit_code, node=ended.node, reason=ended.reason,
+                     restarts=ended.restarts, started_at=ended.started_at, ended_at=ended.ended_at)
 
 
 def log_tail(path: str | Path, lines: int = 15) -> str:
@@ -144,8 +121,6 @@ def log_tail(path: str | Path, lines: int = 15) -> str:
 
 def open_context(run: RunDir, config: RunConfig, executor_kind: str, say: Say, python: str | None = None) -> StageContext:
     """A StageContext on a fresh StateStore and executor; close its store when done."""
-    import sys
-
     from fm9g.orchestrator.executors import make_executor
 
     executor = make_executor(executor_kind)

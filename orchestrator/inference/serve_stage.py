@@ -22,7 +22,7 @@ from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError
 from fm9g.orchestrator.inference.jobs import (
     StageContext,
-    Visibility,
+    UnknownBound,
     adopt,
     log_tail,
     refresh,
@@ -64,7 +64,7 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
     """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
     path = ctx.run.serve_endpoint
     started = time.monotonic()
-    visibility = Visibility(ctx, row)
+    visibility = UnknownBound(ctx, row)
     while True:
         status = refresh(ctx, row)
         visibility.check(status)

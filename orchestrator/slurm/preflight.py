@@ -21,7 +21,6 @@ from fm9g.orchestrator.slurm.parse import Partition, expand_hostlist
 
 if TYPE_CHECKING:
     from fm9g.rundir.config import RunConfig
-    from fm9g.rundir import RunDir
 
 
 class PreflightError(RuntimeError):
@@ -129,7 +128,7 @@ def check(
     return PreflightReport(partition=chosen.name, exclude=kept, warnings=tuple(warnings))
 
 
-def check_run(config: RunConfig, run: RunDir, client: PartitionSource | None = None) -> list[str]:
+def check_run(config: RunConfig, client: PartitionSource | None = None) -> list[str]:
     """Preflight for a whole run config; drops unknown nodes from cluster.exclude; returns warnings."""
     if client is None:
         from fm9g.orchestrator.slurm.commands import SlurmClient

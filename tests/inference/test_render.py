@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from fm9g.launchers.prompts import Sampling
-from fm9g.orchestrator.inference.jobs import render_stage
+from fm9g.orchestrator.inference.jobs import stage_spec
+from fm9g.orchestrator.render import ScriptRenderer
 from fm9g.rundir.config import ClusterConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -25,9 +26,9 @@ VALUES = {
 
 def render(stage: str, *, run_dir: str = "/shared/runs/demo", values: dict | None = None) -> str:
     cluster = ClusterConfig(partition="gpu", gpus_per_node=1, time="1:00:00", setup=["module load cuda/12.1"])
-    return render_stage(f"{stage}.sbatch.j2", run_name=Path(run_dir).name, run_dir=run_dir, stage=stage, attempt=1,
-                        config_hash="0123456789ab", python="/opt/venv/bin/python", cluster=cluster,
-                        values=values or VALUES[stage])
+    renderer = ScriptRenderer(run_name=Path(run_dir).name, run_dir=run_dir, cluster=cluster,
+                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+    return renderer.render(stage_spec(stage, f"{stage}.sbatch.j2", values or VALUES[stage]), attempt=1)
 
 
 @pytest.mark.parametrize("stage", sorted(VALUES))

@@ -1,4 +1,4 @@
-"""Rendered node scripts: quoted, syntactically valid, stable (golden files)."""
+"""Rendered job scripts: quoted, syntactically valid, stable (golden files)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ from pathlib import Path
 import pytest
 
 from fm9g.rundir.config import ClusterConfig, ConfigError
-from fm9g.orchestrator.render import NodeJob, render_node, slug
+from fm9g.orchestrator.plan import index_specs, node_spec, tokenizer_spec, IndexSource
+from fm9g.orchestrator.render import ScriptRenderer, slug
+from fm9g.rundir import RunDir
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
 
 
-def node_job(role: str = "master", rank: int = 0, name: str = "demo", run_dir: str = "/shared/runs/demo") -> NodeJob:
-    return NodeJob(run_name=name, run_dir=run_dir, stage="train", role=role, node_rank=rank, attempt=1, generation=0,  # type: ignore[arg-type]
-                   python="/opt/venv/bin/python", config_hash="0123456789ab")
+def render_node(rank: int = 0, cluster: ClusterConfig | None = None, name: str = "demo",
+                run_dir: str = "/shared/runs/demo") -> str:
+    renderer = ScriptRenderer(run_name=name, run_dir=run_dir, cluster=cluster or ClusterConfig(),
+                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+    return renderer.render(node_spec(rank, generation=0), attempt=1)
 
 
 def full_cluster() -> ClusterConfig:
@@ -29,11 +33,26 @@ def full_cluster() -> ClusterConfig:
 
 @pytest.mark.parametrize("role,rank", [("master", 0), ("worker", 1)])
 def test_golden_scripts(role: str, rank: int, golden: Callable[[Path, str], None]) -> None:
-    golden(GOLDEN / f"{role}.sbatch", render_node(node_job(role, rank), full_cluster()))
+    golden(GOLDEN / f"{role}.sbatch", render_node(rank, full_cluster()))
+
+
+def test_golden_index_and_tokenizer_scripts(golden: Callable[[Path, str], None]) -> None:
+    run = RunDir(Path("/shared/runs/demo"))
+    renderer = ScriptRenderer(run_name=run.name, run_dir=str(run.root), cluster=full_cluster(),
+                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+    source = IndexSource("wiki", Path("/data/wiki"), run.indexed / "wiki", run.indexed / ".work" / "wiki", "zh")
+    shard, merge = index_specs(source, shards=8)
+    golden(GOLDEN / "index-shard.sbatch", renderer.render(shard, 1))
+    golden(GOLDEN / "index-merge.sbatch", renderer.render(merge, 1))
+    text = renderer.render(tokenizer_spec(run, 8000), 1)
+    golden(GOLDEN / "tokenizer.sbatch", text)
+    # CPU jobs: no GPU asked for, no checkpoint signal; the array size is not in the script
+    for script in (renderer.render(shard, 1), text):
+        assert "--gres" not in script and "--signal" not in script and "--array" not in script
 
 
 def test_every_option_reaches_the_script() -> None:
-    text = render_node(node_job(), full_cluster())
+    text = render_node(0, full_cluster())
     for flag in ("--partition=gpu", "--account=proj1", "--qos=high", "--gres=gpu:8", "--constraint=a100",
                  "--exclude=g3001,g3002", "--time=2-00:00:00", "--cpus-per-task=64", "--mem=500G",
                  "--reservation=llm", "--open-mode=append", "--signal=B:USR1@120", "--no-requeue"):
@@ -46,7 +65,7 @@ def test_every_option_reaches_the_script() -> None:
 def test_hostile_run_name_injects_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / HOSTILE
     run_dir.mkdir()
-    text = render_node(node_job(name=HOSTILE, run_dir=str(run_dir)), ClusterConfig())
+    text = render_node(0, ClusterConfig(), name=HOSTILE, run_dir=str(run_dir))
     script = tmp_path / "job.sh"
     # Replace the final exec with a probe that prints what the agent would receive.
     probe = text.replace("exec ", "printf '%s\\n' ", 1)
@@ -62,7 +81,7 @@ def test_hostile_run_name_injects_nothing(tmp_path: Path) -> None:
 
 def test_sbatch_value_with_whitespace_is_refused() -> None:
     with pytest.raises(ConfigError, match="cluster.partition"):
-        render_node(node_job(), ClusterConfig(partition="gpu --wrap=x"))
+        render_node(0, ClusterConfig(partition="gpu --wrap=x"))
 
 
 def test_slug_keeps_distinct_names_distinct() -> None:

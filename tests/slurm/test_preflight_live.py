@@ -54,13 +54,13 @@ def test_check_run_reads_the_run_config(slurm: SlurmClient, tmp_path: Path) -> N
     run = RunDir.of(tmp_path / "run")
     config = RunConfig(executor="slurm", cluster={"partition": "small", "nodes": 3})
     with pytest.raises(PreflightError, match="set cluster.nodes to at most 2"):
-        check_run(config, run, slurm)
+        check_run(config, slurm)
 
     config = RunConfig(executor="slurm", cluster={"nodes": 2, "exclude": ["node1", "ghost7"]})
-    warnings = check_run(config, run, slurm)
+    warnings = check_run(config, slurm)
     assert config.cluster.exclude == ["node1"]  # sbatch would refuse "ghost7"
     assert any("ghost7" in warning for warning in warnings)
 
     config = RunConfig(executor="slurm", data={"tokenizer_path": str(tmp_path / "missing.model")})
     with pytest.raises(PreflightError, match="data.tokenizer_path: .*missing.model does not exist"):
-        check_run(config, run, slurm)
+        check_run(config, slurm)

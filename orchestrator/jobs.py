@@ -1,0 +1,228 @@
+"""`JobTracker`: the one path from a JobSpec to a job, and from a poll to the state DB.
+
+Every stage (index shards and merges, the tokenizer, the training nodes, convert,
+infer, serve) submits and follows its jobs through here:
+
+    submit:  render -> atomic write -> intent row -> executor.submit -> mark submitted -> event
+    poll:    ONE executor.poll over every live job of every stage -> rows updated -> transitions
+
+A failed poll is recorded as a `poll_error` event and changes nothing: UNKNOWN is never
+acted on.  A job Slurm requeued by itself (same id, a higher restart count) is reported
+as such, never as an end, so nobody resubmits it a second time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fm9g.orchestrator.executors.base import Executor, JobStatus, PollError
+from fm9g.orchestrator.render import JobSpec, ScriptRenderer, config_hash
+from fm9g.orchestrator.slurm.states import JobState
+from fm9g.orchestrator.state import JobRow, StateStore
+from fm9g.rundir import RunDir
+from fm9g.rundir.atomic import write_text
+from fm9g.rundir.config import ClusterConfig
+
+Clock = Callable[[], float]
+
+
+class UnknownTooLong(RuntimeError):
+    """A job stayed invisible to the executor past the bound; it may still exist."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One job row before and after a poll changed it."""
+
+    before: JobRow
+    after: JobRow
+
+    @property
+    def ended(self) -> bool:
+        return self.after.state.is_terminal and not self.before.state.is_terminal
+
+    @property
+    def requeued(self) -> bool:
+        return self.after.restarts > self.before.restarts
+
+
+class JobTracker:
+    """Submits JobSpecs and keeps their rows in state.db in step with the executor."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        store: StateStore,
+        executor: Executor,
+        renderer: ScriptRenderer,
+        *,
+        requeue: bool = False,
+        clock: Clock = time.time,
+    ) -> None:
+        self.run = run
+        self.store = store
+        self.executor = executor
+        self.renderer = renderer
+        self.requeue = requeue  # cluster.requeue: Slurm, not us, brings NODE_FAIL'd jobs back
+        self.clock = clock
+        self.unseen: set[int] = set()  # row ids the last poll could not see (UNKNOWN)
+
+    # ------------------------------------------------------------------ submission
+    def write_script(self, spec: JobSpec, attempt: int, cluster: ClusterConfig | None = None) -> tuple[Path, str]:
+        """Render `spec`'s attempt into scripts/ (atomically); returns the path and the text."""
+        text = self.renderer.render(spec, attempt, cluster)
+        path = self.run.scripts / spec.script_name(attempt)
+        write_text(path, text, mode=0o755)
+        return path, text
+
+    def submit(
+        self,
+        spec: JobSpec,
+        *,
+        attempt: int,
+        why: str,
+        after: Sequence[str] = (),
+        cluster: ClusterConfig | None = None,
+        jobs_at_once: int = 1,
+    ) -> JobRow:
+        """Submit one attempt of `spec`, recorded before it is made (a crash in between
+        leaves a SUBMITTING row that `resume` resolves by the job's tag)."""
+        script, text = self.write_script(spec, attempt, cluster)
+        log = self.run.stage_logs(spec.stage.replace(":", "-")) / spec.log_name(attempt)
+        tag = spec.tag(self.run.name, attempt)
+        row_id = self.store.record_intent(
+            stage=spec.stage, role=spec.role, node_rank=spec.node_rank, attempt=attempt,
+            generation=spec.generation, tag=tag, script=str(script), script_hash=config_hash(text), log=str(log),
+        )
+        try:
+            job_id = self.executor.submit(
+                script, log=log, tag=tag, env=self.executor.job_env(jobs_at_once), after=after, array=spec.array
+            )
+        except Exception as exc:
+            self.store.update_job(row_id, state=JobState.FAILED, reason=f"not submitted: {exc}", ended_at=self.clock())
+            self.store.event("submit_failed", f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt}: {exc}",
+                             stage=spec.stage, job=row_id, node_rank=spec.node_rank, why=why)
+            raise
+        self.store.mark_submitted(row_id, job_id)
+        self.store.event(
+            "submitted", f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt} submitted as job {job_id} ({why})",
+            stage=spec.stage, job=row_id, node_rank=spec.node_rank, role=spec.role, job_id=job_id,
+            generation=spec.generation, attempt=attempt, why=why, after=list(after),
+        )
+        row = self.store.job(row_id)
+        assert row is not None
+        return row
+
+    # ------------------------------------------------------------------ following
+    def live_rows(self, stage: str | None = None) -> list[JobRow]:
+        return [row for row in self.store.jobs(stage, live_only=True) if row.job_id]
+
+    def adopt(self, rows: Sequence[JobRow] | None = None) -> None:
+        """Let this process's executor poll and cancel jobs another process submitted."""
+        for row in self.live_rows() if rows is None else rows:
+            if row.job_id:
+                self.executor.adopt(row.job_id, Path(row.log))
+
+    def poll(self, stage: str | None = None) -> list[Transition] | None:
+        """One executor poll over every live job (of `stage`, or of every stage); None when
+        the poll failed (recorded as a poll_error event; nothing else changes)."""
+        live = self.live_rows(stage)
+        self.unseen = set()
+        if not live:
+            return []
+        try:
+            statuses = self.executor.poll([row.job_id for row in live if row.job_id])
+        except PollError as exc:
+            self.unseen = {row.id for row in live}
+            self.store.event("poll_error", f"poll failed, state unknown this tick: {exc}", stage=stage or "")
+            return None
+        transitions = []
+        for row in live:
+            status = statuses.get(row.job_id or "")
+            if status is None or status.state is JobState.UNKNOWN:
+                self.unseen.add(row.id)
+                continue  # cannot tell: never acted on
+            after = self.apply(row, status)
+            if after is not None:
+                transitions.append(Transition(row, after))
+        return transitions
+
+    def apply(self, row: JobRow, status: JobStatus) -> JobRow | None:
+        """Write what a poll saw into `row`; the updated row, or None when nothing changed."""
+        fields: dict[str, object] = {}
+        if self.requeue and status.state in (JobState.NODE_FAIL, JobState.PREEMPTED):
+            # Slurm owns requeue for this run (--requeue): the same job id comes back by
+            # itself, so this end is not final and must not be repaired a second time.
+            status = replace(status, state=JobState.REQUEUED, reason=f"{status.state.value}, Slurm requeues it")
+        if row.state is JobState.RUNNING and status.state in (JobState.PENDING, JobState.REQUEUED) \
+                and status.restarts <= row.restarts:
+            status = replace(status, restarts=row.restarts + 1)  # squeue shows no restart count
+        if status.restarts > row.restarts:
+            fields["restarts"] = status.restarts
+            self.store.event("requeued_by_slurm",
+                             f"job {row.job_id} was requeued by Slurm (restart {status.restarts}); not resubmitting",
+                             stage=row.stage, job=row.id, node_rank=row.node_rank)
+        if status.state is not row.state:
+            fields["state"] = status.state
+        if status.node and status.node != row.node:
+            fields["node"] = status.node
+        if status.reason != row.reason:
+            fields["reason"] = status.reason
+        if status.state is JobState.RUNNING and row.started_at is None:
+            fields["started_at"] = status.started_at or self.clock()
+        if status.state.is_terminal:
+            if status.exit_code is not None or row.exit_code is None:
+                fields["exit_code"] = status.exit_code
+            if row.ended_at is None or not row.state.is_terminal:
+                fields["ended_at"] = status.ended_at or self.clock()
+            if status.started_at is not None and row.started_at is None:
+                fields["started_at"] = status.started_at
+        if not fields:
+            return None
+        self.store.update_job(row.id, **fields)
+        return self.store.job(row.id)
+
+    def cancel(self, rows: Sequence[JobRow], reason: str) -> list[str]:
+        """Cancel live jobs and mark their rows ended; returns the job ids."""
+        ids = [row.job_id for row in rows if row.job_id and not row.state.is_terminal]
+        if ids:
+            self.executor.cancel(ids)
+        for row in rows:
+            if not row.state.is_terminal:
+                self.store.update_job(row.id, state=JobState.CANCELLED, reason=reason, ended_at=self.clock())
+        return ids
+
+    def wait(
+        self,
+        rows: Sequence[JobRow],
+        *,
+        interval: float,
+        unknown_bound: float = 120.0,
+        sleep: Callable[[float], None] = time.sleep,
+        on_tick: Callable[[], None] | None = None,
+    ) -> list[JobRow]:
+        """Poll until every one of `rows` has ended; their final rows.  A job invisible
+        (UNKNOWN, failed polls) for longer than `unknown_bound` seconds raises UnknownTooLong."""
+        ids = [row.id for row in rows]
+        stage = rows[0].stage if rows and all(row.stage == rows[0].stage for row in rows) else None
+        unseen_since: float | None = None
+        while True:
+            current = [self.store.job(row_id) for row_id in ids]
+            if all(row is not None and row.state.is_terminal for row in current):
+                return [row for row in current if row is not None]
+            self.poll(stage)
+            if on_tick is not None:
+                on_tick()
+            if self.unseen & set(ids):
+                unseen_since = unseen_since if unseen_since is not None else time.monotonic()
+                if time.monotonic() - unseen_since > unknown_bound:
+                    missing = ", ".join(str(r.job_id) for r in current if r and r.id in self.unseen)
+                    raise UnknownTooLong(
+                        f"job(s) {missing} not visible to the {self.executor.name} executor for {unknown_bound:g}s; "
+                        f"they may still exist: look for them (squeue, or the process table), then run the command again")
+            else:
+                unseen_since = None
+            sleep(interval)
