@@ -29,7 +29,7 @@ from fm9g.rundir.config import RunConfig, TrainConfig, dump
 from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.tui.app import make_app
-from fm9g.orchestrator.tui.reader import RunReader
+from fm9g.orchestrator.views import RunReader
 from fm9g.orchestrator.tui.screens.main import MainScreen
 
 

@@ -4,43 +4,40 @@ global state)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from fm9g.orchestrator.views import MetricPoint, read_points
 from fm9g.rundir import RunDir
-from fm9g.orchestrator.tui.metrics import MetricPoint, parse_point
+from fm9g.rundir.atomic import atomic_output
+
+DEFAULT_NAME = "curves.png"
 
 
 class PlotError(ValueError):
     """Nothing to plot; the message says why and what to check."""
 
 
-def read_points(path: Path) -> list[MetricPoint]:
-    """Every logged step of metrics.jsonl, by step; a step logged twice (a resumed run
-    replays the steps after its last checkpoint) keeps its latest value.  Bad and
-    partial lines are skipped."""
-    by_step: dict[int, MetricPoint] = {}
+def default_output(run: RunDir) -> Path:
+    """Where `plot` writes when no --output is given: inside the run directory, next to
+    the metrics it was drawn from, whatever the current directory is."""
+    return run.root / DEFAULT_NAME
+
+
+def load_points(run: RunDir) -> list[MetricPoint]:
+    """The run's logged steps; PlotError when metrics.jsonl cannot be read."""
     try:
-        handle = open(path, "rb")
+        return read_points(run.metrics)
     except OSError as exc:
-        raise PlotError(f"cannot read {path}: {exc.strerror}; has the run logged a step yet?") from exc
-    with handle:
-        for line in handle:
-            try:
-                point = parse_point(json.loads(line))
-            except ValueError:
-                continue
-            if point is not None:
-                by_step[point.step] = point
-    return [by_step[step] for step in sorted(by_step)]
+        raise PlotError(f"cannot read {run.metrics}: {exc.strerror}; has the run logged a step yet?") from exc
 
 
-def plot_run(run: RunDir, output: Path, *, dpi: int = 120) -> Path:
-    """Write the curves of `run` to `output` (PNG); returns the path."""
+def plot_run(run: RunDir, output: Path | None = None, *, dpi: int = 120) -> Path:
+    """Write the curves of `run` to `output` (PNG; default `runs/NAME/curves.png`),
+    atomically, so a viewer that reloads it never sees half an image; returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = read_points(run.metrics)
+    points = load_points(run)
     losses = [(p.step, p.loss) for p in points if p.loss is not None]
     lrs = [(p.step, p.lr) for p in points if p.lr is not None]
     if not losses and not lrs:
@@ -67,7 +64,7 @@ def plot_run(run: RunDir, output: Path, *, dpi: int = 120) -> Path:
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     last = points[-1]
     figure.suptitle(f"{run.name}: step {last.step}" + (f", loss {last.loss:.4f}" if last.loss is not None else ""))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=dpi, format="png")
+    output = default_output(run) if output is None else Path(output)
+    with atomic_output(output) as handle:
+        figure.savefig(handle, dpi=dpi, format="png")
     return output

@@ -1,116 +1,34 @@
-"""`fm9g-launch status`: the facts of one or many runs, read from their run directories
-(state.db, metrics.jsonl, endpoint, heartbeats) — never from Slurm.
-
-`collect` builds the plain dict behind both views; its shape is the stable JSON schema
+"""`fm9g-launch status`: prints the facts of one or many runs, as rich tables or as
+JSON.  Printing only: `fm9g.orchestrator.views` reads the run directories (never Slurm)
+and builds the plain dict behind both views, whose shape is the stable JSON schema
 (docs/status-schema.md, version in SCHEMA_VERSION).
+
+A run that cannot be read is still listed, with one line saying why and what to do;
+every other run is shown as usual.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
-from typing import Any
 
-from fm9g.rundir.atomic import read_json
+from fm9g.orchestrator.tui.format import format_elapsed, format_loss, format_lr
+from fm9g.orchestrator.views import collect, find_runs
 from fm9g.rundir import RunDir
-from fm9g.orchestrator.state import StateStore
+
+__all__ = ["SCHEMA_VERSION", "collect", "find_runs", "render_json", "print_tables", "print_failures"]
 
 SCHEMA_VERSION = 1
 
 
-def find_runs(root: Path) -> list[RunDir]:
-    if not root.is_dir():
-        return []
-    return sorted((RunDir.of(p) for p in root.iterdir() if (p / "config.yaml").exists()), key=lambda r: r.name)
-
-
-def last_metrics(run: RunDir, max_bytes: int = 65536) -> dict[str, Any] | None:
-    """The last complete line of metrics.jsonl (a partial last line is skipped)."""
-    try:
-        with open(run.metrics, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - max_bytes))
-            lines = handle.read().split(b"\n")
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
-def collect(run: RunDir) -> dict[str, Any]:
-    """Everything `status` shows about one run, as plain JSON-able data."""
-    result: dict[str, Any] = {"name": run.name, "path": str(run.root), "status": "NEW", "stages": [], "jobs": [],
-                              "progress": None, "endpoint": read_json(run.endpoint), "serve": read_json(run.serve_endpoint),
-                              "done": run.done_flag.exists(), "recoveries": [], "owner": None, "executor": None}
-    if run.state_db.exists():
-        store = StateStore(run.state_db, readonly=True)
-        try:
-            stages = store.stages()
-            jobs = store.jobs()
-            events = store.events(kind="recovery")
-            result["owner"] = store.meta("owner")
-            result["executor"] = store.meta("executor")
-        finally:
-            store.close()
-        result["stages"] = [{"name": s.name, "kind": s.kind, "status": s.status, "detail": s.detail,
-                             "progress": s.progress, "started_at": s.started_at, "ended_at": s.ended_at} for s in stages]
-        result["jobs"] = [{"id": j.id, "stage": j.stage, "role": j.role, "node_rank": j.node_rank, "attempt": j.attempt,
-                           "generation": j.generation, "job_id": j.job_id, "state": j.state, "reason": j.reason,
-                           "node": j.node, "exit_code": j.exit_code, "restarts": j.restarts, "elapsed": j.elapsed,
-                           "log": j.log, "submitted_at": j.submitted_at} for j in jobs]
-        result["recoveries"] = [{"node_rank": e.data.get("node_rank"), "phases": e.data.get("phases", {}),
-                                 "message": e.message} for e in events]
-        result["status"] = overall(stages)
-    metrics = last_metrics(run)
-    if metrics:
-        summary = read_json(run.summary) or {}
-        result["progress"] = {"step": metrics.get("step"), "loss": metrics.get("loss"), "lr": metrics.get("lr"),
-                              "tokens_per_s": metrics.get("tokens_per_s"), "time": metrics.get("time"),
-                              "train_iters": summary.get("train_iters") or _train_iters(run)}
-    return result
-
-
-def _train_iters(run: RunDir) -> int | None:
-    try:
-        from fm9g.rundir.config import load_resolved
-        return load_resolved(run.config).train.train_iters
-    except Exception:  # a status view never fails on one broken run
-        return None
-
-
-def overall(stages: list) -> str:
-    statuses = [s.status for s in stages]
-    if not statuses:
-        return "NEW"
-    for status in ("FAILED", "CANCELLED", "RUNNING"):
-        if status in statuses:
-            return status
-    if all(s in ("COMPLETED", "SKIPPED") for s in statuses):
-        return "COMPLETED"
-    return "PENDING"
-
-
 def render_json(runs: list[RunDir]) -> str:
+    """The `status --json` document: one entry per run, a broken one with its `error`."""
     return json.dumps({"schema": SCHEMA_VERSION, "generated_at": time.time(), "runs": [collect(r) for r in runs]},
                       ensure_ascii=False, indent=2)
 
 
-def format_elapsed(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def print_tables(runs: list[RunDir]) -> None:
+    """One header line and a job table per run; an unreadable part is one red line."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -127,7 +45,10 @@ def print_tables(runs: list[RunDir]) -> None:
         if progress:
             total = progress.get("train_iters")
             line += f"\n  step {progress['step']}" + (f"/{total}" if total else "") + \
-                    f"  loss {progress['loss']:.4f}  lr {progress['lr']:.3g}"
+                    f"  loss {format_loss(progress['loss'])}  lr {format_lr(progress['lr'])}"
+        if facts["error"]:
+            error = facts["error"]
+            line += f"\n  [red]{escape(error['source'])}: {escape(error['message'])}[/red]; {escape(error['fix'])}"
         if facts.get("serve"):
             serve = facts["serve"]
             line += f"\n  serving at http://{serve.get('host')}:{serve.get('port')}/v1"

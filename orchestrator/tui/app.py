@@ -11,9 +11,9 @@ from pathlib import Path
 from textual.app import App
 from textual.binding import Binding
 
-from fm9g.orchestrator.tui.catalog import runs_root_of
 from fm9g.orchestrator.tui.screens.help import HelpScreen
 from fm9g.orchestrator.tui.screens.main import MainScreen
+from fm9g.orchestrator.views import runs_root_of
 
 
 class LaunchTui(App[None]):

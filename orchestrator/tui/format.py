@@ -9,11 +9,9 @@ import math
 import time
 from collections.abc import Sequence
 
-from fm9g.orchestrator.status import format_elapsed
-
 __all__ = ["format_elapsed", "format_eta", "format_rate", "format_loss", "format_lr", "format_state",
-           "format_clock", "format_phases", "progress_bar", "sparkline", "estimate_eta", "job_label",
-           "truncate", "state_style", "elapsed_of"]
+           "format_clock", "format_phases", "progress_bar", "sparkline", "job_label",
+           "truncate", "state_style"]
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 RECOVERY_PHASES = ("resubmitted", "allocated", "rendezvous", "first_step")
@@ -25,6 +23,16 @@ def _finite(value: object) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def format_elapsed(seconds: float | None) -> str:
+    """A run time as 'M:SS' or 'H:MM:SS'; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def format_eta(seconds: float | None) -> str:
@@ -67,6 +75,7 @@ def format_lr(value: object) -> str:
 
 def format_state(state: str, reason: str = "", exit_code: int | None = None) -> str:
     """A job's state with why it is there: 'PENDING Resources', 'FAILED rc=1'."""
+    state = str(getattr(state, "value", state))  # a JobState formats as 'JobState.X' in an f-string
     if state in ("PENDING", "SUBMITTING") and reason:
         return f"{state} {reason}"
     if state in ("FAILED", "OUT_OF_MEMORY") and exit_code not in (None, 0):
@@ -135,32 +144,6 @@ def sparkline(values: Sequence[float], width: int) -> str:
     return "".join(SPARK_BLOCKS[int(round((v - low) * scale))] for v in points)
 
 
-def estimate_eta(samples: Sequence[tuple[int, float]], train_iters: int | None) -> float | None:
-    """Seconds left to `train_iters`, from (step, time) samples of recent progress.
-
-    `time` is either a timestamp (the trainer's wall clock) or a per-step duration in
-    seconds; values above 1e8 are read as timestamps."""
-    if not train_iters or not samples:
-        return None
-    last_step = samples[-1][0]
-    remaining = train_iters - last_step
-    if remaining <= 0:
-        return 0.0
-    times = [t for _, t in samples]
-    if times[-1] > 1e8:
-        first_step, first_time = samples[0]
-        if last_step <= first_step or times[-1] <= first_time:
-            return None
-        per_step = (times[-1] - first_time) / (last_step - first_step)
-    else:
-        durations = [t for t in times if t > 0]
-        if not durations:
-            return None
-        # A logged duration is one step's, whatever log_iters is.
-        per_step = sum(durations) / len(durations)
-    return remaining * per_step
-
-
 def job_label(attempt: int, node_rank: int, role: str, first_of_attempt: bool) -> str:
     """The tree column of a job row: ' a2 r1 worker' on an attempt's first row, else '    r2 worker'."""
     prefix = f"a{attempt}" if first_of_attempt else ""
@@ -177,10 +160,3 @@ STATE_STYLES = {
 def state_style(state: str) -> str:
     """The colour of a job or stage state: failures red, waiting yellow, running green."""
     return STATE_STYLES.get(state, "red")
-
-
-def elapsed_of(started_at: float | None, ended_at: float | None, now: float) -> float | None:
-    """Seconds a job or stage has run, as of `now` (a clock passed in, never read here)."""
-    if started_at is None:
-        return None
-    return max(0.0, (ended_at or now) - started_at)

@@ -3,25 +3,25 @@ config.yaml, state.db (an index stage and a 3-node train stage whose worker r2 f
 and was resubmitted), metrics.jsonl (with a partial last line), logs and events.
 
 Times are fixed (BASE) so that elapsed times and the snapshot are stable; the tests
-give the app a clock at NOW.  The lead will swap this for a real local run."""
+give the app a clock at NOW.  The live jobs can be real local jobs (`local_jobs`) for
+the tests that cancel them."""
 
 from __future__ import annotations
 
 import getpass
 import json
-import os
-import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from fm9g.rundir.endpoint import Endpoint, publish_endpoint
-from fm9g.rundir.config import RunConfig, TrainConfig, dump
-from fm9g.rundir import RunDir
+from fm9g.orchestrator.executors.local import LocalExecutor
 from fm9g.orchestrator.state import StateStore
+from fm9g.rundir import RunDir
+from fm9g.rundir.config import RunConfig, TrainConfig, dump
+from fm9g.rundir.endpoint import Endpoint, publish_endpoint
 
 BASE = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 NOW = BASE + 3725.0
@@ -42,12 +42,12 @@ class DemoRun:
 
 
 def metrics_line(step: int) -> str:
-    record = {"step": step, "loss": 6.0 * 0.99 ** step + 1.5, "lr": 3e-4 * min(1.0, step / 20),
-              "grad_norm": 0.8 + 0.001 * step, "tokens_per_s": 12_345.0 + step, "time": BASE + 600 + 5.0 * step}
-    if step % 2:
-        record["task_loss"] = {task: record["loss"] + 0.1 * index for index, task in enumerate(TASKS)}
-    else:
-        record.update({f"loss/{task}": record["loss"] + 0.1 * index for index, task in enumerate(TASKS)})
+    """One line as model/train.py `_report` and model/metrics.py `log_step` write it
+    (with train.tensorboard_all_tasks on, so `task_loss` is there)."""
+    loss = 6.0 * 0.99 ** step + 1.5
+    record = {"time": BASE + 600 + 5.0 * step, "step": step, "generation": 0, "tokens_per_s": 12_345.0 + step,
+              "tokens": 4096 * step, "loss": loss, "lr": 3e-4 * min(1.0, step / 20), "grad_norm": 0.8 + 0.001 * step,
+              "tflops": 1.25, "task_loss": {task: loss + 0.1 * index for index, task in enumerate(TASKS)}}
     return json.dumps(record)
 
 
@@ -126,22 +126,50 @@ def demo_run(runs_root: Path) -> DemoRun:
     return make_demo_run(runs_root)
 
 
+@dataclass
+class LocalJobs:
+    """Real local jobs (`sleep`) started through the LocalExecutor, standing in for the
+    live jobs of the demo run: their ids, and the executor that can poll and kill them."""
+
+    executor: LocalExecutor
+    job_ids: dict[str, str]  # "r0a1" -> job id (the wrapper's pid)
+
+    def alive(self, key: str) -> bool:
+        return self.executor.owns(self.job_ids[key])
+
+    def wait_ended(self, key: str, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive(key):
+                return True
+            time.sleep(0.05)
+        return False
+
+
 @pytest.fixture
-def sleepers() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """Three real processes, each its own session like a local job, standing in for the
-    live jobs; killed at the end whatever happened."""
-    procs = {key: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-             for key in ("r0a1", "r1a1", "r2a2")}
+def local_jobs(runs_root: Path) -> Iterator[LocalJobs]:
+    """Three `sleep` jobs submitted with the logs the demo run names (so their exit-code
+    files are where a reader looks); killed at the end whatever happened."""
+    executor = LocalExecutor()
+    scripts = runs_root / "demo" / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    ids = {}
+    for key in ("r0a1", "r1a1", "r2a2"):
+        script = scripts / f"{key}.sh"
+        script.write_text("#!/bin/bash\nexec sleep 600\n")
+        role = "master" if key.startswith("r0") else "worker"
+        log = runs_root / "demo" / "logs" / "train" / f"{role}{key[1]}-a{key[3]}.out"
+        ids[key] = executor.submit(script, log=log, tag=f"fm9g:demo:train:{key}")
+    jobs = LocalJobs(executor=executor, job_ids=ids)
     try:
-        yield procs
+        yield jobs
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-            proc.wait()
+        for job_id in ids.values():
+            executor.kill(job_id)
+        executor.poll(list(ids.values()))  # reaps them
 
 
-async def _settle(pilot: "Pilot[None]", rounds: int = 3) -> None:  # noqa: F821
+async def _settle(pilot: Pilot[None], rounds: int = 3) -> None:  # noqa: F821
     """Let the refresh workers finish and their results, and the messages they cause, land."""
     for _ in range(rounds):
         await pilot.app.workers.wait_for_complete()

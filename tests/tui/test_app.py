@@ -10,6 +10,7 @@ import pytest
 from textual.widgets import Button
 
 from fm9g.orchestrator import actions
+from fm9g.orchestrator.state import JobState, StageStatus, StateStore
 from fm9g.orchestrator.tui.app import make_app
 from fm9g.orchestrator.tui.screens.confirm import ConfirmScreen
 from fm9g.orchestrator.tui.screens.help import HelpScreen
@@ -21,7 +22,7 @@ from fm9g.orchestrator.tui.widgets.run_header import RunHeader
 from fm9g.orchestrator.tui.widgets.run_list import RunList
 from fm9g.orchestrator.tui.widgets.training_panel import TrainingPanel
 
-from .conftest import NOW, STEPS, TRAIN_ITERS, DemoRun, make_demo_run
+from .conftest import NOW, STEPS, TRAIN_ITERS, DemoRun, LocalJobs, make_demo_run
 
 # anyio's pytest plugin runs the async tests (anyio comes with the dev extra, via openai).
 pytestmark = pytest.mark.anyio
@@ -173,8 +174,10 @@ async def test_switching_runs_and_read_only(demo_run: DemoRun, runs_root: Path, 
         assert screen.run.name == "demo" and not screen.read_only
 
 
-async def test_cancel_asks_then_kills_the_job_then_the_run(runs_root: Path, sleepers, settle) -> None:
-    demo = make_demo_run(runs_root, live_ids={key: str(proc.pid) for key, proc in sleepers.items()})
+async def test_cancel_asks_then_kills_the_job_then_the_run(runs_root: Path, local_jobs: LocalJobs, settle) -> None:
+    """No supervisor holds the run's lock: the TUI cancels through the executor, and the
+    state database records the jobs as cancelled and which way the cancel went."""
+    demo = make_demo_run(runs_root, live_ids=local_jobs.job_ids)
     app = make_app(demo.run.root, clock=lambda: NOW)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot)
@@ -187,28 +190,40 @@ async def test_cancel_asks_then_kills_the_job_then_the_run(runs_root: Path, slee
         assert app.screen.focused is not None and app.screen.focused.id == "back"
         await pilot.press("escape")
         await settle(pilot)
-        assert all(proc.poll() is None for proc in sleepers.values())
+        assert all(local_jobs.alive(key) for key in local_jobs.job_ids)
         # the highlighted job only
         await pilot.press("c")
         await pilot.pause()
         await pilot.click("#choice-job")
         await settle(pilot)
-        assert sleepers["r1a1"].wait(timeout=10) != 0
-        assert sleepers["r0a1"].poll() is None and sleepers["r2a2"].poll() is None
+        assert local_jobs.wait_ended("r1a1")
+        assert local_jobs.alive("r0a1") and local_jobs.alive("r2a2")
         # the whole run
         await pilot.press("c")
         await pilot.pause()
         assert app.screen.query_one("#choice-run", Button)
         await pilot.click("#choice-run")
         await settle(pilot)
-        for proc in sleepers.values():
-            assert proc.wait(timeout=10) != 0
-        assert (demo.run.control / "cancel").exists()
+        for key in local_jobs.job_ids:
+            assert local_jobs.wait_ended(key)
+        assert demo.run.cancel_flag.exists()
         app.screen.refresh_now()
         await settle(pilot)
         timeline = app.screen.query_one(FailureTimeline)
         kinds = [str(timeline.get_row_at(i)[1]) for i in range(timeline.row_count)]
         assert kinds.count("cancel") == 2
+    store = StateStore(demo.run.state_db, readonly=True)
+    try:
+        cancels = store.events(kind="cancel")
+        jobs = {row.id: row for row in store.jobs()}
+        train = store.stage("train")
+    finally:
+        store.close()
+    assert [event.data["path"] for event in cancels] == ["executor", "executor"]
+    assert [event.data["job_ids"] for event in cancels] == [[local_jobs.job_ids["r1a1"]],
+                                                            [local_jobs.job_ids["r0a1"], local_jobs.job_ids["r2a2"]]]
+    assert all(jobs[demo.rows[key]].state is JobState.CANCELLED for key in local_jobs.job_ids)
+    assert train is not None and train.status is StageStatus.CANCELLED
 
 
 async def test_resubmit_calls_the_action_after_confirmation(demo_run: DemoRun, monkeypatch, settle) -> None:

@@ -1,4 +1,4 @@
-"""The TUI's formatting helpers, with no app."""
+"""The TUI's formatting helpers, and the numbers views.py derives for it, with no app."""
 
 from __future__ import annotations
 
@@ -6,9 +6,22 @@ import math
 
 import pytest
 
-from fm9g.orchestrator.tui.format import (elapsed_of, estimate_eta, format_elapsed, format_eta, format_loss,
-                                          format_lr, format_phases, format_rate, format_state, job_label,
-                                          progress_bar, sparkline, state_style, truncate)
+from fm9g.orchestrator.tui.format import (
+    format_elapsed,
+    format_eta,
+    format_loss,
+    format_lr,
+    format_phases,
+    format_rate,
+    format_state,
+    job_label,
+    progress_bar,
+    sparkline,
+    state_style,
+    truncate,
+)
+from fm9g.orchestrator.views import elapsed as elapsed_of
+from fm9g.orchestrator.views import estimate_eta
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (-1, "-"), (math.inf, "-"), (0, "0s"), (59.4, "59s"),

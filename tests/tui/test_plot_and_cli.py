@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fm9g.orchestrator.cli import build_parser, main
-from fm9g.orchestrator.plot import PlotError, plot_run, read_points
+from fm9g.orchestrator.plot import PlotError, plot_run
+from fm9g.orchestrator.views import read_points
 from fm9g.rundir import RunDir
 
 from .conftest import STEPS, DemoRun
@@ -29,9 +30,19 @@ def test_plot_command(demo_run: DemoRun, tmp_path: Path, capsys: pytest.CaptureF
     assert output.read_bytes()[:8] == PNG_MAGIC and "wrote" in capsys.readouterr().out
 
 
+def test_plot_writes_into_the_run_directory_by_default(demo_run: DemoRun, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the current directory gets nothing
+    assert main(["plot", str(demo_run.run.root)]) == 0
+    assert (demo_run.run.root / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_read_points_keeps_the_latest_of_a_replayed_step(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss/x": 1.0}]
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 2.5}, {"step": 3, "task_loss": {"x": 1.0}}]
     path.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 4, "lo')
     points = read_points(path)
     assert [(p.step, p.loss) for p in points] == [(1, 3.0), (2, 2.5), (3, None)]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from fm9g.orchestrator.cli import main
-from fm9g.rundir.config import RunConfig, dump
 from fm9g.orchestrator.status import SCHEMA_VERSION
+from fm9g.rundir.config import RunConfig, dump
 
 from .conftest import DemoRun
 

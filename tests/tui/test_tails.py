@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fm9g.orchestrator.tui.logtail import LogFollower
-from fm9g.orchestrator.tui.metrics import MetricsTail, parse_point, task_losses
+from fm9g.orchestrator.views import MetricsTail, parse_point
 
 
 def append(path: Path, data: bytes) -> None:
@@ -73,13 +73,16 @@ def test_log_follower_keeps_split_utf8_and_starts_near_the_end(tmp_path: Path) -
     tail.close()
 
 
-def test_task_losses_both_spellings() -> None:
-    assert task_losses({"task_loss": {"wiki": 2.0, "bad": "x"}, "loss/code": 1.5, "loss": 3.0}) == {"wiki": 2.0, "code": 1.5}
-    assert task_losses({"task_losses": {"chat": 1}}) == {"chat": 1.0}
+def test_parse_point_reads_what_the_trainer_writes() -> None:
+    """model/train.py `_report` writes per-task losses as one `task_loss` dict; a value
+    that is not a finite number is dropped, and nothing else is read as a task's loss."""
+    point = parse_point({"step": 3, "loss": 2.5, "lr": float("nan"), "task_loss": {"wiki": 2.0, "bad": "x", "inf": 1e999},
+                         "loss/code": 1.5, "task_losses": {"chat": 1.0}})
+    assert point is not None and point.step == 3 and point.lr is None
+    assert point.task_losses == {"wiki": 2.0}
     assert parse_point({"loss": 1.0}) is None
     assert parse_point([1, 2]) is None
-    point = parse_point({"step": 3, "loss": 2.5, "lr": float("nan")})
-    assert point is not None and point.step == 3 and point.lr is None
+    assert parse_point({"step": True}) is None
 
 
 def test_metrics_tail_partial_lines_and_truncation(tmp_path: Path) -> None:
@@ -89,7 +92,7 @@ def test_metrics_tail_partial_lines_and_truncation(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
     assert tail.poll()
     assert [p.step for p in tail.points] == [3, 4, 5, 6, 7]  # bounded history
-    append(path, b'ss": 2.0, "loss/code": 1.0}\n')
+    append(path, b'ss": 2.0, "task_loss": {"code": 1.0}}\n')
     assert tail.poll() and tail.last is not None and tail.last.step == 8 and tail.tasks == {"code": 1.0}
     assert not tail.poll()
     append(path, b'not json\n{"step": 9}')  # a bad line is skipped; a complete unterminated object is taken

@@ -9,7 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 HELP = """\
-[b]fm9g-launch tui[/b] — watches runs through their run directories; it never calls Slurm.
+[b]fm9g-launch tui[/b] — watches runs through their run directories; it never polls Slurm.
 
 [b]keys[/b]
   ↑ ↓ / tab      move in a list; tab goes to the next pane
@@ -25,6 +25,14 @@ HELP = """\
   a<N>  the submission attempt      r<N>  the node rank (r0 is the master)
   rst   restarts Slurm made (requeue)   gen   the rendezvous generation
   state the Slurm state, with the pending reason or exit code
+
+[b]cancel[/b]
+  the run   raises control/cancel; when a supervisor holds the run's lock, it cancels the
+            jobs itself and records the run as cancelled.  Only when none does, the TUI
+            cancels them through the executor (scancel for Slurm) and records that.
+  one job   always through the executor (scancel); a running supervisor then replaces
+            it like a lost node.
+  The failure timeline's `cancel` event says which way each cancel went.
 
 c and r are disabled when the run belongs to another user (read-only)."""
 

@@ -5,7 +5,8 @@ Data flows one way.  A timer starts one refresh worker at a time (a thread: sqli
 file reads block); the worker reads the run directory into a `RunView` and the new log
 text, then hands them to the event loop, which sets them on the widgets.  Widgets post
 messages up (a run or a job highlighted, the filter closed) and the screen decides.
-Actions (cancel, resubmit) go through `fm9g.orchestrator.actions`, exactly like the CLI."""
+Actions (cancel, resubmit) go through `fm9g.orchestrator.actions`, exactly like the CLI.
+Every read goes through `fm9g.orchestrator.views` (the same reader as `status`)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from fm9g.orchestrator import actions
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import JobRow
-from fm9g.orchestrator.tui.catalog import RunSummary, list_runs
 from fm9g.orchestrator.tui.logtail import LogChunk, LogFollower
-from fm9g.orchestrator.tui.reader import RunReader, RunView, is_live
 from fm9g.orchestrator.tui.screens.confirm import Choice, ConfirmScreen
 from fm9g.orchestrator.tui.widgets.failure_timeline import FailureTimeline
 from fm9g.orchestrator.tui.widgets.filter_bar import FilterBar
@@ -34,6 +32,8 @@ from fm9g.orchestrator.tui.widgets.log_pane import LogPane
 from fm9g.orchestrator.tui.widgets.run_header import RunHeader
 from fm9g.orchestrator.tui.widgets.run_list import RunList
 from fm9g.orchestrator.tui.widgets.training_panel import TrainingPanel
+from fm9g.orchestrator.views import RunReader, RunSummary, RunView, is_live, list_runs
+from fm9g.rundir import RunDir
 
 CATALOG_EVERY_S = 5.0
 
@@ -285,10 +285,12 @@ class MainScreen(Screen[None]):
         if job is not None and is_live(job) and job.job_id:
             choices.append(Choice("job", f"Cancel job {job.job_id}", "warning"))
         choices.append(Choice("run", "Cancel the run", "error"))
-        target = f"\n\nHighlighted: {job.stage} r{job.node_rank} {job.role}, job {job.job_id} ({job.state})." \
+        target = f"\n\nHighlighted: {job.stage} r{job.node_rank} {job.role}, job {job.job_id} ({job.state.value})." \
             if job is not None else ""
         question = (f"Cancel in run [b]{run.name}[/b]?  {len(live_jobs)} live job(s).{target}\n"
-                    "A cancelled run is not resubmitted by its supervisor.")
+                    "The run: its supervisor cancels the jobs (through control/cancel) and does not resubmit "
+                    "them; with no supervisor running, this cancels them itself.  One job: cancelled here, "
+                    "and a running supervisor replaces it like a lost node.")
 
         def decided(choice: str | None) -> None:  # a Choice id: "job", "run", or None for back
             if choice == "job" and job is not None:
@@ -301,8 +303,7 @@ class MainScreen(Screen[None]):
     @work(thread=True, exit_on_error=False, group="action")
     def do_cancel(self, run: RunDir, job_id: str | None) -> None:
         try:
-            ids = actions.cancel_run(run, job_id=job_id)
-            message, severity = f"cancelled {len(ids)} job(s): {' '.join(ids) or '-'}", "information"
+            message, severity = actions.cancel_run(run, job_id=job_id).describe(), "information"
         except Exception as exc:
             message, severity = f"cancel failed: {exc}", "error"
         self.app.call_from_thread(self.notify, message, severity=severity)

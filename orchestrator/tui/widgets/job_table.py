@@ -17,8 +17,8 @@ from textual.reactive import reactive
 from textual.widgets import DataTable
 
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow, StageRow
-from fm9g.orchestrator.tui.format import elapsed_of, format_elapsed, format_state, job_label, state_style
-from fm9g.orchestrator.tui.reader import RunView
+from fm9g.orchestrator.tui.format import format_elapsed, format_state, job_label, state_style
+from fm9g.orchestrator.views import RunView, elapsed
 
 # (key, header, width): fixed widths keep the table inside 80 columns and spare the
 # per-update width measurement; the state column (with the pending reason) takes
@@ -27,7 +27,7 @@ COLUMNS = (("job", "job", 14), ("id", "job id", 8), ("node", "node", 8), ("state
            ("restarts", "rst", 3), ("generation", "gen", 3), ("elapsed", "elapsed", 7))
 STATE_MIN, STATE_MAX = 18, 44
 assert COLUMNS[-1][0] == "elapsed"  # sync() rewrites the last cell alone for live jobs
-Cells = tuple[Union[str, Text], ...]
+Cells = tuple[str | Text, ...]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class JobTable(DataTable[Union[str, Text]]):
             state = stage.status + (f" {100 * stage.progress:.0f}%" if stage.progress is not None
                                     and stage.status == "RUNNING" else "")
             return (Text(stage.name, style="bold"), "", "", Text(state, style=state_style(stage.status)),
-                    "", "", format_elapsed(elapsed_of(stage.started_at, stage.ended_at, now)))
+                    "", "", format_elapsed(elapsed(stage.started_at, stage.ended_at, now)))
         job = line.job
         assert job is not None
         dim = "dim" if line.superseded else ""
@@ -137,7 +137,7 @@ class JobTable(DataTable[Union[str, Text]]):
                 job.job_id or "-", job.node or "-",
                 Text(format_state(job.state, job.reason, job.exit_code), style=dim or state_style(job.state)),
                 str(job.restarts), str(job.generation),
-                format_elapsed(elapsed_of(job.started_at, job.ended_at, now)))
+                format_elapsed(elapsed(job.started_at, job.ended_at, now)))
 
     # ----------------------------------------------------------------- updates
     def watch_view(self, view: RunView | None) -> None:

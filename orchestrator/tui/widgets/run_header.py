@@ -8,7 +8,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from fm9g.orchestrator.tui.format import state_style
-from fm9g.orchestrator.tui.reader import RunView
+from fm9g.orchestrator.views import RunView
 
 
 class RunHeader(Widget):
@@ -37,5 +37,5 @@ class RunHeader(Widget):
             text.append(" │ ")
             text.append("READ-ONLY", style="bold reverse yellow")
         if view.error:
-            text.append(f" │ {view.error}", style="red")
+            text.append(f" │ {view.error.short()}", style="red")
         return text

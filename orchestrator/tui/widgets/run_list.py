@@ -11,10 +11,11 @@ from textual.reactive import reactive
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from fm9g.orchestrator.tui.catalog import RunSummary
 from fm9g.orchestrator.tui.format import state_style
+from fm9g.orchestrator.views import RunSummary
 
-STATUS_MARKS = {"RUNNING": "▶", "COMPLETED": "✓", "FAILED": "✗", "CANCELLED": "■", "PENDING": "…"}
+STATUS_MARKS = {"RUNNING": "▶", "COMPLETED": "✓", "FAILED": "✗", "CANCELLED": "■", "PENDING": "…",
+                "UNREADABLE": "?"}
 
 
 class RunList(OptionList):
