@@ -11,3 +11,14 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """A problem with input data or data configuration; the message says where and how to fix it."""
+
+
+def no_space_error(path: object) -> DataError:
+    """The DataError for a full disk (ENOSPC/EDQUOT) while writing under `path`.
+
+    It names the filesystem and its free space, so the fix is plain; whatever was
+    half-written has been removed by then (outputs are built under temporary names)."""
+    from fm9g.rundir.atomic import describe_no_space  # the bottom layer; deferred to keep this module bare
+
+    mount, what = describe_no_space(str(path))
+    return DataError(f"{what}; free space on {mount}, then run the same command again")

@@ -1,10 +1,11 @@
 """Validate jsonl lines for indexing: one JSON object per line with a string `output`.
 
 A line is valid when it is UTF-8, parses as one JSON object, has `output` as a string
-and `input` (optional) as a string or null. Raw control characters such as \\r inside
-strings are accepted (json.loads(strict=False) semantics): the fast msgspec decoder
-rejects them, so a line it refuses is re-checked with the stdlib parser before it is
-called bad. Lines are always split on b"\\n" by the caller, never by universal newlines.
+and `input` (optional) as a string or null. Raw control characters such as \\r or NUL
+inside strings are accepted (json.loads(strict=False) semantics): the fast msgspec
+decoder rejects them, so a line it refuses is re-checked with the stdlib parser before
+it is called bad. Such a line is kept but reported as a warning (`WARNING_CONTROL`),
+because strict JSON parsers elsewhere (jq, most languages' defaults) reject it. Lines are always split on b"\\n" by the caller, never by universal newlines.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ FIX_HINT: dict[str, str] = {
     "bad_field_type": '"output" must be a string and "input" a string or null',
     "empty_file": "remove the empty file from the inputs",
 }
+
+# Warning kind of a kept line whose strings hold raw control characters (U+0000-U+001F).
+WARNING_CONTROL = "raw_control_characters"
 
 _DECODER = msgspec.json.Decoder()
 _MISSING = object()
@@ -140,11 +144,25 @@ def _fast_objects(block: bytes, starts: list[int], ends: list[int]) -> list[Any]
     return objects
 
 
-def check_lines(block: bytes, starts: list[int], ends: list[int]) -> tuple[list[Any], list[tuple[int, LineError]]]:
+def has_raw_control(body: bytes) -> bool:
+    """True when a line that the lenient parser accepted holds raw control characters in a string."""
+    try:
+        json.loads(body.decode("utf-8"))
+    except json.JSONDecodeError as error:
+        return error.msg.startswith("Invalid control character")
+    except (UnicodeDecodeError, RecursionError):
+        return False
+    return False
+
+
+def check_lines(
+    block: bytes, starts: list[int], ends: list[int], warnings: list[int] | None = None
+) -> tuple[list[Any], list[tuple[int, LineError]]]:
     """Check the lines block[starts[i]:ends[i]]; return (objects, [(i, error)]).
 
     objects[i] is None for a bad line. The common all-valid case costs one msgspec
-    call for the block and a few type checks per line.
+    call for the block and a few type checks per line. `warnings`, when given, receives
+    the numbers of kept lines with raw control characters in their strings.
     """
     fast = _fast_objects(block, starts, ends)
     if fast is not None:
@@ -161,6 +179,8 @@ def check_lines(block: bytes, starts: list[int], ends: list[int]) -> tuple[list[
             obj, problem = classify_line(body)
             if problem is not None:
                 bad.append((index, problem))
+            elif warnings is not None and has_raw_control(body):
+                warnings.append(index)
             append(obj)
             continue
         problem = check_fields(obj)

@@ -20,27 +20,24 @@ import errno
 import os
 import shutil
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from fm9g.data.errors import DataError
-from fm9g.rundir.atomic import fsync_dir
+from fm9g.data.errors import DataError, no_space_error
+from fm9g.rundir.atomic import fsync_dir, is_no_space
 from fm9g.data.index_plan import plan_shard_dir, read_plan
 from fm9g.data.index_shard import failure_message, load_shard_result
 from fm9g.data.index_stats import length_distribute, unit_factor
+from fm9g.data.index_temp import make_temp_dir, sweep_stale, temp_prefix
 from fm9g.data.index_types import IndexResult, ShardResult
 from fm9g.rundir.atomic import replace_dir, write_json
 
 # (shard_dir, data_path, data_offset, part_path, durable) for one shard's share of the output.
 WriteJob = tuple[str, str, int, str, bool]
-# Runs write jobs (in parallel when a pool is at hand).
-WriteRunner = Callable[[list[WriteJob]], None]
 
 _INDEX_FILES = {"data.jsonl", "index", "index.h5", "meta.json"}
 
@@ -125,7 +122,7 @@ def install_dir(tmp: Path, output: Path) -> None:
     """Move the complete `tmp` to `output`, replacing an older index only at the very end."""
     check_replaceable(output)
     if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        old = output.parent / f"{temp_prefix(output.name, 'old')}{os.urandom(4).hex()}"
         os.replace(output, old)
         try:
             replace_dir(tmp, output)
@@ -185,7 +182,9 @@ class OutputBuilder:
         self.durable = durable
         check_replaceable(self.output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        sweep_stale(self.output.parent, self.output.name)
+        # shared: this folder becomes the output, which others read (mkdtemp alone gives 0700).
+        self.tmp = make_temp_dir(self.output.parent, self.output.name, "tmp", shared=True)
         self.data_path = self.tmp / "data.jsonl"
         self.data_path.touch()
         self.offsets = [0]
@@ -210,6 +209,7 @@ class OutputBuilder:
         method, language = methods.pop()
         nlines = sum(r.nlines for r in results)
         errors, examples = _error_report(results)
+        warnings, warning_examples = _warning_report(results)
         skipped = sum(sum(kinds.values()) for kinds in errors.values())
         if nlines == 0:
             detail = f" ({skipped} bad lines skipped)" if skipped else ""
@@ -251,6 +251,7 @@ class OutputBuilder:
             "token_count_method": method,
             "errors": errors,
             "skipped_lines": skipped,
+            "warnings": warnings,
             "sources": list(dict.fromkeys(seg.path for r in results for seg in r.segments)),
         }
         write_json(self.tmp / "meta.json", meta)
@@ -265,6 +266,8 @@ class OutputBuilder:
             examples=examples,
             shards_total=len(results),
             shards_cached=shards_cached,
+            warnings=warnings,
+            warning_examples=warning_examples,
         )
 
     def abort(self) -> None:
@@ -288,12 +291,26 @@ def _error_report(results: list[ShardResult]) -> tuple[dict[str, dict[str, int]]
     return errors, examples
 
 
+def _warning_report(results: list[ShardResult]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Per-file warning counts and each file's first suspect line (file-global number)."""
+    warnings: dict[str, dict[str, int]] = {}
+    first: dict[str, str] = {}
+    for result, offsets in zip(results, _global_lines(results)):
+        for seg, offset in zip(result.segments, offsets):
+            for kind, count in seg.warnings.items():
+                per_file = warnings.setdefault(seg.path, {})
+                per_file[kind] = per_file.get(kind, 0) + count
+            if seg.first_warning_line and seg.path not in first:
+                kinds = ", ".join(sorted(seg.warnings))
+                first[seg.path] = f"{seg.path}:{seg.first_warning_line + offset}: {kinds}"
+    return warnings, list(first.values())
+
+
 def merge_shards(
     shard_dirs: Sequence[str | Path],
     output: str | Path,
     *,
     durable: bool = True,
-    runner: WriteRunner | None = None,
     shards_cached: int = 0,
 ) -> IndexResult:
     """Assemble the index directory `output` from finished shard results, in the given order."""
@@ -309,12 +326,8 @@ def merge_shards(
         raise DataError("no shards to merge")
     builder = OutputBuilder(output, durable)
     try:
-        jobs = [builder.place(d, r) for d, r in zip(dirs, results)]
-        if runner is not None:
-            runner(jobs)
-        else:
-            for job in jobs:
-                write_shard_part(job)
+        for job in [builder.place(d, r) for d, r in zip(dirs, results)]:
+            write_shard_part(job)
         return builder.finish(results, shards_cached)
     except BaseException:
         builder.abort()
@@ -330,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = read_plan(args.plan)
         dirs = [plan_shard_dir(plan, k) for k in range(len(plan["shards"]))]
         result = merge_shards(dirs, plan["output"])
+    except OSError as error:
+        if not is_no_space(error):
+            raise
+        print(f"error: {no_space_error(read_plan(args.plan)['output'])}", file=sys.stderr)
+        return 1
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -337,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(Exception):
         for line in result.examples:
             print(f"skipped {line}")
+        for line in result.warning_examples:
+            print(f"warning: kept {line} (strict JSON parsers reject raw control characters in strings)")
     return 0
 
 

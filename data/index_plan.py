@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.data.errors import DataError
-from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, Segment, ShardSpec
+from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, Segment, ShardSpec, validate_options
 from fm9g.rundir.atomic import read_json, write_json
 
 _SUFFIXES = {".jsonl": "jsonl", ".txt": "txt"}
@@ -186,8 +186,6 @@ def plan_shards(
     which doubles as the cache: a task whose result is already there returns at once.
     `output` defaults to `<work_dir>/index`.
     """
-    from fm9g.data.indexer import validate_options  # deferred: avoids an import cycle
-
     work = Path(work_dir).absolute()
     out = Path(output).absolute() if output is not None else work / "index"
     validate_options(language, on_error, 1)

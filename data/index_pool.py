@@ -7,21 +7,66 @@ shards after K" value (fail mode: when shard K fails, later shards stop early wh
 earlier ones finish, so the first bad line in input order is still found). Workers
 are forked where the platform allows: they only run numpy/msgspec code, and forking
 is far cheaper than spawning interpreters that re-import numpy and h5py.
+
+Workers never outlive the indexing process: each asks the kernel for SIGKILL when its
+parent dies (prctl PR_SET_PDEATHSIG, Linux) and also polls its parent pid between jobs
+(every platform), so a `kill -9` of `fm9g-launch index` does not leave them blocked on
+the job queue forever. PDEATHSIG fires when the *thread* that forked the worker exits,
+not the process: an IndexPool must be created and closed by one long-lived thread (as
+`build_index` does), never from a short-lived helper thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing as mp
+import os
 import queue
+import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fm9g.data.errors import DataError
-from fm9g.data.index_merge import WriteJob, write_shard_part
+from fm9g.data.errors import DataError, no_space_error
 from fm9g.data.index_shard import ShardAborted, index_shard
+from fm9g.rundir.atomic import is_no_space
 
 NO_FAILURE = 1 << 62
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Seconds between a worker's checks that its parent is still there, while it waits for a job.
+PARENT_POLL_S = 1.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make the kernel SIGKILL this worker when its parent (thread) dies; Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # no prctl: the parent-pid poll in _worker_main still ends the worker
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _init_worker(parent: int) -> None:
+    """Signals of a worker: the parent owns Ctrl-C and SIGTERM and stops the workers itself.
+
+    A forked worker inherits the CLI's SIGTERM handler (which raises KeyboardInterrupt
+    for clean-up); in a worker that would turn the parent's terminate() into a caught
+    exception and a traceback instead of an exit, so both go back to their defaults
+    here. The parent forks with both signals blocked (IndexPool.__init__), so none can
+    reach the inherited handlers before this runs; they are unblocked at the end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _run_job(job: tuple[Any, ...], slot: Any, worker: int, stop_after: Any) -> Any:
@@ -37,16 +82,24 @@ def _run_job(job: tuple[Any, ...], slot: Any, worker: int, stop_after: Any) -> A
 
         if should_stop():
             raise ShardAborted
-        return index_shard(spec, out_dir, options=options, key=key, progress=progress, should_stop=should_stop)
-    if kind == "write":
-        write_shard_part(job[1])
-        return None
+        try:
+            return index_shard(spec, out_dir, options=options, key=key, progress=progress, should_stop=should_stop)
+        except OSError as error:
+            if not is_no_space(error):
+                raise
+            raise no_space_error(out_dir) from None
     raise ValueError(f"unknown job {kind}")
 
 
-def _worker_main(worker: int, jobs: Any, results: Any, slot: Any, stop_after: Any) -> None:
+def _worker_main(worker: int, jobs: Any, results: Any, slot: Any, stop_after: Any, parent: int) -> None:
+    _init_worker(parent)
     while True:
-        item = jobs.get()
+        try:
+            item = jobs.get(timeout=PARENT_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return  # orphaned (no PDEATHSIG here): nobody will read a result
+            continue
         if item is None:
             return
         number, job = item
@@ -61,7 +114,7 @@ def _worker_main(worker: int, jobs: Any, results: Any, slot: Any, stop_after: An
 
 
 class IndexPool:
-    """N worker processes running index and write jobs."""
+    """N worker processes running index jobs."""
 
     def __init__(self, processes: int) -> None:
         methods = mp.get_all_start_methods()
@@ -73,14 +126,20 @@ class IndexPool:
         self._workers = [
             self._ctx.Process(
                 target=_worker_main,
-                args=(i, self._jobs, self._results, self._slot, self._stop_after),
+                args=(i, self._jobs, self._results, self._slot, self._stop_after, os.getpid()),
                 daemon=True,
                 name=f"fm9g-index-{i}",
             )
             for i in range(processes)
         ]
-        for process in self._workers:
-            process.start()
+        # Block Ctrl-C/SIGTERM across the forks (see _init_worker); one arriving meanwhile is
+        # delivered to this process when the mask is restored, after every worker exists.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for process in self._workers:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._submitted = 0
         self._pending = 0
 
@@ -93,7 +152,7 @@ class IndexPool:
         self._stop_after.value = min(self._stop_after.value, shard_index)
 
     def submit(self, job: tuple[Any, ...]) -> int:
-        """Queue a job ("index", spec, out_dir, options, key) or ("write", WriteJob); return its number."""
+        """Queue a job ("index", spec, out_dir, options, key); return its number."""
         number = self._submitted
         self._submitted += 1
         self._pending += 1
@@ -118,17 +177,6 @@ class IndexPool:
             on_result(number, status, value)
             if tick is not None:
                 tick()
-
-    def run_writes(self, jobs: list[WriteJob]) -> None:
-        """Run merge write jobs in parallel (a `WriteRunner`)."""
-
-        def check(number: int, status: str, value: Any) -> None:
-            if status == "data_error":
-                raise DataError(value)
-
-        for job in jobs:
-            self.submit(("write", job))
-        self.drain(check)
 
     def close(self, terminate: bool = False) -> None:
         """Stop the workers; `terminate` kills busy ones at once (after an error)."""

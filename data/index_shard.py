@@ -17,20 +17,20 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fm9g.data.errors import DataError
-from fm9g.data.index_check import FIX_HINT, check_lines
+from fm9g.data.errors import DataError, no_space_error
+from fm9g.data.index_check import FIX_HINT, WARNING_CONTROL, check_lines
 from fm9g.data.index_plan import plan_shard_dir, read_plan
+from fm9g.data.index_temp import make_temp_dir, sweep_stale
 from fm9g.data.index_stats import LineCounter, count_method, shrink_sample
 from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, SegmentResult, ShardResult, ShardSpec
 from fm9g.data.txt2jsonl import txt_line_to_jsonl
-from fm9g.rundir.atomic import read_json, write_json
+from fm9g.rundir.atomic import is_no_space, read_json, write_json
 
 # Bytes read per step: big enough that per-block numpy/msgspec calls amortise, small
 # enough that a few processes stay well within memory.
@@ -177,10 +177,15 @@ def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, pro
     line_number = 1  # local to the segment; the merge adds earlier segments' lines
     for offset, block, stop, at_end in _blocks(seg.path, seg.start, seg.end, progress, should_stop):
         starts, ends = _line_positions(block, stop)
-        objects, bad = check_lines(block, starts, ends)
+        suspect: list[int] = []
+        objects, bad = check_lines(block, starts, ends, suspect)
         seg.source_lines += len(starts)
         if bad and _record_errors(seg, state, bad, line_number, segment_index):
             return
+        if suspect:
+            seg.warnings[WARNING_CONTROL] = seg.warnings.get(WARNING_CONTROL, 0) + len(suspect)
+            if not seg.first_warning_line:
+                seg.first_warning_line = line_number + suspect[0]
         line_number += len(starts)
         badset = {index for index, _ in bad}
         kept = None if not bad else [i for i in range(len(starts)) if i not in badset]
@@ -258,7 +263,8 @@ def index_shard(
         tokenizer = load_tokenizer(options.tokenizer)
     method = count_method(options.language, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep_stale(out.parent, out.name)  # a killed earlier attempt at this shard
+    tmp = make_temp_dir(out.parent, out.name, "tmp")
     try:
         state = _ShardState(LineCounter(method, tokenizer), options.on_error, tmp / "data.jsonl")
         segments: list[SegmentResult] = []
@@ -312,7 +318,8 @@ def failure_message(path: str, line: int, kind: str, message: str) -> str:
     where = f"{path}:{line}" if line > 0 else path
     return (
         f"{where}: {message}; {FIX_HINT.get(kind, 'fix the line')}, "
-        "or index with on_error='skip' to drop bad lines (counts go to meta.json)"
+        "or drop bad lines with `fm9g-launch index --on-error skip` (build_index(..., on_error='skip') "
+        "in Python); their counts go to meta.json"
     )
 
 
@@ -330,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         raw = plan["shards"][task]
         options = IndexOptions(**plan["options"])
         result = index_shard(raw, plan_shard_dir(plan, task), options=options, key=raw["key"])
+    except OSError as error:
+        if not is_no_space(error):
+            raise
+        print(f"error: {no_space_error(plan_shard_dir(plan, task))}", file=sys.stderr)
+        return 1
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

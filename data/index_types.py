@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from fm9g.data.errors import DataError
 
 OnError = Literal["fail", "skip"]
+Language = Literal["zh", "en", "code"]
 SourceKind = Literal["jsonl", "txt"]
 
 # Bumped whenever the shard result layout or the statistics change, so stale cached
 # shard results are never reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,6 @@ class Segment:
     end: int
     size: int
     mtime_ns: int
-
-    @property
-    def at_file_end(self) -> bool:
-        """True when the range reaches the end of the file (its last line may lack \\n)."""
-        return self.end >= self.size
 
 
 @dataclass(frozen=True)
@@ -59,11 +57,22 @@ class ShardSpec:
         return cls(index=int(raw["index"]), segments=tuple(Segment(**s) for s in raw["segments"]))
 
 
+def validate_options(language: str, on_error: str, processes: int) -> None:
+    """Reject unknown languages, error policies and process counts up front."""
+    languages = get_args(Language)
+    if language not in languages:
+        raise DataError(f"language must be one of {', '.join(languages)} (got {language!r})")
+    if on_error not in get_args(OnError):
+        raise DataError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
+    if processes < 1:
+        raise DataError(f"processes must be at least 1 (got {processes})")
+
+
 @dataclass(frozen=True)
 class IndexOptions:
     """What every shard of one build shares."""
 
-    language: Literal["zh", "en", "code"] = "zh"
+    language: Language = "zh"
     tokenizer: str | None = None
     tokenizer_sha1: str | None = None
     on_error: OnError = "fail"
@@ -91,6 +100,9 @@ class SegmentResult:
     kept_lines: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     examples: list[list[Any]] = field(default_factory=list)  # [local line, kind, message]
+    # Kept lines worth a warning ({kind: count}) and the first such local line.
+    warnings: dict[str, int] = field(default_factory=dict)
+    first_warning_line: int = 0
     pieces: list[list[Any]] = field(default_factory=list)
 
 
@@ -139,3 +151,10 @@ class IndexResult:
     examples: list[str]
     shards_total: int = 0
     shards_cached: int = 0
+    # Stale temporary folders of killed earlier builds that this build removed (index_temp).
+    stale_removed: list[str] = field(default_factory=list)
+    stale_bytes: int = 0
+    # per input file: {warning kind: count} for lines kept but suspect (raw control characters)
+    warnings: dict[str, dict[str, int]] = field(default_factory=dict)
+    # "file:line: kind" of the first suspect line of each file
+    warning_examples: list[str] = field(default_factory=list)

@@ -18,13 +18,12 @@ to the output that is removed when the build ends, successfully or not.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from fm9g.data.errors import DataError
+from fm9g.data.errors import DataError, no_space_error
 from fm9g.data.index_merge import OutputBuilder, check_replaceable, merge_shards, raise_first_failure, write_shard_part
 from fm9g.data.index_plan import (
     check_output,
@@ -37,25 +36,14 @@ from fm9g.data.index_plan import (
 )
 from fm9g.data.index_pool import IndexPool
 from fm9g.data.index_shard import index_shard, load_shard_result
-from fm9g.data.index_types import IndexOptions, IndexResult, ShardResult, ShardSpec
+from fm9g.data.index_temp import make_temp_dir, remove_own, sweep_stale
+from fm9g.data.index_types import IndexOptions, IndexResult, ShardResult, ShardSpec, validate_options
 from fm9g.data.tokenizer import Tokenizer
+from fm9g.rundir.atomic import is_no_space
 
-__all__ = ["IndexResult", "build_index", "index_shard", "merge_shards", "plan_shards"]
+__all__ = ["IndexResult", "build_index", "index_shard", "merge_shards", "plan_shards", "validate_options"]
 
 ProgressCallback = Callable[[int, int], None]
-
-_LANGUAGES = ("zh", "en", "code")
-
-
-def validate_options(language: str, on_error: str, processes: int) -> None:
-    """Reject unknown languages, error policies and process counts up front."""
-    if language not in _LANGUAGES:
-        raise DataError(f"language must be one of {', '.join(_LANGUAGES)} (got {language!r})")
-    if on_error not in ("fail", "skip"):
-        raise DataError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
-    if processes < 1:
-        raise DataError(f"processes must be at least 1 (got {processes})")
-
 
 class _Build:
     """One local build: index shards (pool or in-process) and place them as they finish.
@@ -149,10 +137,33 @@ def build_index(
     `language`. `on_error="fail"` raises a DataError naming the first bad file:line;
     "skip" drops bad lines and reports counts per file (meta.json and the result).
     `progress(done_bytes, total_bytes)` is called as input is read. `durable` fsyncs
-    the output before it is renamed into place.
+    the output before it is renamed into place. A full disk (ENOSPC, or the quota)
+    raises a DataError naming the filesystem and its free space, after the
+    half-built output has been removed.
     """
+    try:
+        return _build_index(inputs, Path(output).absolute(), language=language, tokenizer=tokenizer,
+                            processes=processes, on_error=on_error, progress=progress, cache_dir=cache_dir,
+                            durable=durable)
+    except OSError as error:
+        if is_no_space(error):  # reported after the clean-up, so the free space shown is what is left
+            raise no_space_error(Path(output).absolute().parent) from None
+        raise
+
+
+def _build_index(
+    inputs: str | Path | Sequence[str | Path],
+    out: Path,
+    *,
+    language: Literal["zh", "en", "code"],
+    tokenizer: str | Path | Tokenizer | None,
+    processes: int,
+    on_error: Literal["fail", "skip"],
+    progress: ProgressCallback | None,
+    cache_dir: str | Path | None,
+    durable: bool,
+) -> IndexResult:
     validate_options(language, on_error, processes)
-    out = Path(output).absolute()
     files = collect_inputs(inputs)
     check_output(files, inputs, out)
     check_replaceable(out)
@@ -162,11 +173,13 @@ def build_index(
     specs = split_shards(files, choose_shard_count(total, processes))
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Folders a killed earlier build left here (see index_temp) go before new ones are made.
+    swept = sweep_stale(out.parent, out.name)
     temporary = cache_dir is None
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent)) if temporary else Path(cache_dir).absolute()  # type: ignore[arg-type]
     pool: IndexPool | None = None
     failed = True
     try:
+        work = make_temp_dir(out.parent, out.name, "work") if temporary else Path(cache_dir).absolute()  # type: ignore[arg-type]
         dirs = [work / "shards" / shard_key(spec, options) for spec in specs]
         keys = [d.name for d in dirs]
         cached = [
@@ -202,9 +215,13 @@ def build_index(
             builder.abort()
             raise
         failed = False
+        result.stale_removed = [str(item.path) for item in swept]
+        result.stale_bytes = sum(item.nbytes for item in swept)
         return result
     finally:
         if pool is not None:
             pool.close(terminate=failed)
-        if temporary:
+        if failed:  # by name: an interrupt may land before `work` or the builder is assigned
+            remove_own(out.parent, out.name)
+        elif temporary:
             shutil.rmtree(work, ignore_errors=True)
