@@ -6,20 +6,9 @@ import math
 
 import pytest
 
-from fm9g.orchestrator.tui.format import (
-    format_elapsed,
-    format_eta,
-    format_loss,
-    format_lr,
-    format_phases,
-    format_rate,
-    format_state,
-    job_label,
-    progress_bar,
-    sparkline,
-    state_style,
-    truncate,
-)
+from fm9g.orchestrator.tui.format import (format_elapsed, format_eta, format_loss, format_lr, format_phases,
+                                          format_rate, format_state, job_label, progress_bar, sparkline, state_style,
+                                          truncate)
 from fm9g.orchestrator.views import elapsed as elapsed_of
 from fm9g.orchestrator.views import estimate_eta
 

@@ -7,15 +7,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from fm9g.orchestrator.tui.format import (
-    format_eta,
-    format_loss,
-    format_lr,
-    format_rate,
-    progress_bar,
-    sparkline,
-    truncate,
-)
+from fm9g.orchestrator.tui.format import (format_eta, format_loss, format_lr, format_rate, progress_bar, sparkline,
+                                          truncate)
 from fm9g.orchestrator.views import MetricsView
 
 
