@@ -100,16 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", type=Path)
     cancel.add_argument("--job", help="cancel only this job id")
 
-    tui = sub.add_parser("tui", help="watch runs in a terminal UI: jobs, progress, logs, failures (never calls Slurm)",
+    tui = sub.add_parser("tui", help="watch runs in a terminal UI: jobs, progress, logs, failures (reads files, never polls Slurm)",
                          description="A terminal UI over the run directories: stages, attempts and node jobs, training "
-                                     "progress, the selected job's log, the failure timeline.  Keys: l logs, t failures, "
-                                     "c cancel, r resubmit failed nodes, / filter, ? help, q quit.")
+                                     "progress, the selected job's log, the failure timeline.  It reads only the run "
+                                     "directories, never Slurm.  Cancelling the run raises control/cancel: a supervisor "
+                                     "holding the run's lock cancels the jobs itself; only when none does, the TUI calls "
+                                     "the executor (scancel).  Cancelling one job always calls the executor.  Keys: l logs, "
+                                     "t failures, c cancel, r resubmit failed nodes, / filter, ? help, q quit.")
     tui.add_argument("run", nargs="?", type=Path, help="a run directory, or a directory of runs (default: ./runs)")
     tui.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
 
     plot = sub.add_parser("plot", help="plot a run's loss and lr curves (overall and per task) to a PNG")
     plot.add_argument("run", type=Path, help="the run directory (runs/NAME)")
-    plot.add_argument("--output", "-o", type=Path, help="PNG to write (default: ./<run name>-curves.png)")
+    plot.add_argument("--output", "-o", type=Path, help="PNG to write (default: curves.png in the run directory)")
     _add_inference_commands(sub)
     return parser
 
