@@ -28,13 +28,16 @@ class Failure:
     reason: str
 
 
-def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False) -> Failure:
-    """Classify one ended node job that did not complete the run."""
+def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False,
+             fatal_reason: str | None = None) -> Failure:
+    """Classify one ended node job that did not complete the run; `fatal_reason` is what the
+    trainer wrote to control/fatal.json, if anything."""
     state = JobState.parse(state)
     if exit_code == protocol.EXIT_CONTINUE:
         return Failure(FailureClass.CONTINUE, "checkpointed on a walltime/preemption signal")
     if exit_code == protocol.EXIT_CONFIG:
-        return Failure(FailureClass.FATAL, "the trainer reported a config or data error (see control/fatal.json)")
+        what = fatal_reason or "no reason recorded in control/fatal.json"
+        return Failure(FailureClass.FATAL, f"the trainer reported a config or data error: {what}")
     if state is JobState.CANCELLED and cancelled_by_user:
         return Failure(FailureClass.FATAL, "cancelled by the user")
     if state in INFRASTRUCTURE_STATES:

@@ -27,3 +27,9 @@ def test_classes(state: str, code: int | None, tail: str, user: bool, expected: 
 
 def test_comm_error_is_named() -> None:
     assert "communication" in classify("FAILED", 1, "DistNetworkError: Failed to recv").reason
+
+
+def test_config_error_names_the_trainers_reason() -> None:
+    failure = classify("FAILED", protocol.EXIT_CONFIG, fatal_reason="data.dataset_config: no such file x.json")
+    assert failure.klass is FailureClass.FATAL and "no such file x.json" in failure.reason
+    assert "fatal.json" in classify("FAILED", protocol.EXIT_CONFIG).reason  # none recorded: says where to look
