@@ -150,6 +150,7 @@ class Submission:
     attempt: int
     generation: int
     job_id: str
+    why: str  # "start", "repair after infrastructure failure", ...
 
 
 @dataclass(frozen=True)
@@ -163,24 +164,28 @@ class NodeFailure:
     job_id: str
 
 
-def submissions(run: Path) -> list[Submission]:
-    """Every node-job submission of the train stage, oldest first."""
+def submissions(run: Path, stage: str = "train") -> list[Submission]:
+    """Every job submission of `stage`, oldest first."""
     with state(run) as store:
         found = []
         for event in store.events("submitted"):
             row = store.job(event.job) if event.job is not None else None
             assert row is not None, f"submitted event {event.id} names no job row"
-            found.append(Submission(row.role, row.node_rank, row.attempt, row.generation, str(row.job_id)))
+            if row.stage == stage:
+                found.append(Submission(row.role, row.node_rank, row.attempt, row.generation, str(row.job_id),
+                                        str(event.data.get("why", ""))))
         return found
 
 
-def failures(run: Path) -> list[NodeFailure]:
-    """Every node-job failure the supervisor recorded, oldest first."""
+def failures(run: Path, stage: str = "train") -> list[NodeFailure]:
+    """Every job failure of `stage` the supervisor recorded, oldest first."""
     with state(run) as store:
         found = []
         for event in store.events("failure"):
             row = store.job(event.job) if event.job is not None else None
             assert row is not None, f"failure event {event.id} names no job row"
+            if row.stage != stage:
+                continue
             found.append(NodeFailure(row.role, row.node_rank, str(event.data["klass"]), str(event.data.get("node", "")),
                                      str(row.job_id)))
         return found

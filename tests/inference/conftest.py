@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -100,21 +99,6 @@ def hf_model(trained_template: TrainedRun, tmp_path_factory: pytest.TempPathFact
 
     with one_thread():
         return export(trained_template.run.root, trained_template.step, tmp_path_factory.mktemp("hf") / "tiny-sft-hf")
-
-
-def cluster_up() -> bool:
-    if shutil.which("scontrol") is None:
-        return False
-    try:
-        return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture
-def cluster() -> None:
-    if not cluster_up():
-        pytest.skip("the test Slurm cluster is not up (scontrol ping failed); start it with tests/cluster/up.sh")
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from fm9g.orchestrator.state import StateStore
 
 from .conftest import ANSWER, TrainedRun, check_server
 
-pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("cluster")]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # convert, infer and serve jobs on the test cluster
 
 
 def cli(*argv: object) -> int:

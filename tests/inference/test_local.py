@@ -45,6 +45,7 @@ def stage_status(run: RunDir, name: str) -> str | None:
         store.close()
 
 
+@pytest.mark.slow  # convert/infer/serve run as local jobs (subprocesses loading transformers)
 def test_convert_then_infer(trained_run: TrainedRun, tmp_path: Path) -> None:
     run = trained_run.run
     out = tmp_path / "out" / "completions.jsonl"
@@ -102,6 +103,7 @@ def test_not_a_run_nor_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "neither a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # convert/infer/serve run as local jobs (subprocesses loading transformers)
 def test_infer_on_a_model_folder(hf_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o.jsonl"
@@ -119,6 +121,7 @@ def served(trained_run: TrainedRun) -> Iterator[RunDir]:
     cli("serve", trained_run.run.root, "--stop")  # never leave a server behind, even on failure
 
 
+@pytest.mark.slow  # convert/infer/serve run as local jobs (subprocesses loading transformers)
 def test_serve_local(served: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
     run = served
     assert cli("serve", run.root, "--executor", "local") == 0

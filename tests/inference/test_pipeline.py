@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fm9g.rundir import config as config_mod
 from fm9g.orchestrator.executors.local import LocalExecutor
 from fm9g.orchestrator.inference.pipeline import run_post_train_stages
@@ -17,6 +19,7 @@ def statuses(store: StateStore) -> dict[str, str]:
     return {stage.name: stage.status for stage in store.stages()}
 
 
+@pytest.mark.slow  # convert and infer run as local jobs (subprocesses loading transformers)
 def test_convert_then_infer_after_training(trained_run: TrainedRun, tmp_path: Path) -> None:
     run = trained_run.run
     prompts = tmp_path / "eval.jsonl"

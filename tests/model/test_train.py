@@ -220,6 +220,7 @@ def test_config_errors_are_fatal(tmp_path: Path, corpus: dict[str, Path]) -> Non
     assert "incomplete" in json.loads((missing.control / "fatal.json").read_text())["reason"]
 
 
+@pytest.mark.slow  # a torchrun subprocess
 def test_torchrun_two_processes(tmp_path: Path, corpus: dict[str, Path]) -> None:
     run = make_run(tmp_path / "ddp", corpus, train_iters=4, save_iters=2)
     env = {**os.environ, protocol.ENV_NODE_RANK: "0", protocol.ENV_GENERATION: "3", "OMP_NUM_THREADS": "1"}
@@ -296,6 +297,7 @@ def _torchrun(run: RunDir, nproc: int) -> str:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.skipif(_bmtrain_missing() is not None, reason=str(_bmtrain_missing()))
 def test_bmtrain_backend_trains_matches_torch_and_resumes(tmp_path: Path, corpus: dict[str, Path]) -> None:
     nproc = min(2, torch.cuda.device_count())  # two ranks partition every parameter when two GPUs exist
@@ -330,6 +332,7 @@ def test_bmtrain_backend_trains_matches_torch_and_resumes(tmp_path: Path, corpus
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.skipif(_bmtrain_missing() is not None, reason=str(_bmtrain_missing()))
 def test_bmtrain_bf16_offload_like_the_fm9g_script(tmp_path: Path, corpus: dict[str, Path]) -> None:
     run = make_run(tmp_path / "bmt_bf16", corpus, model={"backend": "bmtrain"}, train_iters=8, save_iters=8,

@@ -4,23 +4,20 @@ and the filter, on what the supervisor and trainer actually wrote."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.tui.app import make_app
 from fm9g.orchestrator.tui.screens.main import MainScreen
 from fm9g.orchestrator.tui.widgets.failure_timeline import FailureTimeline
 from fm9g.orchestrator.tui.widgets.job_table import JobTable
 from fm9g.orchestrator.tui.widgets.log_pane import LogPane
 from fm9g.orchestrator.tui.widgets.training_panel import TrainingPanel
+from tests.helpers import runs
 
-pytestmark = pytest.mark.anyio
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the module fixture trains a 2-node run
 ITERS = 24
 
 
@@ -29,21 +26,14 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fm9g.orchestrator.executors.local import LocalExecutor
 
     root = tmp_path_factory.mktemp("real")
-    argv = [sys.executable, "-m", "fm9g.orchestrator.cli", "pretrain", "--config", str(REPO / "examples/tiny/pretrain.yaml"),
-            "--name", "real", "--no-progress", "--nodes", "2", "--set", f"run_root={root}",
-            "--set", f"train.train_iters={ITERS}", "--set", "train.save_iters=4", "--set", "train.warmup_iters=2",
-            "--set", "train.step_sleep=0.3", "--set", "train.log_iters=1", "--set", "supervise.repair_local=true",
-            "--set", "supervise.poll_interval=0.3"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = runs.start_tiny(root, "real", "--nodes", "2", "--set", f"train.train_iters={ITERS}",
+                           "--set", "train.save_iters=4", "--set", "train.warmup_iters=2", "--set", "train.step_sleep=0.3",
+                           "--set", "supervise.repair_local=true", poll_interval=0.3)
     run = root / "real"
-    deadline = time.monotonic() + 300
-    while not ((run / "checkpoints" / "latest").exists() and int((run / "checkpoints" / "latest").read_text()) >= 8):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never reached step 8"
-        time.sleep(0.2)
-    store = StateStore(run / "state.db", readonly=True)
-    worker = [r for r in store.jobs("train", live_only=True) if r.role == "worker"][0]
-    store.close()
-    LocalExecutor().kill(str(worker.job_id))  # the worker node dies; the supervisor repairs it
+    runs.wait_for(lambda: runs.checkpoint_step(run) >= 8 or proc.poll() is not None, 300, "the run to reach step 8")
+    assert proc.poll() is None, "the run ended before step 8"
+    # The worker node dies; the supervisor repairs it.
+    LocalExecutor().kill(runs.live_job(run, "worker").job_id)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     return run

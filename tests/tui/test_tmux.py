@@ -10,12 +10,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import yaml
 
-from .conftest import STEPS, TRAIN_ITERS, DemoRun
+from tests.helpers import runs
+
+if TYPE_CHECKING:
+    from tests.tui.conftest import DemoRun
 
 TMUX = shutil.which("tmux")
+pytestmark = pytest.mark.slow  # a real terminal: starts the TUI in tmux and polls its screen
 
 
 def command_line(run: Path) -> str:
@@ -30,7 +36,9 @@ def test_tui_in_tmux_shows_the_run(demo_run: DemoRun) -> None:
     tmux = [str(TMUX), "-L", socket, "-f", "/dev/null"]
     subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "30", "-s", "tui",
                     f"TERM=xterm-256color {command_line(demo_run.run.root)}"], check=True, timeout=30)
-    wanted = [demo_run.run.name, "index", "train", f"step {STEPS}/{TRAIN_ITERS}", "a2 r2 worker"]
+    train_iters = yaml.safe_load(demo_run.run.config.read_text())["train"]["train_iters"]
+    wanted = [demo_run.run.name, "index", "train", f"step {runs.last_step(demo_run.run.root)}/{train_iters}",
+              "a2 r2 worker"]
     screen = ""
     try:
         deadline = time.monotonic() + 60  # a bound on waiting for the first paint, not a timing assertion
