@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.reconcile import reconcile_run
+from fm9g.orchestrator.reconcile import job_end, reconcile_run
 from fm9g.orchestrator.state import TERMINAL_STATES, EventRow, JobRow, StageRow, StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import read_json
@@ -35,6 +35,8 @@ QUIET_EVENTS = frozenset({"submitted", "poll_error"})
 # window of this many seconds (and dropping unchanged rows) never misses it.
 UPDATE_OVERLAP_S = 5.0
 ETA_WINDOW = 50
+# How often a TUI reader looks for job ends that only the files show (reconcile).
+RECONCILE_EVERY_S = 5.0
 # `status` wants the last step only: the tail of metrics.jsonl is enough.
 STATUS_METRICS_BYTES = 65536
 UNREADABLE = "UNREADABLE"
@@ -402,6 +404,24 @@ class RunReader:
         self._config_read = False
         self._config_iters: int | None = None
         self._config_error: RunError | None = None
+        self._reconciled_at: float | None = None
+
+    def _reconcile(self) -> list[str]:
+        """Let reconcile write down what the files show, at most every RECONCILE_EVERY_S.
+        The first load asks reconcile itself; later loads first look at the live rows they
+        already hold (two stats a job), so a tick costs no extra query when nothing ended."""
+        if not self.reconcile:
+            return []
+        now = time.monotonic()
+        if self._reconciled_at is not None and now - self._reconciled_at < RECONCILE_EVERY_S:
+            return []
+        self._reconciled_at = now
+        if self._stages is not None:
+            ended = any(job_end(self.run, job) is not None for job in self._jobs.values() if job.live)
+            finished = self.run.done_flag.exists() and any(s.kind == "train" and not s.status.ended for s in self._stages)
+            if not (ended or finished):
+                return []
+        return reconcile_run(self.run)
 
     def _read_config(self) -> None:
         """config.yaml once: a run's resolved config does not change under it."""
@@ -444,8 +464,7 @@ class RunReader:
         error: RunError | None = None
         if self.run.state_db.exists():
             try:
-                if self.reconcile:
-                    reconciled = reconcile_run(self.run)
+                reconciled = self._reconcile()
                 store = StateStore(self.run.state_db, readonly=True)
                 try:
                     changed, events = self._read_state(store)

@@ -269,3 +269,27 @@ async def test_runs_root_and_a_run_without_state(runs_root: Path, settle) -> Non
         assert screen.run is not None and screen.run.name == "fresh"
         assert screen.view is not None and screen.view.status == "NEW"
         assert "no metrics yet" in str(screen.query_one(TrainingPanel).render())
+
+
+async def test_refresh_writes_down_a_job_end_that_only_the_files_show(demo_run: DemoRun, settle) -> None:
+    """The supervisor is gone (nobody holds the lock) and worker r1 ended: its exit record
+    is in control/exits.  The TUI's refresh reconciles state.db before it shows it."""
+    import time
+
+    from fm9g.rundir.atomic import write_json
+
+    ended = time.time()  # after the fixture's submission stamps (a record older than its job is a stale one)
+    write_json(demo_run.run.exit_record(demo_run.job_ids["r1a1"]), {"code": 1, "time": ended, "node_rank": 1})
+    app = make_app(demo_run.run.root, clock=lambda: NOW)
+    async with app.run_test(size=(200, 60)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(JobTable)
+        assert cell(table, f"job:{demo_run.rows['r1a1']}", "state").startswith("FAILED")
+        timeline = app.screen.query_one(FailureTimeline)
+        assert "reconciled" in [str(timeline.get_row_at(i)[1]) for i in range(timeline.row_count)]
+    store = StateStore(demo_run.run.state_db, readonly=True)
+    try:
+        row = store.job(demo_run.rows["r1a1"])
+    finally:
+        store.close()
+    assert row is not None and row.state is JobState.FAILED and row.exit_code == 1 and row.ended_at == ended
