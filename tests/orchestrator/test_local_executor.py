@@ -3,20 +3,24 @@ fm9g-launch process (through the <log>.rc file), like squeue/sacct would."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from fm9g.orchestrator.executors.local import LocalExecutor
+from tests.helpers.runs import wait_for
 
 
 def wait_state(executor: LocalExecutor, job_id: str, states: set[str], limit: float = 20.0) -> str:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        state = executor.poll([job_id])[job_id].state
-        if state in states:
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached {states}")
+    """The job's state once it is one of `states`."""
+    return wait_for(lambda: (state := executor.poll([job_id])[job_id].state) in states and state, limit,
+                    f"job {job_id} to reach {sorted(states)}", interval=0.05)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (it may linger as a zombie until its parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def script(tmp_path: Path, body: str) -> Path:
@@ -43,15 +47,11 @@ def test_cancel_kills_the_whole_group(tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     job = executor.submit(script(tmp_path, f"sleep 300 & echo $! > {pid_file}; wait"), log=tmp_path / "a.out", tag="t")
     assert wait_state(executor, job, {"RUNNING"}) == "RUNNING"
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        time.sleep(0.05)
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 20, "the child's pid", interval=0.05)
     child = int(pid_file.read_text())
     executor.cancel([job])
     assert wait_state(executor, job, {"CANCELLED", "FAILED"}) in {"CANCELLED", "FAILED"}
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(") ")[1][:1]
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or gone(child), 10, f"the child {child} to die", interval=0.05)
 
 
 def test_log_is_appended_not_truncated(tmp_path: Path) -> None:
