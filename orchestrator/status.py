@@ -68,7 +68,8 @@ def print_tables(runs: list[RunDir]) -> None:
         for stage in facts["stages"]:
             if stage["kind"] != "train":
                 table.add_row(stage["name"], "-", "-", "-", "-", "-", stage["status"], "-")
-        console.print(table)
+        if table.row_count:
+            console.print(table)
         console.print()
 
 

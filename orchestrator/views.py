@@ -63,7 +63,13 @@ class RunError:
 
 def state_error(run: RunDir, exc: Exception) -> RunError:
     db = run.state_db
-    return RunError("state.db", f"cannot be read ({exc})",
+    if "locked" in str(exc) or "busy" in str(exc):  # a writer held it past the busy timeout: transient
+        return RunError("state.db", f"is busy ({exc})", "try again in a moment; nothing is wrong with the file")
+    try:
+        empty = db.stat().st_size == 0
+    except OSError:
+        empty = False
+    return RunError("state.db", "is empty (0 bytes)" if empty else f"cannot be read ({exc})",
                     f"inspect it with `sqlite3 {db} .tables`, or move it aside (`mv {db} {db}.broken`) and run "
                     f"`fm9g-launch resume {run.root}`, which re-adopts the run's jobs by their tags")
 
