@@ -54,6 +54,7 @@ class PackedLoader:
         num_workers: int = 0,
         prefetch_factor: int = 2,
         on_error: Literal["fail", "skip"] = "fail",
+        fail_hint: str = "or use on_error='skip' to skip such lines",
     ) -> None:
         if batch_size < 1 or max_length < 16:
             raise DataError(f"batch_size must be >= 1 and max_length >= 16 (got {batch_size}, {max_length})")
@@ -68,6 +69,9 @@ class PackedLoader:
         self.batch_size, self.max_length = batch_size, max_length
         self.rank, self.world_size, self.seed, self.sft = rank, world_size, seed, sft
         self.on_error = on_error
+        # The end of a bad-line error: what the caller's user can do. The trainer's users set
+        # no on_error (a run config has none), so the trainer passes its own.
+        self.fail_hint = fail_hint
         self.task_names = self.mixture.task_names
 
         sources: list[TaskSource] = []
@@ -181,8 +185,7 @@ class PackedLoader:
         if result.error is not None:
             if self.on_error == "fail":
                 raise DataError(
-                    f"{self._maker.where(task, line)}: {result.error}; fix the data or transform, "
-                    "or use on_error='skip' to skip such lines"
+                    f"{self._maker.where(task, line)}: {result.error}; fix the data or transform, {self.fail_hint}"
                 )
             counts = self._skipped[self.task_names[task]]
             counts["error"] = counts.get("error", 0) + 1

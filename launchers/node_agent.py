@@ -18,6 +18,7 @@ every rank reads at a step boundary; torchrun itself would die on USR1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,11 @@ class NodeAgent:
         reason = self.fatal_reason()
         if reason:
             self.log(f"the trainer reported a fatal error; not retrying: {reason}")
+            # A full disk keeps its own code (the supervisor says "free space, then resume"); torchrun's
+            # rc is not the trainer's, so the code comes from the record.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if json.loads(self.run.fatal_record.read_text(encoding="utf-8")).get("exit_code") == protocol.EXIT_NO_SPACE:
+                    return protocol.EXIT_NO_SPACE
             return protocol.EXIT_CONFIG
         if rc == 0 or self.preempted:
             # Checkpointed on request (or stopped cleanly short of the end): continue me.

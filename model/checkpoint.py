@@ -51,6 +51,19 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a file object we opened: on a full disk torch raises a bare
+    RuntimeError for a path, but for a file object the OSError (ENOSPC) stays its context."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def discard_partial(root: Path) -> None:
+    """Remove half-written `.tmp-<step>` checkpoint folders (after a failed save; never loaded)."""
+    for tmp in Path(root).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Checkpointer:
     """Saves and finds checkpoints under one `checkpoints/` directory for one rank."""
 
@@ -151,13 +164,13 @@ class Checkpointer:
     def _write_files(self, tmp: Path, step: int, payload: dict[str, Any], tokenizer: Any) -> None:
         stem = f"{SAVE_NAME}-{step}"
         if payload["optimizer"] is not None:
-            torch.save(payload["optimizer"], tmp / f"{stem}.rank-{self.rank}.opt")
+            _save(payload["optimizer"], tmp / f"{stem}.rank-{self.rank}.opt")
         if payload["data"] is not None:
-            torch.save(payload["data"], tmp / "dataset_ckpt" / f"dataset_{self.rank}.data")
+            _save(payload["data"], tmp / "dataset_ckpt" / f"dataset_{self.rank}.data")
         if self.rank != 0:
             return
-        torch.save(payload["model"], tmp / f"{stem}.pt")
-        torch.save(payload["trainer"], tmp / "trainer_state.pt")
+        _save(payload["model"], tmp / f"{stem}.pt")
+        _save(payload["trainer"], tmp / "trainer_state.pt")
         (tmp / f"{stem}.log_ckpt").write_text(json.dumps(payload["log"] or {"iteration": step}, indent=2))
         (tmp / "config.json").write_text(json.dumps(payload["config"] or {}, indent=2))
         if tokenizer is not None:

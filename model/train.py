@@ -12,12 +12,16 @@ Contract with the node agent and the supervisor (files under the run directory):
   - control/checkpoint_now raised -> all ranks agree at the step boundary, checkpoint,
     exit 0 without DONE (the agent then exits with its "continue" code),
   - finished -> final checkpoint, summary.json, then control/DONE (rank 0),
-  - a config or data error -> control/fatal.json and exit EXIT_CONFIG (no retry helps).
+  - a config or data error -> control/fatal.json and exit EXIT_CONFIG (no retry helps),
+  - a full disk (ENOSPC/EDQUOT: a checkpoint, metrics, a heartbeat) -> control/fatal.json
+    naming the filesystem and its free space, and exit EXIT_NO_SPACE (no retry helps
+    until someone frees space; then `fm9g-launch resume RUN` continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -33,14 +37,14 @@ from fm9g.rundir import protocol
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
 from fm9g.model.backends import BackendError, init_process_group, make_backend
-from fm9g.model.checkpoint import Checkpointer, CheckpointError
+from fm9g.model.checkpoint import Checkpointer, CheckpointError, discard_partial
 from fm9g.model.distributed import Dist
 from fm9g.model.dragonfly import build_model, count_parameters
 from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
 from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
-from fm9g.rundir.atomic import write_json
+from fm9g.rundir.atomic import describe_no_space, is_no_space, read_json, write_json
 from fm9g.rundir.config import ConfigError, RunConfig, load_resolved
 from fm9g.rundir import RunDir
 
@@ -139,7 +143,10 @@ class Trainer:
         return PackedLoader(mixture, self.tokenizer, batch_size=self.cfg.batch_size, max_length=data.max_length,
                             rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.cfg.seed, sft=data.sft,
                             oversize_rule=data.oversize_rule, num_workers=data.dataloader_num_workers,
-                            prefetch_factor=data.dataloader_prefetch_factor, on_error="fail")
+                            prefetch_factor=data.dataloader_prefetch_factor, on_error="fail",
+                            fail_hint=("or leave the task out by setting its abs_weight (or weight) to 0 in "
+                                       f"{path}; then `fm9g-launch resume {self.run.name}` continues from the "
+                                       "last checkpoint"))
 
     # ------------------------------------------------------------------ load
     def _resume_source(self) -> tuple[Path | None, bool]:
@@ -399,15 +406,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ close
     def finish(self, outcome: Outcome) -> None:
-        """Rank 0: summary.json, then DONE when training is over."""
+        """Rank 0: summary.json (merged with earlier sessions'), then DONE when training is over."""
         if not self.ctx.is_main:
             return
         latest = self.checkpointer.latest()
-        write_json(self.run.summary, {
+        session = {
             "outcome": outcome, "steps_run": self.progress.step - self.start_step, "start_step": self.start_step,
             "final_step": self.progress.step, "train_iters": self.cfg.train_iters, "first_loss": self.first_loss,
             "last_loss": self.last_loss, "tokens_passed": self.progress.tokens_passed,
-            "checkpoint": str(latest) if latest else None, "tensorboard": str(self.tensorboard_dir)})
+            "checkpoint": str(latest) if latest else None, "tensorboard": str(self.tensorboard_dir)}
+        write_json(self.run.summary, merge_summary(read_json(self.run.summary), session))
         if outcome == "done":
             write_json(self.run.done_flag, {"step": self.progress.step, "time": time.time()})
 
@@ -416,6 +424,53 @@ class Trainer:
         close = getattr(self.loader, "close", None)
         if callable(close):
             close()
+
+
+def merge_summary(before: Any, session: dict[str, Any]) -> dict[str, Any]:
+    """This session's summary merged with the one already on disk from earlier sessions.
+
+    A run resumed after a restart has several trainer sessions; summary.json describes
+    the whole run: start_step and first_loss of the earliest session, steps_run summed
+    over the sessions that wrote a summary, everything else the latest's."""
+    if not isinstance(before, dict) or not isinstance(before.get("start_step"), int):
+        return {**session, "sessions": 1}
+    if session["start_step"] < int(before.get("final_step") or 0):
+        # Started before where the last summary ended (resume_ckpt: none, or an older step):
+        # a new line of training, which the earlier sessions' figures do not describe.
+        return {**session, "sessions": 1}
+    merged = dict(session)
+    merged["start_step"] = before["start_step"]
+    merged["steps_run"] = session["steps_run"] + int(before.get("steps_run") or 0)
+    if before.get("first_loss") is not None:
+        merged["first_loss"] = before["first_loss"]
+    merged["sessions"] = int(before.get("sessions") or 1) + 1
+    return merged
+
+
+def _no_space_error(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind `exc`, if any (torch.save wraps it in a RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if is_no_space(current):
+            return current  # type: ignore[return-value]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _fatal_no_space(run: RunDir, error: OSError, rank: int) -> int:
+    """Record a full disk as a fatal failure: retrying before space is freed only fails again."""
+    if rank == 0:
+        discard_partial(run.checkpoints)  # a half-written checkpoint is never loaded; give its space back
+    mount, what = describe_no_space(error.filename or run.root)
+    reason = (f"no space left on device: {what}; free space on {mount}, then `fm9g-launch resume {run.name}` "
+              "continues from the last complete checkpoint")
+    print(f"fatal (rank {rank}): {reason}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # the record itself may not fit; the exit code still says it
+        write_json(run.fatal_record, {"reason": reason, "rank": rank, "time": time.time(),
+                                      "exit_code": protocol.EXIT_NO_SPACE, "filesystem": str(mount)})
+    return protocol.EXIT_NO_SPACE
 
 
 def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
@@ -442,8 +497,14 @@ def run(run_dir: str | Path) -> int:
         finally:
             trainer.close()
         return protocol.EXIT_OK
-    except fatal_types as exc:
-        return _fatal(run_dirs, exc, ctx.rank if ctx else int(os.environ.get("RANK", "0")))
+    except Exception as exc:
+        rank = ctx.rank if ctx else int(os.environ.get("RANK", "0"))
+        full = _no_space_error(exc)
+        if full is not None:  # before fatal_types: an async save's ENOSPC arrives as a CheckpointError
+            return _fatal_no_space(run_dirs, full, rank)
+        if isinstance(exc, fatal_types):
+            return _fatal(run_dirs, exc, rank)
+        raise
     finally:
         if ctx is not None:
             ctx.close()

@@ -29,12 +29,17 @@ class Failure:
 
 
 def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False,
-             fatal_reason: str | None = None) -> Failure:
+             fatal_reason: str | None = None, run_name: str = "RUN") -> Failure:
     """Classify one ended node job that did not complete the run; `fatal_reason` is what the
-    trainer wrote to control/fatal.json, if anything."""
+    trainer wrote to control/fatal.json, if anything; `run_name` fills in the resume command."""
     state = JobState.parse(state)
     if exit_code == protocol.EXIT_CONTINUE:
         return Failure(FailureClass.CONTINUE, "checkpointed on a walltime/preemption signal")
+    if exit_code == protocol.EXIT_NO_SPACE:
+        # Retrying would only fill the disk again: stop, and say how to go on once there is room.
+        detail = f" ({fatal_reason})" if fatal_reason else ""
+        return Failure(FailureClass.FATAL, f"the disk is full{detail}; free space, then `fm9g-launch resume "
+                                           f"{run_name}` continues from the last complete checkpoint")
     if exit_code == protocol.EXIT_CONFIG:
         what = fatal_reason or "no reason recorded in control/fatal.json"
         return Failure(FailureClass.FATAL, f"the trainer reported a config or data error: {what}")

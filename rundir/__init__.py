@@ -96,6 +96,17 @@ class RunDir:
         """Written by the trainer on a config or data error: retrying cannot help."""
         return self.control / "fatal.json"
 
+    def read_fatal(self) -> str | None:
+        """The reason in control/fatal.json; None when there is none (or it cannot be read yet)."""
+        import json
+
+        try:
+            record = json.loads(self.fatal_record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        reason = record.get("reason") if isinstance(record, dict) else None
+        return str(reason) if reason else None
+
     def exit_record(self, job_id: str) -> Path:
         """Written by a node agent as it exits: its exit code, which squeue cannot tell
         and sacct may report only seconds later."""

@@ -101,7 +101,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, corpus: dict[st
     set_train(split, max_session_steps=0)
     assert train.run(split.root) == 0
     second = json.loads(split.summary.read_text())
-    assert (second["start_step"], second["final_step"], second["steps_run"]) == (6, 12, 6)
+    # summary.json covers the whole run, not only the last session.
+    assert (second["start_step"], second["final_step"], second["steps_run"], second["sessions"]) == (0, 12, 12, 2)
+    assert second["first_loss"] == first["first_loss"] and second["last_loss"] != first["last_loss"]
     assert split.done_flag.exists() and second["checkpoint"].endswith("checkpoints/12")
 
     a, b = metrics(straight), metrics(split)
@@ -342,3 +344,84 @@ def test_bmtrain_bf16_offload_like_the_fm9g_script(tmp_path: Path, corpus: dict[
     records = metrics(run)
     assert sorted(records) == list(range(1, 9)) and records[8]["loss"] < records[1]["loss"]
     assert (run.checkpoints / "8" / "COMPLETE").is_file()
+
+
+# ---------------------------------------------------------------- issue 18: full disk, hints, summaries
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 512 KiB tmpfs: room for a run directory, not for the tiny model's checkpoint (about 1.5 MB)."""
+    mount = tmp_path / "small_fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_while_saving_a_checkpoint_is_a_recorded_failure(small_tmpfs: Path, corpus: dict[str, Path],
+                                                                   async_save: bool) -> None:
+    from fm9g.orchestrator.failures import FailureClass, classify
+    from fm9g.orchestrator.slurm.states import JobState
+
+    run = make_run(small_tmpfs / "run", corpus, train_iters=4, save_iters=2, async_save=async_save)
+    assert train.run(run.root) == protocol.EXIT_NO_SPACE
+    reason = run.read_fatal()
+    assert reason is not None and f"mounted at {small_tmpfs} is full" in reason and "free of" in reason
+    assert f"`fm9g-launch resume {run.name}`" in reason
+    assert json.loads(run.fatal_record.read_text())["exit_code"] == protocol.EXIT_NO_SPACE
+    assert not list(run.checkpoints.glob(".tmp-*")) and run.latest_step() is None  # nothing half-written kept
+    failure = classify(JobState.FAILED, protocol.EXIT_NO_SPACE, fatal_reason=reason, run_name=run.name)
+    assert failure.klass is FailureClass.FATAL and "disk is full" in failure.reason
+    assert f"fm9g-launch resume {run.name}" in failure.reason
+
+
+def test_full_disk_while_writing_metrics_exits_with_the_no_space_code(small_tmpfs: Path, corpus: dict[str, Path],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run(small_tmpfs / "run", corpus, train_iters=4, save=False)
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill every last page: metrics, heartbeats, fatal.json fail
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    assert train.run(run.root) == protocol.EXIT_NO_SPACE
+    assert f"mounted at {small_tmpfs} is full" in capsys.readouterr().err
+    filler.unlink()  # space freed: the same run goes on
+    assert train.run(run.root) == protocol.EXIT_OK
+
+
+def test_a_bad_line_names_what_a_run_config_user_can_do(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    script = tmp_path / "boom.py"
+    script.write_text("def transform(data, num_sample, r):\n    raise ValueError('boom')\n")
+    entries = json.loads(corpus["mixture"].read_text())
+    entries[0]["transforms"] = str(script)
+    mixture = tmp_path / "mixture.json"
+    mixture.write_text(json.dumps(entries))
+    run = make_run(tmp_path / "bad_transform", corpus, train_iters=2)
+    raw = yaml.safe_load(run.config.read_text())
+    raw["data"]["dataset_config"] = str(mixture)
+    run.config.write_text(yaml.safe_dump(raw))
+    assert train.run(run.root) == protocol.EXIT_CONFIG
+    reason = run.read_fatal()
+    assert reason is not None and "boom" in reason
+    assert "on_error" not in reason  # a run config has no such option
+    assert "abs_weight" in reason and f"fm9g-launch resume {run.name}" in reason
+
+
+def test_summary_of_a_new_line_is_not_merged_with_the_old_one() -> None:
+    before = {"start_step": 0, "final_step": 6, "steps_run": 6, "first_loss": 9.0, "sessions": 1}
+    again = {"start_step": 0, "final_step": 4, "steps_run": 4, "first_loss": 8.0, "last_loss": 7.0}
+    assert train.merge_summary(before, again) == {**again, "sessions": 1}
+    later = {"start_step": 6, "final_step": 10, "steps_run": 4, "first_loss": 5.0, "last_loss": 4.0}
+    merged = train.merge_summary(before, later)
+    assert (merged["start_step"], merged["steps_run"], merged["first_loss"], merged["last_loss"]) == (0, 10, 9.0, 4.0)
+    assert train.merge_summary(None, later) == {**later, "sessions": 1}

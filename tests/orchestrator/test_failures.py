@@ -33,3 +33,23 @@ def test_config_error_names_the_trainers_reason() -> None:
     failure = classify("FAILED", protocol.EXIT_CONFIG, fatal_reason="data.dataset_config: no such file x.json")
     assert failure.klass is FailureClass.FATAL and "no such file x.json" in failure.reason
     assert "fatal.json" in classify("FAILED", protocol.EXIT_CONFIG).reason  # none recorded: says where to look
+
+
+def test_full_disk_is_fatal_and_says_how_to_go_on() -> None:
+    failure = classify("FAILED", protocol.EXIT_NO_SPACE, run_name="tiny")
+    assert failure.klass is FailureClass.FATAL
+    assert "disk is full" in failure.reason and "`fm9g-launch resume tiny`" in failure.reason
+    named = classify("FAILED", protocol.EXIT_NO_SPACE, fatal_reason="the filesystem mounted at /scratch is full")
+    assert "/scratch" in named.reason
+
+
+def test_read_fatal_gives_the_reason_or_none(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fm9g.rundir import RunDir
+    from fm9g.rundir.atomic import write_json
+
+    run = RunDir.of(tmp_path / "r").make()
+    assert run.read_fatal() is None
+    run.fatal_record.write_text("{not json", encoding="utf-8")
+    assert run.read_fatal() is None  # half-read or garbled: no reason, never an exception
+    write_json(run.fatal_record, {"reason": "DataError: x.jsonl:3: bad"})
+    assert run.read_fatal() == "DataError: x.jsonl:3: bad"
