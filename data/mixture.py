@@ -10,7 +10,10 @@ field and the fix.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,3 +200,72 @@ def load_mixture(path_or_list: str | Path | list[dict[str, Any]], base_dir: str 
         else:
             entry.transforms = None
     return Mixture(source=source, base_dir=base, entries=entries)
+
+
+def _first_records(path: Path, count: int) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, 1-based line, raw jsonl line) of the first `count` records of an entry's data."""
+    if is_indexed(path):
+        files = [path / "data.jsonl"]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt") and p.is_file())
+    from fm9g.data.txt2jsonl import txt_line_to_jsonl
+
+    given = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if given >= count:
+                    return
+                body = raw.rstrip(b"\r\n")
+                if file.suffix == ".txt":
+                    line = txt_line_to_jsonl(body.decode("utf-8", "replace"))
+                    if line is None:
+                        continue
+                    body = line.encode("utf-8")
+                elif not body.strip():
+                    continue
+                given += 1
+                yield file, number, body
+
+
+def check_transforms(mixture: Mixture, sample: int = 8) -> None:
+    """Apply each entry's transform to its first `sample` records; raise a DataError when all fail.
+
+    A transform that fails on every call would otherwise be found only after the run has
+    started (each bad record is an error there). One failing record among good ones is
+    the data's problem, found in the run with its line; so only "every sampled call
+    failed" is refused here, naming the transform, the dataset file and the first record.
+    """
+    from fm9g.data.index_check import decode_json
+    from fm9g.data.samples import _incontext_index
+
+    for index, entry in enumerate(mixture.entries):
+        if not entry.transforms:
+            continue
+        where = f"{mixture.source}: entry {index} ({entry.task_name})"
+        transform = load_transform(entry.transforms, where)
+        failures: list[str] = []
+        tried = 0
+        for file, number, body in itertools.islice(_first_records(Path(entry.path), sample), sample):
+            tried += 1
+            try:
+                data = decode_json(body)
+            except (ValueError, UnicodeDecodeError):
+                failures.append(f"{file}:{number}: not valid JSON")
+                continue
+            rng = random.Random(f"check:{entry.task_name}:{number}")
+            try:
+                result = transform(data, _incontext_index(tuple(entry.incontext_weight), rng), rng)
+            except Exception as error:  # the user's code: report whatever it raises
+                failures.append(f"{file}:{number}: raised {type(error).__name__}: {error}")
+                continue
+            if not isinstance(result, dict):
+                failures.append(f"{file}:{number}: returned {type(result).__name__}, not a dict with input/output")
+        if tried and len(failures) == tried:
+            raise DataError(
+                f"{where}: field 'transforms': transform in {entry.transforms} failed on all {tried} records "
+                f"tried from {entry.path}, e.g. record {failures[0]}; fix the script (test it on a line of "
+                "the data) or remove 'transforms' from the entry"
+            )

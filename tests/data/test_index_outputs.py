@@ -90,3 +90,15 @@ def test_cli_prints_the_control_character_warning(tmp_path: Path) -> None:
 def test_a_clean_file_has_no_warnings(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [{"output": "tab\tand\rcr escaped by json.dumps"}])
     assert build_index(source, tmp_path / "idx").warnings == {}
+
+
+def test_atomic_writes_get_the_umask_mode_unless_one_is_given(tmp_path: Path, umask_022: None) -> None:
+    from fm9g.rundir.atomic import atomic_output, write_json, write_text
+
+    assert _mode(write_json(tmp_path / "a.json", {"x": 1})) == 0o644  # mkstemp alone would give 0600
+    with atomic_output(tmp_path / "b.bin") as handle:
+        handle.write(b"x")
+    assert _mode(tmp_path / "b.bin") == 0o644
+    assert _mode(write_text(tmp_path / "api_key", "secret\n", mode=0o600)) == 0o600  # the serve key stays private
+    os.umask(0o077)
+    assert _mode(write_text(tmp_path / "c.txt", "x")) == 0o600  # a stricter umask is honoured

@@ -164,3 +164,47 @@ def test_duplicate_key_in_a_mixture_entry_names_file_line_and_key(setup: Path) -
     with pytest.raises(DataError) as info:
         load_mixture(path)
     assert f"{path}:4:" in str(info.value) and "'path'" in str(info.value) and "twice" in str(info.value)
+
+
+FAILS_ALWAYS = """
+def transform(data, num_sample, r):
+    return data["no_such_key"]
+"""
+
+FAILS_ON_ONE = """
+def transform(data, num_sample, r):
+    if data["output"] == "bad":
+        raise ValueError("this record")
+    return data
+"""
+
+
+def test_check_transforms_refuses_a_transform_that_fails_on_every_record(setup: Path) -> None:
+    from fm9g.data.mixture import check_transforms
+
+    (setup / "scripts" / "broken.py").write_text(FAILS_ALWAYS)
+    mixture = load_mixture(_write(setup, [_entry(transforms="scripts/broken.py")]))
+    with pytest.raises(DataError) as info:
+        check_transforms(mixture)
+    message = str(info.value)
+    assert "entry 0 (a)" in message and "field 'transforms'" in message and "broken.py" in message
+    assert f"{setup / 'indexed' / 'data.jsonl'}:1: raised KeyError" in message  # the dataset file and record
+
+
+def test_check_transforms_reads_raw_data_too_and_accepts_working_scripts(setup: Path) -> None:
+    from fm9g.data.mixture import check_transforms
+
+    (setup / "scripts" / "broken.py").write_text(FAILS_ALWAYS)
+    good = load_mixture(_write(setup, [_entry(), _entry(task_name="b", path="raw/b.jsonl")]))
+    check_transforms(good)  # the guide's script works on both
+    raw = load_mixture(_write(setup, [_entry(task_name="b", path="raw/b.jsonl", transforms="scripts/broken.py")]))
+    with pytest.raises(DataError, match=r"raw/b.jsonl:1: raised KeyError"):
+        check_transforms(raw)
+
+
+def test_check_transforms_leaves_one_bad_record_to_the_run(setup: Path) -> None:
+    from fm9g.data.mixture import check_transforms
+
+    write_jsonl(setup / "raw2" / "c.jsonl", [{"output": "bad"}, {"output": "good"}])
+    (setup / "scripts" / "picky.py").write_text(FAILS_ON_ONE)
+    check_transforms(load_mixture(_write(setup, [_entry(path="raw2/c.jsonl", transforms="scripts/picky.py")])))
