@@ -229,7 +229,7 @@ def supervise(plan: Plan, progress: bool = True) -> int:
     from fm9g.orchestrator.executors import make_executor
     from fm9g.orchestrator.jobs import JobTracker
     from fm9g.orchestrator.prepare import run_data_stages
-    from fm9g.orchestrator.supervisor import TrainSupervisor
+    from fm9g.orchestrator.train_policy import TrainPolicy
 
     run, config = plan.run, plan.config
     store = StateStore(run.state_db)
@@ -243,6 +243,9 @@ def supervise(plan: Plan, progress: bool = True) -> int:
         executor = make_executor(config.executor, since=store.meta("created_at"))
         tracker = JobTracker(run, store, executor, plan.renderer(), requeue=config.cluster.requeue)
         tracker.adopt()
+        # A cancel flag left by an earlier cancel would stop this run at once: starting
+        # a supervisor again is the user's word that the run should go on.
+        run.cancel_flag.unlink(missing_ok=True)
         for stage in plan.stages:
             store.upsert_stage(stage.name, stage.kind.value, list(stage.depends_on))
             current = store.stage(stage.name)
@@ -250,8 +253,7 @@ def supervise(plan: Plan, progress: bool = True) -> int:
                 store.set_stage(stage.name, StageStatus.SKIPPED, detail=stage.skip)
         write_json(run.mixture, plan.mixture)
         run_data_stages(plan, tracker, say, progress=progress)
-        supervisor = TrainSupervisor(run, config, store, tracker, say=say,
-                                     repair=config.executor == "slurm" or config.supervise.repair_local)
+        supervisor = TrainPolicy(run, config, store, tracker, say=say)
         # A finished training stage is not run again (post-training stages may still be due).
         outcome = "COMPLETED" if run.done_flag.exists() else supervisor.run_until_done()
         if outcome == "COMPLETED":

@@ -26,6 +26,10 @@ class StageFailed(ConfigError):
     """A data stage failed; the message names its logs and how to re-run."""
 
 
+class StageCancelled(StageFailed):
+    """The user cancelled the run (control/cancel) while a data stage ran."""
+
+
 def next_attempt(tracker: JobTracker, stage: str) -> int:
     return max((row.attempt for row in tracker.store.jobs(stage)), default=0) + 1
 
@@ -125,8 +129,22 @@ def train_tokenizer(plan: Plan, tracker: JobTracker, say: Say, interval: float) 
 
 
 def wait(tracker: JobTracker, rows: list[JobRow], interval: float, report: Callable[[], None] | None) -> list[JobRow]:
+    """Follow `rows` to their end; a raised cancel flag cancels them and raises StageCancelled."""
+
+    def tick() -> None:
+        if report is not None:
+            report()
+        if tracker.run.cancel_flag.exists():
+            current = [row for row in (tracker.store.job(r.id) for r in rows) if row is not None]
+            ids = tracker.cancel(current, reason="cancelled by the user")
+            for stage in sorted({row.stage for row in current}):
+                tracker.store.set_stage(stage, StageStatus.CANCELLED, detail="cancelled by the user")
+                tracker.store.event("stage_end", f"{stage} cancelled by the user", stage=stage, job_ids=ids)
+            raise StageCancelled(f"cancelled by the user: {' '.join(ids) or 'no live jobs'}; "
+                                 "run the same command again to continue (finished shards are kept)")
+
     try:
-        return tracker.wait(rows, interval=interval, on_tick=report)
+        return tracker.wait(rows, interval=interval, on_tick=tick)
     except UnknownTooLong as exc:
         raise StageFailed(str(exc)) from None
 

@@ -58,8 +58,8 @@ def test_dry_run_submits_nothing(shared_tmp: Path) -> None:
     before = squeue_ids()
     result = launch(shared_tmp, "dry", "--nodes", "4", "--dry-run")
     assert result.returncode == 0, result.stderr
-    scripts = sorted((shared_tmp / "dry" / "scripts").iterdir())
-    assert len(scripts) == 4
+    scripts = sorted((shared_tmp / "dry" / "dry-run" / "scripts").iterdir())
+    assert len(scripts) == 9  # 2 datasets x (shard array, merge), the tokenizer, master + 3 workers
     for script in scripts:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert squeue_ids() == before
