@@ -67,17 +67,23 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> CancelResult:
         targets = [row for row in live if job_id is None or row.job_id == job_id]
         if job_id is not None and not targets:
             known = " ".join(str(row.job_id) for row in live) or "none"
-            raise CancelError(f"job {job_id} is not a live job of run {run.name} (live jobs: {known}); "
-                              f"see `fm9g-launch status {run.root}`")
+            raise CancelError(
+                f"job {job_id} is not a live job of run {run.name} (live jobs: {known}); "
+                f"see `fm9g-launch status {run.root}`"
+            )
         ids = tuple(str(row.job_id) for row in targets)
         what = f"job {job_id}" if job_id else "the run"
         with unsupervised(run) as free:
             if job_id is None:
                 write_text(run.cancel_flag, f"{time.time()}\n")
             if job_id is None and not free:
-                store.event("cancel", f"user cancelled {what}: asked the supervisor through control/cancel to cancel "
-                                      f"{' '.join(ids) or 'no live jobs'}", path=CancelPath.SUPERVISOR.value,
-                            job_ids=list(ids))
+                store.event(
+                    "cancel",
+                    f"user cancelled {what}: asked the supervisor through control/cancel to cancel "
+                    f"{' '.join(ids) or 'no live jobs'}",
+                    path=CancelPath.SUPERVISOR.value,
+                    job_ids=list(ids),
+                )
                 return CancelResult(CancelPath.SUPERVISOR, ids)
             executor = make_executor(_executor_kind(run, store))
             for row in targets:
@@ -85,8 +91,13 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> CancelResult:
             if ids:
                 executor.cancel(list(ids))
             why = "no supervisor holds the run's lock" if free else "one job: the supervisor sees it end and decides"
-            store.event("cancel", f"user cancelled {what} through the executor ({why}): {' '.join(ids) or 'no live jobs'}",
-                        path=CancelPath.EXECUTOR.value, job_ids=list(ids), supervised=not free)
+            store.event(
+                "cancel",
+                f"user cancelled {what} through the executor ({why}): {' '.join(ids) or 'no live jobs'}",
+                path=CancelPath.EXECUTOR.value,
+                job_ids=list(ids),
+                supervised=not free,
+            )
             if free:
                 _record_cancelled(store, targets, whole_run=job_id is None)
             return CancelResult(CancelPath.EXECUTOR, ids)
@@ -116,8 +127,12 @@ def resubmit_failed(run: RunDir) -> str:
 
     if not run.state_db.exists():
         raise ValueError(f"{run.root} has no state.db: nothing to resubmit")
-    result = subprocess.run([sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--detach"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip() or result.stdout.strip())
     return result.stdout.strip()

@@ -123,8 +123,13 @@ def job_end(run: RunDir, row: JobRow) -> JobEnd | None:
         code, ended_at = found
         if row.submitted_at is not None and ended_at + CLOCK_SKEW_S < row.submitted_at:
             continue  # left by an earlier job with the same id
-        return JobEnd(row=row, state=JobState.COMPLETED if code == 0 else JobState.FAILED, exit_code=code,
-                      ended_at=ended_at, source=source)
+        return JobEnd(
+            row=row,
+            state=JobState.COMPLETED if code == 0 else JobState.FAILED,
+            exit_code=code,
+            ended_at=ended_at,
+            source=source,
+        )
     return None
 
 
@@ -148,12 +153,27 @@ def apply_changes(run: RunDir, store: StateStore, changes: Changes) -> list[str]
     done: list[str] = []
     for end in changes.ends:
         row = end.row
-        message = (f"{row.stage} {row.role}{row.node_rank} (job {row.job_id}) ended {end.state.value} "
-                   f"(exit code {end.exit_code}) while no supervisor watched; read from {end.source.name}")
-        store.update_job(row.id, state=end.state, exit_code=end.exit_code, ended_at=end.ended_at,
-                         reason=f"exit code {end.exit_code}, from {end.source.name}")
-        store.event(EVENT, message, stage=row.stage, job=row.id, job_id=row.job_id, state=end.state.value,
-                    exit_code=end.exit_code, source=str(end.source))
+        message = (
+            f"{row.stage} {row.role}{row.node_rank} (job {row.job_id}) ended {end.state.value} "
+            f"(exit code {end.exit_code}) while no supervisor watched; read from {end.source.name}"
+        )
+        store.update_job(
+            row.id,
+            state=end.state,
+            exit_code=end.exit_code,
+            ended_at=end.ended_at,
+            reason=f"exit code {end.exit_code}, from {end.source.name}",
+        )
+        store.event(
+            EVENT,
+            message,
+            stage=row.stage,
+            job=row.id,
+            job_id=row.job_id,
+            state=end.state.value,
+            exit_code=end.exit_code,
+            source=str(end.source),
+        )
         done.append(message)
     for stage in changes.completed:
         message = f"stage {stage.name} completed while no supervisor watched: control/DONE exists and every job ended"

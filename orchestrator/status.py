@@ -23,8 +23,11 @@ SCHEMA_VERSION = 1
 
 def render_json(runs: list[RunDir]) -> str:
     """The `status --json` document: one entry per run, a broken one with its `error`."""
-    return json.dumps({"schema": SCHEMA_VERSION, "generated_at": time.time(), "runs": [collect(r) for r in runs]},
-                      ensure_ascii=False, indent=2)
+    return json.dumps(
+        {"schema": SCHEMA_VERSION, "generated_at": time.time(), "runs": [collect(r) for r in runs]},
+        ensure_ascii=False,
+        indent=2,
+    )
 
 
 def print_tables(runs: list[RunDir]) -> None:
@@ -35,7 +38,9 @@ def print_tables(runs: list[RunDir]) -> None:
 
     console = Console()
     if not runs:
-        console.print("no runs found (runs live under ./runs/<name>; start one with `fm9g-launch pretrain --config ...`)")
+        console.print(
+            "no runs found (runs live under ./runs/<name>; start one with `fm9g-launch pretrain --config ...`)"
+        )
         return
     for run in runs:
         facts = collect(run)
@@ -44,8 +49,11 @@ def print_tables(runs: list[RunDir]) -> None:
         line = f"[bold]{escape(facts['name'])}[/bold]  {facts['status']}  ({escape(facts['path'])})"
         if progress:
             total = progress.get("train_iters")
-            line += f"\n  step {progress['step']}" + (f"/{total}" if total else "") + \
-                    f"  loss {format_loss(progress['loss'])}  lr {format_lr(progress['lr'])}"
+            line += (
+                f"\n  step {progress['step']}"
+                + (f"/{total}" if total else "")
+                + f"  loss {format_loss(progress['loss'])}  lr {format_lr(progress['lr'])}"
+            )
         if facts["error"]:
             error = facts["error"]
             line += f"\n  [red]{escape(error['source'])}: {escape(error['message'])}[/red]; {escape(error['fix'])}"
@@ -63,8 +71,16 @@ def print_tables(runs: list[RunDir]) -> None:
             latest[(job["stage"], job["role"], job["node_rank"])] = job
         for job in latest.values():
             state = job["state"] + (f" ({job['reason']})" if job["reason"] and job["state"] == "PENDING" else "")
-            table.add_row(job["stage"], job["role"], str(job["node_rank"]), str(job["attempt"]), str(job["job_id"] or "-"),
-                          job["node"] or "-", state, format_elapsed(job["elapsed"]))
+            table.add_row(
+                job["stage"],
+                job["role"],
+                str(job["node_rank"]),
+                str(job["attempt"]),
+                str(job["job_id"] or "-"),
+                job["node"] or "-",
+                state,
+                format_elapsed(job["elapsed"]),
+            )
         for stage in facts["stages"]:
             if stage["kind"] != "train":
                 table.add_row(stage["name"], "-", "-", "-", "-", "-", stage["status"], "-")

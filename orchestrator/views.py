@@ -69,9 +69,12 @@ def state_error(run: RunDir, exc: Exception) -> RunError:
         empty = db.stat().st_size == 0
     except OSError:
         empty = False
-    return RunError("state.db", "is empty (0 bytes)" if empty else f"cannot be read ({exc})",
-                    f"inspect it with `sqlite3 {db} .tables`, or move it aside (`mv {db} {db}.broken`) and run "
-                    f"`fm9g-launch resume {run.root}`, which re-adopts the run's jobs by their tags")
+    return RunError(
+        "state.db",
+        "is empty (0 bytes)" if empty else f"cannot be read ({exc})",
+        f"inspect it with `sqlite3 {db} .tables`, or move it aside (`mv {db} {db}.broken`) and run "
+        f"`fm9g-launch resume {run.root}`, which re-adopts the run's jobs by their tags",
+    )
 
 
 def config_error(run: RunDir) -> RunError | None:
@@ -79,9 +82,12 @@ def config_error(run: RunDir) -> RunError | None:
     from fm9g.rundir.config import load_resolved
 
     if not run.config.exists():
-        return RunError("config.yaml", "is missing",
-                        f"put the run's resolved config back at {run.config}; state.db is still read, but `resume` "
-                        "cannot restart the run without it")
+        return RunError(
+            "config.yaml",
+            "is missing",
+            f"put the run's resolved config back at {run.config}; state.db is still read, but `resume` "
+            "cannot restart the run without it",
+        )
     try:
         load_resolved(run.config)
     except Exception as exc:  # a viewer never fails on one broken config: say why instead
@@ -242,11 +248,20 @@ def parse_point(record: Any) -> MetricPoint | None:
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         return None
     tasks = record.get("task_loss")
-    task_losses = {str(task): number for task, value in tasks.items()
-                   if (number := _number(value)) is not None} if isinstance(tasks, dict) else {}
-    return MetricPoint(step=int(step), loss=_number(record.get("loss")), lr=_number(record.get("lr")),
-                       grad_norm=_number(record.get("grad_norm")), tokens_per_s=_number(record.get("tokens_per_s")),
-                       time=_number(record.get("time")), task_losses=task_losses)
+    task_losses = (
+        {str(task): number for task, value in tasks.items() if (number := _number(value)) is not None}
+        if isinstance(tasks, dict)
+        else {}
+    )
+    return MetricPoint(
+        step=int(step),
+        loss=_number(record.get("loss")),
+        lr=_number(record.get("lr")),
+        grad_norm=_number(record.get("grad_norm")),
+        tokens_per_s=_number(record.get("tokens_per_s")),
+        time=_number(record.get("time")),
+        task_losses=task_losses,
+    )
 
 
 def read_points(path: Path) -> list[MetricPoint]:
@@ -367,15 +382,15 @@ class RunView:
     owner: str | None = None
     executor: str | None = None
     stages: tuple[StageRow, ...] = ()
-    jobs: tuple[JobRow, ...] = ()          # stage order, then attempt, node rank
+    jobs: tuple[JobRow, ...] = ()  # stage order, then attempt, node rank
     changed: frozenset[int] = frozenset()  # job row ids new or changed since the previous view
-    events: tuple[EventRow, ...] = ()      # the failure timeline's events that are new since the previous view
+    events: tuple[EventRow, ...] = ()  # the failure timeline's events that are new since the previous view
     metrics: MetricsView = MetricsView()
     endpoint: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None
     done: bool = False
-    reconciled: tuple[str, ...] = ()       # what this load wrote down from the files (reconcile)
-    error: RunError | None = None          # state.db first, then config.yaml
+    reconciled: tuple[str, ...] = ()  # what this load wrote down from the files (reconcile)
+    error: RunError | None = None  # state.db first, then config.yaml
 
 
 def _read_small_json(path: Path) -> dict[str, Any] | None:
@@ -394,8 +409,9 @@ class RunReader:
     Each load opens state.db anew, read-only: a sqlite connection belongs to the thread
     that made it, and every TUI refresh runs in a fresh worker thread."""
 
-    def __init__(self, run: RunDir, clock: Callable[[], float], *, reconcile: bool = True,
-                 metrics_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self, run: RunDir, clock: Callable[[], float], *, reconcile: bool = True, metrics_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self.run = run
         self.clock = clock
         self.reconcile = reconcile
@@ -424,7 +440,9 @@ class RunReader:
         self._reconciled_at = now
         if self._stages is not None:
             ended = any(job_end(self.run, job) is not None for job in self._jobs.values() if job.live)
-            finished = self.run.done_flag.exists() and any(s.kind == "train" and not s.status.ended for s in self._stages)
+            finished = self.run.done_flag.exists() and any(
+                s.kind == "train" and not s.status.ended for s in self._stages
+            )
             if not (ended or finished):
                 return []
         return reconcile_run(self.run)
@@ -476,25 +494,46 @@ class RunReader:
                     changed, events = self._read_state(store)
                 finally:
                     store.close()
-            except (sqlite3.Error, ValueError) as exc:  # locked, half-written or not a database: keep the last view, say why
+            except (
+                sqlite3.Error,
+                ValueError,
+            ) as exc:  # locked, half-written or not a database: keep the last view, say why
                 error = state_error(self.run, exc)
         stages = self._stages or []
         stage_names = tuple(stage.name for stage in stages)
         if len(self._order) != len(self._jobs) or stage_names != self._order_stages:
             # Re-sort only when jobs or stages appear; a changed row keeps its place.
             rank = {name: index for index, name in enumerate(stage_names)}
-            self._order = sorted(self._jobs, key=lambda i: (rank.get(self._jobs[i].stage, len(rank)), self._jobs[i].stage,
-                                                            self._jobs[i].attempt, self._jobs[i].node_rank, i))
+            self._order = sorted(
+                self._jobs,
+                key=lambda i: (
+                    rank.get(self._jobs[i].stage, len(rank)),
+                    self._jobs[i].stage,
+                    self._jobs[i].attempt,
+                    self._jobs[i].node_rank,
+                    i,
+                ),
+            )
             self._order_stages = stage_names
         status = UNREADABLE if error is not None and self._stages is None else overall(stages)
         self.metrics.poll()
-        return RunView(run=self.run, now=now, status=status, owner=self._meta.get("owner"),
-                       executor=self._meta.get("executor"), stages=tuple(stages),
-                       jobs=tuple(self._jobs[i] for i in self._order), changed=frozenset(changed),
-                       events=tuple(events), metrics=self._metrics_view(),
-                       endpoint=_read_small_json(self.run.endpoint), serve=_read_small_json(self.run.serve_endpoint),
-                       done=self.run.done_flag.exists(), reconciled=tuple(reconciled),
-                       error=error or self._config_error)
+        return RunView(
+            run=self.run,
+            now=now,
+            status=status,
+            owner=self._meta.get("owner"),
+            executor=self._meta.get("executor"),
+            stages=tuple(stages),
+            jobs=tuple(self._jobs[i] for i in self._order),
+            changed=frozenset(changed),
+            events=tuple(events),
+            metrics=self._metrics_view(),
+            endpoint=_read_small_json(self.run.endpoint),
+            serve=_read_small_json(self.run.serve_endpoint),
+            done=self.run.done_flag.exists(),
+            reconciled=tuple(reconciled),
+            error=error or self._config_error,
+        )
 
     def _metrics_view(self) -> MetricsView:
         points = list(self.metrics.points)
@@ -502,9 +541,14 @@ class RunReader:
         if not points:
             return MetricsView(train_iters=train_iters)
         recent = [(p.step, p.time) for p in points[-ETA_WINDOW:] if p.time is not None]
-        return MetricsView(last=points[-1], losses=tuple(p.loss for p in points if p.loss is not None),
-                           lrs=tuple(p.lr for p in points if p.lr is not None), tasks=dict(self.metrics.tasks),
-                           train_iters=train_iters, eta_s=estimate_eta(recent, train_iters))
+        return MetricsView(
+            last=points[-1],
+            losses=tuple(p.loss for p in points if p.loss is not None),
+            lrs=tuple(p.lr for p in points if p.lr is not None),
+            tasks=dict(self.metrics.tasks),
+            train_iters=train_iters,
+            eta_s=estimate_eta(recent, train_iters),
+        )
 
 
 def is_live(job: JobRow) -> bool:
@@ -518,20 +562,64 @@ def collect(run: RunDir, now: float | None = None) -> dict[str, Any]:
     view = RunReader(run, time.time, metrics_bytes=STATUS_METRICS_BYTES).load()
     now = view.now if now is None else now
     last = view.metrics.last
-    progress = None if last is None else {
-        "step": last.step, "loss": last.loss, "lr": last.lr, "tokens_per_s": last.tokens_per_s, "time": last.time,
-        "train_iters": view.metrics.train_iters}
+    progress = (
+        None
+        if last is None
+        else {
+            "step": last.step,
+            "loss": last.loss,
+            "lr": last.lr,
+            "tokens_per_s": last.tokens_per_s,
+            "time": last.time,
+            "train_iters": view.metrics.train_iters,
+        }
+    )
     return {
-        "name": run.name, "path": str(run.root), "status": view.status, "owner": view.owner, "executor": view.executor,
-        "stages": [{"name": s.name, "kind": s.kind, "status": s.status.value, "detail": s.detail, "progress": s.progress,
-                    "started_at": s.started_at, "ended_at": s.ended_at} for s in view.stages],
-        "jobs": [{"id": j.id, "stage": j.stage, "role": j.role, "node_rank": j.node_rank, "attempt": j.attempt,
-                  "generation": j.generation, "job_id": j.job_id, "state": j.state.value, "reason": j.reason,
-                  "node": j.node, "exit_code": j.exit_code, "restarts": j.restarts,
-                  "elapsed": elapsed(j.started_at, j.ended_at, now), "log": j.log, "submitted_at": j.submitted_at}
-                 for j in sorted(view.jobs, key=lambda j: j.id)],
-        "progress": progress, "endpoint": view.endpoint, "serve": view.serve, "done": view.done,
-        "recoveries": [{"node_rank": e.data.get("node_rank"), "phases": e.data.get("phases", {}), "message": e.message}
-                       for e in view.events if e.kind == "recovery"],
+        "name": run.name,
+        "path": str(run.root),
+        "status": view.status,
+        "owner": view.owner,
+        "executor": view.executor,
+        "stages": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "status": s.status.value,
+                "detail": s.detail,
+                "progress": s.progress,
+                "started_at": s.started_at,
+                "ended_at": s.ended_at,
+            }
+            for s in view.stages
+        ],
+        "jobs": [
+            {
+                "id": j.id,
+                "stage": j.stage,
+                "role": j.role,
+                "node_rank": j.node_rank,
+                "attempt": j.attempt,
+                "generation": j.generation,
+                "job_id": j.job_id,
+                "state": j.state.value,
+                "reason": j.reason,
+                "node": j.node,
+                "exit_code": j.exit_code,
+                "restarts": j.restarts,
+                "elapsed": elapsed(j.started_at, j.ended_at, now),
+                "log": j.log,
+                "submitted_at": j.submitted_at,
+            }
+            for j in sorted(view.jobs, key=lambda j: j.id)
+        ],
+        "progress": progress,
+        "endpoint": view.endpoint,
+        "serve": view.serve,
+        "done": view.done,
+        "recoveries": [
+            {"node_rank": e.data.get("node_rank"), "phases": e.data.get("phases", {}), "message": e.message}
+            for e in view.events
+            if e.kind == "recovery"
+        ],
         "error": view.error.to_json() if view.error else None,
     }

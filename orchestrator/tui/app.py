@@ -26,8 +26,9 @@ class LaunchTui(App[None]):
     BINDINGS = [Binding("q", "quit", "Quit"), Binding("question_mark", "help", "Help")]
     ENABLE_COMMAND_PALETTE = False
 
-    def __init__(self, runs_root: Path, selected: Path | None, *, user: str, interval: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self, runs_root: Path, selected: Path | None, *, user: str, interval: float, clock: Callable[[], float]
+    ) -> None:
         super().__init__()
         self.runs_root = runs_root
         self.selected = selected
@@ -43,8 +44,9 @@ class LaunchTui(App[None]):
             self.push_screen(HelpScreen())
 
 
-def make_app(target: Path, *, user: str | None = None, interval: float = 1.0,
-             clock: Callable[[], float] = time.time) -> LaunchTui:
+def make_app(
+    target: Path, *, user: str | None = None, interval: float = 1.0, clock: Callable[[], float] = time.time
+) -> LaunchTui:
     """The app for `target`: a run directory (its siblings are listed, it is selected) or a
     directory of runs.  `user` decides read-only (default: the login name); `clock` gives
     "now" for elapsed times and ETAs.

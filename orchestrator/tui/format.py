@@ -9,9 +9,21 @@ import math
 import time
 from collections.abc import Sequence
 
-__all__ = ["format_elapsed", "format_eta", "format_rate", "format_loss", "format_lr", "format_state",
-           "format_clock", "format_phases", "progress_bar", "sparkline", "job_label",
-           "truncate", "state_style"]
+__all__ = [
+    "format_elapsed",
+    "format_eta",
+    "format_rate",
+    "format_loss",
+    "format_lr",
+    "format_state",
+    "format_clock",
+    "format_phases",
+    "progress_bar",
+    "sparkline",
+    "job_label",
+    "truncate",
+    "state_style",
+]
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 RECOVERY_PHASES = ("resubmitted", "allocated", "rendezvous", "first_step")
@@ -151,9 +163,18 @@ def job_label(attempt: int, node_rank: int, role: str, first_of_attempt: bool) -
 
 
 STATE_STYLES = {
-    "RUNNING": "green", "COMPLETING": "green", "COMPLETED": "blue", "SKIPPED": "dim", "NEW": "dim",
-    "PENDING": "yellow", "SUBMITTING": "yellow", "CONFIGURING": "yellow", "REQUEUED": "yellow",
-    "SUSPENDED": "yellow", "UNKNOWN": "magenta", "CANCELLED": "magenta",
+    "RUNNING": "green",
+    "COMPLETING": "green",
+    "COMPLETED": "blue",
+    "SKIPPED": "dim",
+    "NEW": "dim",
+    "PENDING": "yellow",
+    "SUBMITTING": "yellow",
+    "CONFIGURING": "yellow",
+    "REQUEUED": "yellow",
+    "SUSPENDED": "yellow",
+    "UNKNOWN": "magenta",
+    "CANCELLED": "magenta",
 }
 
 

@@ -40,8 +40,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.orchestrator.tui.screenshot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.orchestrator.tui.screenshot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run", type=Path, help="a run directory (or a directory of runs)")
     parser.add_argument("output", type=Path, help="the SVG file to write")
     parser.add_argument("--size", type=parse_size, default=(120, 36), help="COLUMNSxROWS (default 120x36)")

@@ -39,8 +39,17 @@ class Run:
                 script = write_text(self.run.scripts / f"{role}{rank}.sh", "#!/bin/bash\nexec sleep 600\n")
                 log = self.run.stage_logs("train") / f"{role}{rank}-a1.out"
                 tag = f"fm9g:r:train:{rank}:1"
-                row = store.record_intent(stage="train", role=role, node_rank=rank, attempt=1, generation=0, tag=tag,
-                                          script=str(script), script_hash="0" * 12, log=str(log))
+                row = store.record_intent(
+                    stage="train",
+                    role=role,
+                    node_rank=rank,
+                    attempt=1,
+                    generation=0,
+                    tag=tag,
+                    script=str(script),
+                    script_hash="0" * 12,
+                    log=str(log),
+                )
                 job_id = executor.submit(script, log=log, tag=tag)
                 store.mark_submitted(row, job_id)
                 store.update_job(row, state=JobState.RUNNING, node="localhost", started_at=time.time())

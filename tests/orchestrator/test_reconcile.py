@@ -33,8 +33,17 @@ def make_run(root: Path, nodes: int = 2) -> tuple[RunDir, dict[int, int]]:
         for rank in range(nodes):
             role = "master" if rank == 0 else "worker"
             log = run.stage_logs("train") / f"{role}{rank}-a1.out"
-            row = store.record_intent(stage="train", role=role, node_rank=rank, attempt=1, generation=0,
-                                      tag=f"fm9g:r:train:{rank}:1", script="s.sh", script_hash="0" * 12, log=str(log))
+            row = store.record_intent(
+                stage="train",
+                role=role,
+                node_rank=rank,
+                attempt=1,
+                generation=0,
+                tag=f"fm9g:r:train:{rank}:1",
+                script="s.sh",
+                script_hash="0" * 12,
+                log=str(log),
+            )
             store.mark_submitted(row, str(9000 + rank))
             store.update_job(row, state=JobState.RUNNING, node=f"cn0{rank}", started_at=time.time())
             rows[rank] = row

@@ -46,8 +46,9 @@ def status_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return {run["name"]: run for run in json.loads(capsys.readouterr().out)["runs"]}
 
 
-def test_status_json_lists_every_run_with_an_error_for_the_broken(runs_root: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_json_lists_every_run_with_an_error_for_the_broken(
+    runs_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runs = status_json(capsys, "--runs-root", str(runs_root))
     assert sorted(runs) == ["empty", "garbage", "good", "noconfig"]
     assert runs["good"]["error"] is None and runs["good"]["status"] == "RUNNING" and runs["good"]["owner"] == "alice"
@@ -68,7 +69,11 @@ def test_status_never_repairs_a_broken_state_db(runs_root: Path, capsys: pytest.
 def test_status_of_one_broken_run_and_the_tables(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert status_json(capsys, str(runs_root / "empty"))["empty"]["error"]["source"] == "state.db"
     assert status_json(capsys, str(runs_root / "noconfig"))["noconfig"]["error"]["source"] == "config.yaml"
-    for argv in (["--runs-root", str(runs_root)], [str(runs_root / "garbage")], ["--failures", "--runs-root", str(runs_root)]):
+    for argv in (
+        ["--runs-root", str(runs_root)],
+        [str(runs_root / "garbage")],
+        ["--failures", "--runs-root", str(runs_root)],
+    ):
         assert main(["status", *argv]) == 0
     capsys.readouterr()
 

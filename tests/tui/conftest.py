@@ -33,7 +33,7 @@ TASKS = ("wiki", "code", "chat")
 @dataclass
 class DemoRun:
     run: RunDir
-    job_ids: dict[str, str]            # "r0a1" -> job id
+    job_ids: dict[str, str]  # "r0a1" -> job id
     rows: dict[str, int] = field(default_factory=dict)  # "r0a1" -> jobs row id
 
     def log(self, key: str) -> Path:
@@ -44,15 +44,25 @@ class DemoRun:
 def metrics_line(step: int) -> str:
     """One line as model/train.py `_report` and model/metrics.py `log_step` write it
     (with train.tensorboard_all_tasks on, so `task_loss` is there)."""
-    loss = 6.0 * 0.99 ** step + 1.5
-    record = {"time": BASE + 600 + 5.0 * step, "step": step, "generation": 0, "tokens_per_s": 12_345.0 + step,
-              "tokens": 4096 * step, "loss": loss, "lr": 3e-4 * min(1.0, step / 20), "grad_norm": 0.8 + 0.001 * step,
-              "tflops": 1.25, "task_loss": {task: loss + 0.1 * index for index, task in enumerate(TASKS)}}
+    loss = 6.0 * 0.99**step + 1.5
+    record = {
+        "time": BASE + 600 + 5.0 * step,
+        "step": step,
+        "generation": 0,
+        "tokens_per_s": 12_345.0 + step,
+        "tokens": 4096 * step,
+        "loss": loss,
+        "lr": 3e-4 * min(1.0, step / 20),
+        "grad_norm": 0.8 + 0.001 * step,
+        "tflops": 1.25,
+        "task_loss": {task: loss + 0.1 * index for index, task in enumerate(TASKS)},
+    }
     return json.dumps(record)
 
 
-def make_demo_run(root: Path, name: str = "demo", *, owner: str | None = None,
-                  live_ids: dict[str, str] | None = None) -> DemoRun:
+def make_demo_run(
+    root: Path, name: str = "demo", *, owner: str | None = None, live_ids: dict[str, str] | None = None
+) -> DemoRun:
     """Write runs/<name>/ under `root`; `live_ids` gives the job ids of the live jobs
     (r0a1, r1a1, r2a2), e.g. pids of real processes for the cancel test."""
     run = RunDir.of(root / name).make()
@@ -72,31 +82,94 @@ def make_demo_run(root: Path, name: str = "demo", *, owner: str | None = None,
         store.db.execute("UPDATE stages SET started_at=?, ended_at=? WHERE name='index'", (BASE, BASE + 300))
         store.db.execute("UPDATE stages SET started_at=? WHERE name='train'", (BASE + 310,))
 
-        def job(key: str, stage: str, role: str, rank: int, attempt: int, generation: int, log: Path,
-                **fields: object) -> None:
+        def job(
+            key: str, stage: str, role: str, rank: int, attempt: int, generation: int, log: Path, **fields: object
+        ) -> None:
             log.parent.mkdir(parents=True, exist_ok=True)
-            row = store.record_intent(stage=stage, role=role, node_rank=rank, attempt=attempt, generation=generation,
-                                      tag=f"fm9g:{name}:{stage}:{rank}:{attempt}", script=str(run.scripts / f"{key}.sh"),
-                                      script_hash="0" * 12, log=str(log))
+            row = store.record_intent(
+                stage=stage,
+                role=role,
+                node_rank=rank,
+                attempt=attempt,
+                generation=generation,
+                tag=f"fm9g:{name}:{stage}:{rank}:{attempt}",
+                script=str(run.scripts / f"{key}.sh"),
+                script_hash="0" * 12,
+                log=str(log),
+            )
             store.mark_submitted(row, ids[key])
             store.update_job(row, **fields)
-            store.event("submitted", f"{role}{rank} attempt {attempt} submitted as job {ids[key]}", stage=stage,
-                        job=row, node_rank=rank, job_id=ids[key], generation=generation)
+            store.event(
+                "submitted",
+                f"{role}{rank} attempt {attempt} submitted as job {ids[key]}",
+                stage=stage,
+                job=row,
+                node_rank=rank,
+                job_id=ids[key],
+                generation=generation,
+            )
             demo.rows[key] = row
 
-        job("index", "index", "index", 0, 1, 0, run.stage_logs("index") / "index-a1.out", state="COMPLETED",
-            node="cn01", exit_code=0, started_at=BASE + 5, ended_at=BASE + 300)
+        job(
+            "index",
+            "index",
+            "index",
+            0,
+            1,
+            0,
+            run.stage_logs("index") / "index-a1.out",
+            state="COMPLETED",
+            node="cn01",
+            exit_code=0,
+            started_at=BASE + 5,
+            ended_at=BASE + 300,
+        )
         job("r0a1", "train", "master", 0, 1, 0, demo.log("r0a1"), state="RUNNING", node="cn01", started_at=BASE + 320)
         job("r1a1", "train", "worker", 1, 1, 0, demo.log("r1a1"), state="RUNNING", node="cn02", started_at=BASE + 321)
-        job("r2a1", "train", "worker", 2, 1, 0, demo.log("r2a1"), state="NODE_FAIL", node="cn03", exit_code=None,
-            reason="node lost", started_at=BASE + 322, ended_at=BASE + 1500)
-        job("r2a2", "train", "worker", 2, 2, 0, demo.log("r2a2"), state="RUNNING", node="cn04", restarts=0,
-            started_at=BASE + 1530)
-        phases = {"detected": BASE + 1502.0, "resubmitted": BASE + 1502.4, "allocated": BASE + 1529.5,
-                  "rendezvous": BASE + 1534.0, "first_step": BASE + 1536.8}
+        job(
+            "r2a1",
+            "train",
+            "worker",
+            2,
+            1,
+            0,
+            demo.log("r2a1"),
+            state="NODE_FAIL",
+            node="cn03",
+            exit_code=None,
+            reason="node lost",
+            started_at=BASE + 322,
+            ended_at=BASE + 1500,
+        )
+        job(
+            "r2a2",
+            "train",
+            "worker",
+            2,
+            2,
+            0,
+            demo.log("r2a2"),
+            state="RUNNING",
+            node="cn04",
+            restarts=0,
+            started_at=BASE + 1530,
+        )
+        phases = {
+            "detected": BASE + 1502.0,
+            "resubmitted": BASE + 1502.4,
+            "allocated": BASE + 1529.5,
+            "rendezvous": BASE + 1534.0,
+            "first_step": BASE + 1536.8,
+        }
         store.event("stage_end", "index completed", stage="index")
-        store.event("failure", f"worker2 (job {ids['r2a1']}) ended NODE_FAIL: node lost", stage="train",
-                    job=demo.rows["r2a1"], klass="infrastructure", node="cn03")
+        store.event(
+            "failure",
+            f"worker2 (job {ids['r2a1']}) ended NODE_FAIL: node lost",
+            stage="train",
+            job=demo.rows["r2a1"],
+            klass="infrastructure",
+            node="cn03",
+        )
         store.event("recovery", "node 2 recovered in 34.8s", stage="train", node_rank=2, phases=phases)
         # Event times are stamped by the store; pin them so the timeline is stable.
         times = {"submitted": BASE + 1, "stage_end": BASE + 300, "failure": BASE + 1502, "recovery": BASE + 1536.8}
@@ -104,11 +177,12 @@ def make_demo_run(root: Path, name: str = "demo", *, owner: str | None = None,
             store.db.execute("UPDATE events SET time=? WHERE kind=?", (when, kind))
     finally:
         store.close()
-    publish_endpoint(run.endpoint, Endpoint(host="cn01", port=29400, generation=0, job_id=ids["r0a1"],
-                                            rdzv_id=f"{name}-0"))
+    publish_endpoint(
+        run.endpoint, Endpoint(host="cn01", port=29400, generation=0, job_id=ids["r0a1"], rdzv_id=f"{name}-0")
+    )
     (run.stage_logs("index") / "index-a1.out").write_text("indexed wiki: 1200 docs\nindexed code: 800 docs\n")
     for key in ("r0a1", "r1a1", "r2a1", "r2a2"):
-        demo.log(key).write_text("".join(f"[{key}] step {s} loss {6.0 * 0.99 ** s + 1.5:.4f}\n" for s in range(1, 6)))
+        demo.log(key).write_text("".join(f"[{key}] step {s} loss {6.0 * 0.99**s + 1.5:.4f}\n" for s in range(1, 6)))
     with open(run.metrics, "w") as handle:
         for step in range(1, STEPS + 1):
             handle.write(metrics_line(step) + "\n")

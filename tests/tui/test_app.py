@@ -48,8 +48,15 @@ async def test_navigation_shows_stages_attempts_and_progress(demo_run: DemoRun, 
         assert isinstance(screen, MainScreen)
         table = screen.query_one(JobTable)
         rows = demo_run.rows
-        assert keys_of(table) == ["stage:index", f"job:{rows['index']}", "stage:train", f"job:{rows['r0a1']}",
-                                  f"job:{rows['r1a1']}", f"job:{rows['r2a1']}", f"job:{rows['r2a2']}"]
+        assert keys_of(table) == [
+            "stage:index",
+            f"job:{rows['index']}",
+            "stage:train",
+            f"job:{rows['r0a1']}",
+            f"job:{rows['r1a1']}",
+            f"job:{rows['r2a1']}",
+            f"job:{rows['r2a2']}",
+        ]
         failed, new = f"job:{rows['r2a1']}", f"job:{rows['r2a2']}"
         assert cell(table, f"job:{rows['r0a1']}", "job").strip() == "a1 r0 master"
         assert cell(table, failed, "job").strip() == "r2 worker" and cell(table, new, "job").strip() == "a2 r2 worker"
@@ -220,8 +227,10 @@ async def test_cancel_asks_then_kills_the_job_then_the_run(runs_root: Path, loca
     finally:
         store.close()
     assert [event.data["path"] for event in cancels] == ["executor", "executor"]
-    assert [event.data["job_ids"] for event in cancels] == [[local_jobs.job_ids["r1a1"]],
-                                                            [local_jobs.job_ids["r0a1"], local_jobs.job_ids["r2a2"]]]
+    assert [event.data["job_ids"] for event in cancels] == [
+        [local_jobs.job_ids["r1a1"]],
+        [local_jobs.job_ids["r0a1"], local_jobs.job_ids["r2a2"]],
+    ]
     assert all(jobs[demo.rows[key]].state is JobState.CANCELLED for key in local_jobs.job_ids)
     assert train is not None and train.status is StageStatus.CANCELLED
 

@@ -6,15 +6,37 @@ import math
 
 import pytest
 
-from fm9g.orchestrator.tui.format import (format_elapsed, format_eta, format_loss, format_lr, format_phases,
-                                          format_rate, format_state, job_label, progress_bar, sparkline, state_style,
-                                          truncate)
+from fm9g.orchestrator.tui.format import (
+    format_elapsed,
+    format_eta,
+    format_loss,
+    format_lr,
+    format_phases,
+    format_rate,
+    format_state,
+    job_label,
+    progress_bar,
+    sparkline,
+    state_style,
+    truncate,
+)
 from fm9g.orchestrator.views import elapsed as elapsed_of
 from fm9g.orchestrator.views import estimate_eta
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (-1, "-"), (math.inf, "-"), (0, "0s"), (59.4, "59s"),
-                                               (61, "1m01s"), (3600, "1h00m"), (3 * 86400 + 7200, "3d02h")])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (-1, "-"),
+        (math.inf, "-"),
+        (0, "0s"),
+        (59.4, "59s"),
+        (61, "1m01s"),
+        (3600, "1h00m"),
+        (3 * 86400 + 7200, "3d02h"),
+    ],
+)
 def test_format_eta(seconds: float | None, text: str) -> None:
     assert format_eta(seconds) == text
 
@@ -25,8 +47,19 @@ def test_format_elapsed() -> None:
     assert format_elapsed(3725) == "1:02:05"
 
 
-@pytest.mark.parametrize(("value", "text"), [(None, "-"), ("x", "-"), (True, "-"), (math.nan, "-"), (950, "950"),
-                                             (12_345, "12.3k"), (4_560_000, "4.56M"), (2.5e9, "2.5G")])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "-"),
+        ("x", "-"),
+        (True, "-"),
+        (math.nan, "-"),
+        (950, "950"),
+        (12_345, "12.3k"),
+        (4_560_000, "4.56M"),
+        (2.5e9, "2.5G"),
+    ],
+)
 def test_format_rate(value: object, text: str) -> None:
     assert format_rate(value) == text
 

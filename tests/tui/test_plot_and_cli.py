@@ -30,8 +30,9 @@ def test_plot_command(demo_run: DemoRun, tmp_path: Path, capsys: pytest.CaptureF
     assert output.read_bytes()[:8] == PNG_MAGIC and "wrote" in capsys.readouterr().out
 
 
-def test_plot_writes_into_the_run_directory_by_default(demo_run: DemoRun, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_writes_into_the_run_directory_by_default(
+    demo_run: DemoRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the current directory gets nothing
@@ -42,7 +43,12 @@ def test_plot_writes_into_the_run_directory_by_default(demo_run: DemoRun, tmp_pa
 
 def test_read_points_keeps_the_latest_of_a_replayed_step(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 2.5}, {"step": 3, "task_loss": {"x": 1.0}}]
+    lines = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "loss": 2.5},
+        {"step": 3, "task_loss": {"x": 1.0}},
+    ]
     path.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 4, "lo')
     points = read_points(path)
     assert [(p.step, p.loss) for p in points] == [(1, 3.0), (2, 2.5), (3, None)]
@@ -74,10 +80,12 @@ def test_tui_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_help_imports_neither_textual_nor_matplotlib() -> None:
-    code = ("import sys\nfrom fm9g.orchestrator.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'matplotlib'))\n"
-            "print('HEAVY', heavy)\n")
+    code = (
+        "import sys\nfrom fm9g.orchestrator.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'matplotlib'))\n"
+        "print('HEAVY', heavy)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "tui" in result.stdout and "plot" in result.stdout
     assert "HEAVY []" in result.stdout, result.stdout[-500:]

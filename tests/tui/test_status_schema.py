@@ -18,8 +18,14 @@ from fm9g.rundir.config import RunConfig, dump
 from .conftest import DemoRun
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "status-schema.md"
-PRIMITIVES: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-                              "object": dict, "null": type(None)}
+PRIMITIVES: dict[str, Any] = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "object": dict,
+    "null": type(None),
+}
 
 Spec = dict[str, dict[str, str]]
 
@@ -57,13 +63,14 @@ def check_one(value: Any, alternative: str, spec: Spec, where: str) -> None:
     if alternative.startswith("array of "):
         assert isinstance(value, list), "not an array"
         for index, item in enumerate(value):
-            check(item, alternative[len("array of "):], spec, f"{where}[{index}]")
+            check(item, alternative[len("array of ") :], spec, f"{where}[{index}]")
     elif alternative in spec:
         assert isinstance(value, dict), "not an object"
         documented = spec[alternative]
-        assert set(value) == set(documented), \
-            f"{where}: keys differ from the doc: extra {sorted(set(value) - set(documented))}, " \
+        assert set(value) == set(documented), (
+            f"{where}: keys differ from the doc: extra {sorted(set(value) - set(documented))}, "
             f"missing {sorted(set(documented) - set(value))}"
+        )
         for key, expression in documented.items():
             check(value[key], expression, spec, f"{where}.{key}")
     else:
@@ -84,8 +91,9 @@ def test_the_doc_describes_every_object(spec: Spec) -> None:
     assert int(versions[-1]) == SCHEMA_VERSION, "add the new version to the doc's Versions table"
 
 
-def test_status_json_matches_the_doc(spec: Spec, demo_run: DemoRun, runs_root: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_json_matches_the_doc(
+    spec: Spec, demo_run: DemoRun, runs_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fresh = runs_root / "fresh"  # launched nothing yet: no state.db, no metrics
     fresh.mkdir()
     (fresh / "config.yaml").write_text(dump(RunConfig()))
@@ -101,8 +109,15 @@ def test_status_json_matches_the_doc(spec: Spec, demo_run: DemoRun, runs_root: P
 
 
 def test_the_checker_rejects_drift(spec: Spec) -> None:
-    stage = {"name": "x", "kind": "train", "status": "RUNNING", "detail": "", "progress": None,
-             "started_at": 1.0, "ended_at": None}
+    stage = {
+        "name": "x",
+        "kind": "train",
+        "status": "RUNNING",
+        "detail": "",
+        "progress": None,
+        "started_at": 1.0,
+        "ended_at": None,
+    }
     check(stage, "stage", spec, "$")
     with pytest.raises(AssertionError, match="extra"):
         check({**stage, "new_key": 1}, "stage", spec, "$")

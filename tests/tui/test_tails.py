@@ -76,8 +76,16 @@ def test_log_follower_keeps_split_utf8_and_starts_near_the_end(tmp_path: Path) -
 def test_parse_point_reads_what_the_trainer_writes() -> None:
     """model/train.py `_report` writes per-task losses as one `task_loss` dict; a value
     that is not a finite number is dropped, and nothing else is read as a task's loss."""
-    point = parse_point({"step": 3, "loss": 2.5, "lr": float("nan"), "task_loss": {"wiki": 2.0, "bad": "x", "inf": 1e999},
-                         "loss/code": 1.5, "task_losses": {"chat": 1.0}})
+    point = parse_point(
+        {
+            "step": 3,
+            "loss": 2.5,
+            "lr": float("nan"),
+            "task_loss": {"wiki": 2.0, "bad": "x", "inf": 1e999},
+            "loss/code": 1.5,
+            "task_losses": {"chat": 1.0},
+        }
+    )
     assert point is not None and point.step == 3 and point.lr is None
     assert point.task_losses == {"wiki": 2.0}
     assert parse_point({"loss": 1.0}) is None

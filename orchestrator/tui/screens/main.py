@@ -60,8 +60,9 @@ class MainScreen(Screen[None]):
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
-    def __init__(self, runs_root: Path, selected: Path | None, *, user: str, interval: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self, runs_root: Path, selected: Path | None, *, user: str, interval: float, clock: Callable[[], float]
+    ) -> None:
         super().__init__()
         self.runs_root = runs_root
         self.user = user
@@ -160,8 +161,11 @@ class MainScreen(Screen[None]):
             self.read_only = read_only
             self.refresh_bindings()
             if read_only:
-                self.notify(f"{view.run.name} belongs to {view.owner}: read-only, cancel and resubmit are off",
-                            title="read-only", timeout=6)
+                self.notify(
+                    f"{view.run.name} belongs to {view.owner}: read-only, cancel and resubmit are off",
+                    title="read-only",
+                    timeout=6,
+                )
         header = self.query_one(RunHeader)
         header.read_only = read_only
         header.view = view
@@ -285,12 +289,17 @@ class MainScreen(Screen[None]):
         if job is not None and is_live(job) and job.job_id:
             choices.append(Choice("job", f"Cancel job {job.job_id}", "warning"))
         choices.append(Choice("run", "Cancel the run", "error"))
-        target = f"\n\nHighlighted: {job.stage} r{job.node_rank} {job.role}, job {job.job_id} ({job.state.value})." \
-            if job is not None else ""
-        question = (f"Cancel in run [b]{run.name}[/b]?  {len(live_jobs)} live job(s).{target}\n"
-                    "The run: its supervisor cancels the jobs (through control/cancel) and does not resubmit "
-                    "them; with no supervisor running, this cancels them itself.  One job: cancelled here, "
-                    "and a running supervisor replaces it like a lost node.")
+        target = (
+            f"\n\nHighlighted: {job.stage} r{job.node_rank} {job.role}, job {job.job_id} ({job.state.value})."
+            if job is not None
+            else ""
+        )
+        question = (
+            f"Cancel in run [b]{run.name}[/b]?  {len(live_jobs)} live job(s).{target}\n"
+            "The run: its supervisor cancels the jobs (through control/cancel) and does not resubmit "
+            "them; with no supervisor running, this cancels them itself.  One job: cancelled here, "
+            "and a running supervisor replaces it like a lost node."
+        )
 
         def decided(choice: str | None) -> None:  # a Choice id: "job", "run", or None for back
             if choice == "job" and job is not None:
@@ -313,9 +322,11 @@ class MainScreen(Screen[None]):
         run = self.run
         if run is None or self.read_only:
             return
-        question = (f"Resubmit the failed nodes of [b]{run.name}[/b]?\n\n"
-                    "This starts a detached supervisor (fm9g-launch resume --detach): it re-adopts the live "
-                    "jobs and submits the missing ones.")
+        question = (
+            f"Resubmit the failed nodes of [b]{run.name}[/b]?\n\n"
+            "This starts a detached supervisor (fm9g-launch resume --detach): it re-adopts the live "
+            "jobs and submits the missing ones."
+        )
 
         def decided(choice: str | None) -> None:
             if choice == "resubmit":

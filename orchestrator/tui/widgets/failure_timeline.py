@@ -14,8 +14,15 @@ from textual.widgets import DataTable
 from fm9g.orchestrator.state import EventRow, JobRow
 from fm9g.orchestrator.tui.format import format_clock, format_phases
 
-KIND_STYLES = {"failure": "red", "recovery": "green", "full_restart": "bold red", "hang": "red",
-               "requeued_by_slurm": "yellow", "cancel": "magenta", "stage_end": "blue"}
+KIND_STYLES = {
+    "failure": "red",
+    "recovery": "green",
+    "full_restart": "bold red",
+    "hang": "red",
+    "requeued_by_slurm": "yellow",
+    "cancel": "magenta",
+    "stage_end": "blue",
+}
 MAX_ROWS = 1000
 # (key, header, width); the last column takes the rest of the pane's width.
 COLUMNS = (("time", "time", 8), ("kind", "event", 10), ("node", "node", 4), ("what", "what", 0))
@@ -79,8 +86,12 @@ class FailureTimeline(DataTable[Text | str]):
             self._last_id = event.id
             node, what = self.describe(event, jobs)
             key = f"event:{event.id}"
-            cells: Cells = (format_clock(event.time), Text(event.kind, style=KIND_STYLES.get(event.kind, "")),
-                            node, what)
+            cells: Cells = (
+                format_clock(event.time),
+                Text(event.kind, style=KIND_STYLES.get(event.kind, "")),
+                node,
+                what,
+            )
             if len(self._rows) == MAX_ROWS:
                 self.remove_row(self._rows[0][0])
             self._rows.append((key, cells))

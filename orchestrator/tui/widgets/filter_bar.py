@@ -23,8 +23,7 @@ class FilterBar(Input):
             super().__init__()
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(placeholder="filter jobs: stage role r<rank> node state… (enter keeps, esc clears)",
-                         **kwargs)  # type: ignore[arg-type]
+        super().__init__(placeholder="filter jobs: stage role r<rank> node state… (enter keeps, esc clears)", **kwargs)  # type: ignore[arg-type]
 
     def open(self) -> None:
         self.add_class("-open")

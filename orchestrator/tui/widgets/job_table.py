@@ -8,7 +8,6 @@ recomputed and only the cells that differ are written."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
 
 from rich.text import Text
 from textual import events
@@ -23,8 +22,15 @@ from fm9g.orchestrator.views import RunView, elapsed
 # (key, header, width): fixed widths keep the table inside 80 columns and spare the
 # per-update width measurement; the state column (with the pending reason) takes
 # whatever a wider terminal adds, up to STATE_MAX.
-COLUMNS = (("job", "job", 14), ("id", "job id", 8), ("node", "node", 8), ("state", "state", 18),
-           ("restarts", "rst", 3), ("generation", "gen", 3), ("elapsed", "elapsed", 7))
+COLUMNS = (
+    ("job", "job", 14),
+    ("id", "job id", 8),
+    ("node", "node", 8),
+    ("state", "state", 18),
+    ("restarts", "rst", 3),
+    ("generation", "gen", 3),
+    ("elapsed", "elapsed", 7),
+)
 STATE_MIN, STATE_MAX = 18, 44
 assert COLUMNS[-1][0] == "elapsed"  # sync() rewrites the last cell alone for live jobs
 Cells = tuple[str | Text, ...]
@@ -43,8 +49,19 @@ class Line:
 
 def matches(job: JobRow, needle: str) -> bool:
     """Whether a job row matches the filter text (case-insensitive substring of its facts)."""
-    haystack = " ".join((job.stage, job.role, f"r{job.node_rank}", f"a{job.attempt}", f"g{job.generation}",
-                         job.job_id or "", job.node, job.state, job.reason)).lower()
+    haystack = " ".join(
+        (
+            job.stage,
+            job.role,
+            f"r{job.node_rank}",
+            f"a{job.attempt}",
+            f"g{job.generation}",
+            job.job_id or "",
+            job.node,
+            job.state,
+            job.reason,
+        )
+    ).lower()
     return all(word in haystack for word in needle.lower().split())
 
 
@@ -54,7 +71,7 @@ def state_width(table_width: int) -> int:
     return max(STATE_MIN, min(STATE_MAX, table_width - fixed))
 
 
-class JobTable(DataTable[Union[str, Text]]):
+class JobTable(DataTable[str | Text]):
     DEFAULT_CSS = """
     JobTable { height: 1fr; }
     """
@@ -108,8 +125,11 @@ class JobTable(DataTable[Union[str, Text]]):
             if not needle or matches(job, needle):
                 by_stage.setdefault(job.stage, []).append(job)
         lines: list[Line] = []
-        stages = list(view.stages) + [StageRow(name, "?", "UNKNOWN", [], "", None, None, None)
-                                      for name in by_stage if name not in {s.name for s in view.stages}]
+        stages = list(view.stages) + [
+            StageRow(name, "?", "UNKNOWN", [], "", None, None, None)
+            for name in by_stage
+            if name not in {s.name for s in view.stages}
+        ]
         for stage in stages:
             jobs = by_stage.get(stage.name, [])
             if needle and not jobs and needle.lower() not in stage.name.lower():
@@ -117,8 +137,14 @@ class JobTable(DataTable[Union[str, Text]]):
             lines.append(Line(key=f"stage:{stage.name}", stage=stage))
             previous_attempt = None
             for job in jobs:
-                lines.append(Line(key=f"job:{job.id}", job=job, first_of_attempt=job.attempt != previous_attempt,
-                                  superseded=job.attempt < newest[(job.stage, job.node_rank)]))
+                lines.append(
+                    Line(
+                        key=f"job:{job.id}",
+                        job=job,
+                        first_of_attempt=job.attempt != previous_attempt,
+                        superseded=job.attempt < newest[(job.stage, job.node_rank)],
+                    )
+                )
                 previous_attempt = job.attempt
         return lines
 
@@ -126,18 +152,30 @@ class JobTable(DataTable[Union[str, Text]]):
         """The cell values of one row as of `now`."""
         if line.stage is not None:
             stage = line.stage
-            state = stage.status + (f" {100 * stage.progress:.0f}%" if stage.progress is not None
-                                    and stage.status == "RUNNING" else "")
-            return (Text(stage.name, style="bold"), "", "", Text(state, style=state_style(stage.status)),
-                    "", "", format_elapsed(elapsed(stage.started_at, stage.ended_at, now)))
+            state = stage.status + (
+                f" {100 * stage.progress:.0f}%" if stage.progress is not None and stage.status == "RUNNING" else ""
+            )
+            return (
+                Text(stage.name, style="bold"),
+                "",
+                "",
+                Text(state, style=state_style(stage.status)),
+                "",
+                "",
+                format_elapsed(elapsed(stage.started_at, stage.ended_at, now)),
+            )
         job = line.job
         assert job is not None
         dim = "dim" if line.superseded else ""
-        return (Text(job_label(job.attempt, job.node_rank, job.role, line.first_of_attempt), style=dim),
-                job.job_id or "-", job.node or "-",
-                Text(format_state(job.state, job.reason, job.exit_code), style=dim or state_style(job.state)),
-                str(job.restarts), str(job.generation),
-                format_elapsed(elapsed(job.started_at, job.ended_at, now)))
+        return (
+            Text(job_label(job.attempt, job.node_rank, job.role, line.first_of_attempt), style=dim),
+            job.job_id or "-",
+            job.node or "-",
+            Text(format_state(job.state, job.reason, job.exit_code), style=dim or state_style(job.state)),
+            str(job.restarts),
+            str(job.generation),
+            format_elapsed(elapsed(job.started_at, job.ended_at, now)),
+        )
 
     # ----------------------------------------------------------------- updates
     def watch_view(self, view: RunView | None) -> None:
@@ -157,8 +195,12 @@ class JobTable(DataTable[Union[str, Text]]):
         stage_names = tuple(stage.name for stage in view.stages)
         # The rows can only move when jobs or stages appear, or, under a filter, when a
         # changed job may start or stop matching; otherwise the layout is kept as it is.
-        if rebuild or stage_names != self._stage_names or len(view.jobs) != self._job_count \
-                or (changed and self.filter_text.strip()):
+        if (
+            rebuild
+            or stage_names != self._stage_names
+            or len(view.jobs) != self._job_count
+            or (changed and self.filter_text.strip())
+        ):
             self._stage_names, self._job_count = stage_names, len(view.jobs)
             lines = self.layout_lines(view)
             if rebuild or [line.key for line in lines] != self._keys:

@@ -14,8 +14,7 @@ from textual.widgets.option_list import Option
 from fm9g.orchestrator.tui.format import state_style
 from fm9g.orchestrator.views import RunSummary
 
-STATUS_MARKS = {"RUNNING": "▶", "COMPLETED": "✓", "FAILED": "✗", "CANCELLED": "■", "PENDING": "…",
-                "UNREADABLE": "?"}
+STATUS_MARKS = {"RUNNING": "▶", "COMPLETED": "✓", "FAILED": "✗", "CANCELLED": "■", "PENDING": "…", "UNREADABLE": "?"}
 
 
 class RunList(OptionList):

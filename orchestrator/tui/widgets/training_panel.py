@@ -7,8 +7,15 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from fm9g.orchestrator.tui.format import (format_eta, format_loss, format_lr, format_rate, progress_bar, sparkline,
-                                          truncate)
+from fm9g.orchestrator.tui.format import (
+    format_eta,
+    format_loss,
+    format_lr,
+    format_rate,
+    progress_bar,
+    sparkline,
+    truncate,
+)
 from fm9g.orchestrator.views import MetricsView
 
 
@@ -34,8 +41,10 @@ class TrainingPanel(Widget):
         if total and bar_width >= 4:
             lines[0].append(" " + progress_bar(last.step, total, bar_width), style="green")
         lines[0].append(percent + tail)
-        for label, value, series, style in (("loss", format_loss(last.loss), metrics.losses, "cyan"),
-                                            ("lr  ", format_lr(last.lr), metrics.lrs, "magenta")):
+        for label, value, series, style in (
+            ("loss", format_loss(last.loss), metrics.losses, "cyan"),
+            ("lr  ", format_lr(last.lr), metrics.lrs, "magenta"),
+        ):
             line = Text(f"{label} {value:>9} ")
             line.append(sparkline(series, width - line.cell_len), style=style)
             lines.append(line)
