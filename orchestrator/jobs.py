@@ -13,6 +13,7 @@ as such, never as an end, so nobody resubmits it a second time.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +28,17 @@ from fm9g.rundir.atomic import write_text
 from fm9g.rundir.config import ClusterConfig
 
 Clock = Callable[[], float]
+
+
+def log_tail(path: str | Path, size: int = 8192) -> str:
+    """The last `size` bytes of a job's log (decoded leniently), or "" when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 class UnknownTooLong(RuntimeError):
