@@ -46,8 +46,13 @@ class Heartbeat:
         if not isinstance(record, dict):
             return None
         try:
-            return cls(node_rank=node_rank, step=int(record.get("step", -1)), time=float(record.get("time", 0.0)),
-                       started=float(record.get("started", 0.0)), start_step=int(record.get("start_step", -1)))
+            return cls(
+                node_rank=node_rank,
+                step=int(record.get("step", -1)),
+                time=float(record.get("time", 0.0)),
+                started=float(record.get("started", 0.0)),
+                start_step=int(record.get("start_step", -1)),
+            )
         except (TypeError, ValueError):
             return None
 
@@ -114,11 +119,18 @@ class RecoveryTimeline:
         self.stage = stage
         self.recoveries: list[Recovery] = []
 
-    def open(self, *, node_rank: int, new_job_row: int, step_at_failure: int, detected: float,
-             resubmitted: float) -> Recovery:
+    def open(
+        self, *, node_rank: int, new_job_row: int, step_at_failure: int, detected: float, resubmitted: float
+    ) -> Recovery:
         """Start the timeline of a repair whose replacement was just submitted."""
-        recovery = Recovery(id=len(self.recoveries) + 1, node_rank=node_rank, new_job_row=new_job_row,
-                            step_at_failure=step_at_failure, detected=detected, resubmitted=resubmitted)
+        recovery = Recovery(
+            id=len(self.recoveries) + 1,
+            node_rank=node_rank,
+            new_job_row=new_job_row,
+            step_at_failure=step_at_failure,
+            detected=detected,
+            resubmitted=resubmitted,
+        )
         self.recoveries.append(recovery)
         return recovery
 
@@ -131,7 +143,11 @@ class RecoveryTimeline:
         for recovery in self.pending:
             if recovery.advance(self.store.job(recovery.new_job_row), beats):
                 assert recovery.first_step is not None
-                self.store.event("recovery", f"node {recovery.node_rank} recovered in "
-                                             f"{recovery.first_step - recovery.detected:.1f}s",
-                                 stage=self.stage, node_rank=recovery.node_rank, phases=recovery.phases(),
-                                 step_at_failure=recovery.step_at_failure)
+                self.store.event(
+                    "recovery",
+                    f"node {recovery.node_rank} recovered in {recovery.first_step - recovery.detected:.1f}s",
+                    stage=self.stage,
+                    node_rank=recovery.node_rank,
+                    phases=recovery.phases(),
+                    step_at_failure=recovery.step_at_failure,
+                )

@@ -94,8 +94,17 @@ class TrainPolicy:
     with repair off; CANCELLED on control/cancel (the user's `fm9g-launch cancel`).
     """
 
-    def __init__(self, run: RunDir, config: RunConfig, store: StateStore, tracker: JobTracker, *,
-                 say: Say = _quiet, clock: Clock = time.time, sleep: Sleep = time.sleep) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        config: RunConfig,
+        store: StateStore,
+        tracker: JobTracker,
+        *,
+        say: Say = _quiet,
+        clock: Clock = time.time,
+        sleep: Sleep = time.sleep,
+    ) -> None:
         self.run = run
         self.config = config
         self.store = store
@@ -123,8 +132,13 @@ class TrainPolicy:
 
     def submit_node(self, node_rank: int, *, attempt: int, generation: int, why: str) -> JobRow:
         """Submit one node's job through the tracker, with the live node exclusions."""
-        row = self.tracker.submit(node_spec(node_rank, generation), attempt=attempt, why=why,
-                                  cluster=self.cluster_config(), jobs_at_once=self.config.cluster.nodes)
+        row = self.tracker.submit(
+            node_spec(node_rank, generation),
+            attempt=attempt,
+            why=why,
+            cluster=self.cluster_config(),
+            jobs_at_once=self.config.cluster.nodes,
+        )
         self.say(f"submitted {row.role} node {node_rank} as job {row.job_id} ({why})")
         return row
 
@@ -140,15 +154,25 @@ class TrainPolicy:
         try:
             known = self.executor.usable_nodes()
         except Exception as exc:  # noqa: BLE001 - sinfo failing must not stop a repair
-            self.store.event("exclude", f"cannot check excluded nodes against sinfo ({exc}); not excluding",
-                             stage=STAGE, nodes=sorted(excluded), applied=False)
+            self.store.event(
+                "exclude",
+                f"cannot check excluded nodes against sinfo ({exc}); not excluding",
+                stage=STAGE,
+                nodes=sorted(excluded),
+                applied=False,
+            )
             return self.config.cluster
         if known is not None:
             excluded &= known
             if len(known - excluded - set(self.config.cluster.exclude)) < self.config.cluster.nodes:
-                self.store.event("exclude", f"excluding {sorted(excluded)} would leave fewer than "
-                                            f"{self.config.cluster.nodes} nodes; not excluding",
-                                 stage=STAGE, nodes=sorted(excluded), applied=False)
+                self.store.event(
+                    "exclude",
+                    f"excluding {sorted(excluded)} would leave fewer than "
+                    f"{self.config.cluster.nodes} nodes; not excluding",
+                    stage=STAGE,
+                    nodes=sorted(excluded),
+                    applied=False,
+                )
                 return self.config.cluster
         return self.config.cluster.model_copy(update={"exclude": sorted(set(self.config.cluster.exclude) | excluded)})
 
@@ -165,8 +189,12 @@ class TrainPolicy:
             # A person restarted a stopped run: its retry budgets start afresh.
             self.store.set_meta(RETRIES_USED, {})
             self.store.set_meta(CHECKPOINT_AT_FAILURE, [])
-            self.store.event("restart", f"restarting a {previous.status.value.lower()} training stage", stage=STAGE,
-                             previous=previous.status.value)
+            self.store.event(
+                "restart",
+                f"restarting a {previous.status.value.lower()} training stage",
+                stage=STAGE,
+                previous=previous.status.value,
+            )
         self.refresh_live_rows()
         rows = self.latest_rows()
         live = {rank for rank, row in rows.items() if row.live}
@@ -238,8 +266,14 @@ class TrainPolicy:
                 row = replace(row, exit_code=exit_code)
         if row.job_id in self.hang_cancelled:
             return row, Failure(FailureClass.APP, "no training progress within supervise.hang_timeout")
-        return row, classify(row.state, exit_code, log_tail(row.log), cancelled_by_user=cancelled_by_user,
-                             fatal_reason=self.run.read_fatal(), run_name=shlex.quote(str(self.run.root)))
+        return row, classify(
+            row.state,
+            exit_code,
+            log_tail(row.log),
+            cancelled_by_user=cancelled_by_user,
+            fatal_reason=self.run.read_fatal(),
+            run_name=shlex.quote(str(self.run.root)),
+        )
 
     def on_end(self, row: JobRow) -> None:
         """A node's newest job ended: write the failure and continue, stop or repair."""
@@ -249,12 +283,25 @@ class TrainPolicy:
             return
         user_cancel = self.run.cancel_flag.exists()
         row, failure = self.classify_end(row, user_cancel)
-        self.store.event("failure", f"{row.role}{row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason}",
-                         stage=STAGE, job=row.id, klass=failure.klass.value, reason=failure.reason,
-                         node_rank=row.node_rank, role=row.role, job_id=row.job_id, state=row.state.value,
-                         exit_code=row.exit_code, node=row.node, log=row.log)
-        self.say(f"{row.role} node {row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason} "
-                 f"[{failure.klass.value}]")
+        self.store.event(
+            "failure",
+            f"{row.role}{row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason}",
+            stage=STAGE,
+            job=row.id,
+            klass=failure.klass.value,
+            reason=failure.reason,
+            node_rank=row.node_rank,
+            role=row.role,
+            job_id=row.job_id,
+            state=row.state.value,
+            exit_code=row.exit_code,
+            node=row.node,
+            log=row.log,
+        )
+        self.say(
+            f"{row.role} node {row.node_rank} (job {row.job_id}) ended {row.state.value}: {failure.reason} "
+            f"[{failure.klass.value}]"
+        )
         if failure.klass is FailureClass.CONTINUE:
             return  # decide() continues the run once every node has ended
         if failure.klass is FailureClass.FATAL:
@@ -263,8 +310,11 @@ class TrainPolicy:
         if not self.repairs:
             step = self.run.latest_step()
             where = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was written yet"
-            self.stop(StageStatus.FAILED, f"{row.role} node {row.node_rank} (job {row.job_id}) failed: {failure.reason}; "
-                                          f"see {row.log}; {where}; run the same command again to resume from it")
+            self.stop(
+                StageStatus.FAILED,
+                f"{row.role} node {row.node_rank} (job {row.job_id}) failed: {failure.reason}; "
+                f"see {row.log}; {where}; run the same command again to resume from it",
+            )
             return
         self.repair_node(row, failure)
 
@@ -291,9 +341,15 @@ class TrainPolicy:
             table = self.store.meta(EXCLUDED, {})
             table[node] = self.clock() + self.config.supervise.exclude_for
             self.store.set_meta(EXCLUDED, table)
-            self.store.event("exclude", f"excluding node {node} for {self.config.supervise.exclude_for}s after "
-                                        f"{counts[node]} failures", stage=STAGE, nodes=[node], applied=True,
-                             failures=counts[node], until=table[node])
+            self.store.event(
+                "exclude",
+                f"excluding node {node} for {self.config.supervise.exclude_for}s after {counts[node]} failures",
+                stage=STAGE,
+                nodes=[node],
+                applied=True,
+                failures=counts[node],
+                until=table[node],
+            )
 
     def checkpoints_stalled(self) -> bool:
         """Record the latest checkpoint at this repair; True when it has not moved over
@@ -302,19 +358,24 @@ class TrainPolicy:
         history.append(self.run.latest_step())
         self.store.set_meta(CHECKPOINT_AT_FAILURE, history)
         window = self.config.supervise.stall_checkpoints
-        tail = history[-(window + 1):]
+        tail = history[-(window + 1) :]
         return len(tail) == window + 1 and len(set(tail)) == 1
 
     def repair_node(self, row: JobRow, failure: Failure) -> None:
         """Pay for the failure from its budget and resubmit that node alone, or stop."""
         if not self.spend(failure.klass):
-            self.stop(StageStatus.FAILED, f"the {failure.klass.value} retry budget is spent; "
-                                          f"last failure: {failure.reason} (see {row.log})")
+            self.stop(
+                StageStatus.FAILED,
+                f"the {failure.klass.value} retry budget is spent; last failure: {failure.reason} (see {row.log})",
+            )
             return
         if self.checkpoints_stalled():
-            self.stop(StageStatus.FAILED, f"the latest checkpoint has not advanced over "
-                                          f"{self.config.supervise.stall_checkpoints} recoveries; "
-                                          f"last failure: {failure.reason} (see {row.log})")
+            self.stop(
+                StageStatus.FAILED,
+                f"the latest checkpoint has not advanced over "
+                f"{self.config.supervise.stall_checkpoints} recoveries; "
+                f"last failure: {failure.reason} (see {row.log})",
+            )
             return
         self.note_node_failure(row.node)
         current = read_endpoint(self.run.endpoint)
@@ -323,18 +384,33 @@ class TrainPolicy:
             generation += 1  # a new store, a new rdzv id: the workers follow the newer endpoint
         detected = row.ended_at or self.clock()
         step = max((beat.step for beat in read_heartbeats(self.run, self.config.cluster.nodes)), default=-1)
-        new = self.submit_node(row.node_rank, attempt=row.attempt + 1, generation=generation,
-                               why=f"repair after {failure.klass.value} failure")
-        self.timeline.open(node_rank=row.node_rank, new_job_row=new.id, step_at_failure=step, detected=detected,
-                           resubmitted=self.clock())
+        new = self.submit_node(
+            row.node_rank,
+            attempt=row.attempt + 1,
+            generation=generation,
+            why=f"repair after {failure.klass.value} failure",
+        )
+        self.timeline.open(
+            node_rank=row.node_rank,
+            new_job_row=new.id,
+            step_at_failure=step,
+            detected=detected,
+            resubmitted=self.clock(),
+        )
 
     def stop(self, status: StageStatus, reason: str) -> None:
         """End the stage with `status`: cancel its live jobs and write a stage_end event."""
         live = [row for row in self.latest_rows().values() if row.live and row.job_id]
         ids = self.tracker.cancel(live, reason=f"stopped: {status.value.lower()}")
         self.store.set_stage(STAGE, status, detail=reason)
-        self.store.event("stage_end", f"train {status.value.lower()}: {reason}", stage=STAGE, status=status.value,
-                         reason=reason, cancelled=ids)
+        self.store.event(
+            "stage_end",
+            f"train {status.value.lower()}: {reason}",
+            stage=STAGE,
+            status=status.value,
+            reason=reason,
+            cancelled=ids,
+        )
         self.say(f"train {status.value.lower()}: {reason}")
 
     def full_restart(self, reason: str, node_rank: int) -> None:
@@ -362,13 +438,20 @@ class TrainPolicy:
         continuing = sorted(rank for rank, row in rows.items() if row.exit_code == protocol.EXIT_CONTINUE)
         if ended and continuing:
             self.say("every node checkpointed on request: continuing the run")
-            self.store.event("continue", "all nodes checkpointed on a walltime/preemption signal; resubmitting",
-                             stage=STAGE, node_ranks=continuing)
+            self.store.event(
+                "continue",
+                "all nodes checkpointed on a walltime/preemption signal; resubmitting",
+                stage=STAGE,
+                node_ranks=continuing,
+            )
             self.start(why="continue")
             return None
         if ended:
-            self.stop(StageStatus.FAILED, "every node job ended but training did not finish; see the logs under "
-                                          + str(self.run.stage_logs(STAGE)))
+            self.stop(
+                StageStatus.FAILED,
+                "every node job ended but training did not finish; see the logs under "
+                + str(self.run.stage_logs(STAGE)),
+            )
             return StageStatus.FAILED
         if self.tracker.unseen:
             return None  # a job this poll could not see may be fine: no watchdog acts on it
@@ -385,8 +468,11 @@ class TrainPolicy:
             waiting = row.state in (JobState.PENDING, JobState.SUBMITTING)
             holding = any(other.state is JobState.RUNNING for other in rows.values() if other.id != row.id)
             if holding and row.attempt > 1 and waiting and row.submitted_at and self.clock() - row.submitted_at > limit:
-                self.full_restart(f"the replacement for node {row.node_rank} (job {row.job_id}) waited more than "
-                                  f"{limit}s in the queue (supervise.replacement_timeout)", row.node_rank)
+                self.full_restart(
+                    f"the replacement for node {row.node_rank} (job {row.job_id}) waited more than "
+                    f"{limit}s in the queue (supervise.replacement_timeout)",
+                    row.node_rank,
+                )
                 return True
         return False
 
@@ -403,8 +489,15 @@ class TrainPolicy:
         master = rows.get(0)
         if master is None or not master.job_id or master.job_id in self.hang_cancelled:
             return
-        self.store.event("hang", f"no heartbeat progress for {limit}s: restarting the generation by replacing the master",
-                         stage=STAGE, job=master.id, node_rank=master.node_rank, job_id=master.job_id, timeout=limit)
+        self.store.event(
+            "hang",
+            f"no heartbeat progress for {limit}s: restarting the generation by replacing the master",
+            stage=STAGE,
+            job=master.id,
+            node_rank=master.node_rank,
+            job_id=master.job_id,
+            timeout=limit,
+        )
         self.say(f"no training progress for {limit}s: replacing the master to start a new generation")
         self.hang_cancelled.add(master.job_id)
         # Straight to the executor, not tracker.cancel: the row must stay live so the next

@@ -58,8 +58,16 @@ class ScriptedExecutor:
     failing_polls: int = 0  # the next this many polls raise PollError
     next_id: int = 100
 
-    def submit(self, script: Path, *, log: Path, tag: str, env: dict[str, str] | None = None,
-               after: Sequence[str] = (), array: int | None = None) -> str:
+    def submit(
+        self,
+        script: Path,
+        *,
+        log: Path,
+        tag: str,
+        env: dict[str, str] | None = None,
+        after: Sequence[str] = (),
+        array: int | None = None,
+    ) -> str:
         job_id = str(self.next_id)
         self.next_id += 1
         self.statuses[job_id] = JobStatus(JobState.PENDING)
@@ -130,27 +138,33 @@ class Case:
 
     def submissions(self) -> list[tuple[int, int, int, str]]:
         """(node_rank, attempt, generation, why) of every `submitted` event."""
-        return [(e.data["node_rank"], e.data["attempt"], e.data["generation"], e.data["why"])
-                for e in self.events("submitted")]
+        return [
+            (e.data["node_rank"], e.data["attempt"], e.data["generation"], e.data["why"])
+            for e in self.events("submitted")
+        ]
 
     def heartbeat(self, rank: int, step: int, *, time: float, started: float, start_step: int = 0) -> None:
-        write_json(self.run.heartbeat(rank), {"step": step, "time": time, "pid": 1, "generation": 0,
-                                             "started": started, "start_step": start_step})
+        write_json(
+            self.run.heartbeat(rank),
+            {"step": step, "time": time, "pid": 1, "generation": 0, "started": started, "start_step": start_step},
+        )
 
     def checkpoint(self, step: int) -> None:
         write_text(self.run.latest_pointer, f"{step}\n")
 
 
-def make_case(tmp_path: Path, *settings: str, nodes: int = 2, usable: set[str] | None = None,
-              start: bool = True) -> Case:
+def make_case(
+    tmp_path: Path, *settings: str, nodes: int = 2, usable: set[str] | None = None, start: bool = True
+) -> Case:
     run = RunDir.of(tmp_path / "run").make()
     config, _ = cfg.load(None, [f"cluster.nodes={nodes}", "executor=slurm", "supervise.poll_interval=1", *settings])
     write_text(run.config, cfg.dump(config))
     store = StateStore(run.state_db)
     clock = FakeClock()
     executor = ScriptedExecutor(usable=usable)
-    renderer = ScriptRenderer(run_name=run.name, run_dir=str(run.root), cluster=config.cluster, python="python3",
-                              config_hash="0" * 12)
+    renderer = ScriptRenderer(
+        run_name=run.name, run_dir=str(run.root), cluster=config.cluster, python="python3", config_hash="0" * 12
+    )
     tracker = JobTracker(run, store, executor, renderer, requeue=config.cluster.requeue, clock=clock)
     policy = TrainPolicy(run, config, store, tracker, clock=clock, sleep=lambda _: None)
     case = Case(run, store, executor, clock, policy, config)
@@ -182,8 +196,12 @@ def test_worker_node_fail_is_repaired_from_the_infra_budget(tmp_path: Path) -> N
     case.set(1, JobState.NODE_FAIL, node="n1")
     assert case.tick() is None
     failure = last(case.events("failure"))
-    assert (failure.data["klass"], failure.data["node_rank"], failure.data["role"], failure.data["node"]) == \
-        (INFRA, 1, "worker", "n1")
+    assert (failure.data["klass"], failure.data["node_rank"], failure.data["role"], failure.data["node"]) == (
+        INFRA,
+        1,
+        "worker",
+        "n1",
+    )
     assert failure.job == worker.id
     assert case.submissions()[-1] == (1, 2, 0, "repair after infrastructure failure")
     assert case.store.meta("retries_used") == {INFRA: 1}
@@ -243,6 +261,18 @@ def test_config_error_stops_without_resubmitting_and_names_the_reason(tmp_path: 
     assert "no such file mix.json" in last(case.events("stage_end")).data["reason"]
     assert len(case.executor.submitted) == 2 and case.store.meta("retries_used") is None
     assert case.executor.cancelled == [case.row(1).job_id]
+
+
+def test_full_disk_stops_with_the_resume_command(tmp_path: Path) -> None:
+    case = make_case(tmp_path)
+    case.running()
+    write_json(case.run.fatal_record, {"reason": "no space left on /scratch", "exit_code": protocol.EXIT_NO_SPACE})
+    case.set(1, JobState.FAILED, exit_code=protocol.EXIT_NO_SPACE)
+    assert case.tick() is StageStatus.FAILED
+    failure = last(case.events("failure"))
+    assert failure.data["klass"] == FATAL and "no space left on /scratch" in failure.data["reason"]
+    assert f"fm9g-launch resume {case.run.root}" in failure.data["reason"]
+    assert len(case.executor.submitted) == 2
 
 
 def test_exit_code_from_the_agents_record_when_the_poll_has_none(tmp_path: Path) -> None:
@@ -496,14 +526,18 @@ def test_repair_off_stops_naming_the_last_checkpoint(tmp_path: Path) -> None:
     assert len(case.executor.submitted) == 2
 
 
-@pytest.mark.parametrize("executor,repair_local,repairs", [
-    ("slurm", False, True),
-    ("local", False, False),
-    ("local", True, True),
-])
+@pytest.mark.parametrize(
+    "executor,repair_local,repairs",
+    [
+        ("slurm", False, True),
+        ("local", False, False),
+        ("local", True, True),
+    ],
+)
 def test_repair_rule(tmp_path: Path, executor: str, repair_local: bool, repairs: bool) -> None:
-    case = make_case(tmp_path, f"executor={executor}", f"supervise.repair_local={str(repair_local).lower()}",
-                     start=False)
+    case = make_case(
+        tmp_path, f"executor={executor}", f"supervise.repair_local={str(repair_local).lower()}", start=False
+    )
     assert case.policy.repairs is repairs
 
 
@@ -541,8 +575,12 @@ def test_recovery_timeline_phases(tmp_path: Path) -> None:
     (recovery,) = case.events("recovery")
     phases = recovery.data["phases"]
     assert list(phases) == [phase.value for phase in RecoveryPhase]
-    assert (phases["detected"], phases["allocated"], phases["rendezvous"], phases["first_step"]) == \
-        (detected, detected + 20, detected + 25, detected + 27)
+    assert (phases["detected"], phases["allocated"], phases["rendezvous"], phases["first_step"]) == (
+        detected,
+        detected + 20,
+        detected + 25,
+        detected + 27,
+    )
     assert recovery.data["node_rank"] == 1 and recovery.data["step_at_failure"] == 12
 
 
