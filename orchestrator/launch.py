@@ -148,6 +148,9 @@ def launch(options: LaunchOptions) -> int:
     if options.dry_run:
         return write_dry_run(plan)
     if run.done_flag.exists() and not config.pipeline.after_train:
+        from fm9g.orchestrator.reconcile import reconcile_run
+
+        reconcile_run(run)  # jobs that ended while nobody watched stop showing RUNNING
         say(describe_summary(run))
         say("nothing to do; give the run a new name (--name or train.model_unique) to train again")
         return 0
@@ -224,7 +227,70 @@ def preflight(config: RunConfig) -> list[str]:
         raise ConfigError(f"not submitted: {exc}") from None
 
 
+def open_store(run: RunDir) -> StateStore:
+    """The run's state.db for writing; an unreadable one is an error that says what to do."""
+    import sqlite3
+
+    try:
+        store = StateStore(run.state_db)
+        store.stages()
+        return store
+    except sqlite3.DatabaseError as exc:
+        if disk_full(exc):
+            raise
+        raise LaunchError(
+            f"{run.state_db} cannot be read ({exc}); the jobs it tracked may still run: cancel them "
+            f"(`squeue --name` shows them as fm9g-{run.name}-*), move the file aside "
+            f"(mv {shlex.quote(str(run.state_db))} {shlex.quote(str(run.state_db) + '.broken')}), then run "
+            f"`fm9g-launch resume {shlex.quote(str(run.root))}`: finished indexes, the tokenizer and the "
+            f"checkpoints are found again in the run directory") from None
+
+
+class DiskFull(LaunchError):
+    """The run directory's filesystem filled up under the supervisor."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a write, or SQLite's own word for it (SQLITE_FULL)."""
+    import sqlite3
+
+    from fm9g.rundir.atomic import is_no_space
+
+    return is_no_space(error) or (isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error))
+
+
 def supervise(plan: Plan, progress: bool = True) -> int:
+    """Run the plan's stages to their end; a full disk ends it with a recorded failure
+    naming the filesystem, never a traceback (`resume` continues once space is freed)."""
+    from fm9g.rundir.atomic import describe_no_space
+
+    try:
+        return _supervise(plan, progress)
+    except Exception as exc:  # only a full disk is handled here; everything else re-raises
+        if not disk_full(exc):
+            raise
+        _, what = describe_no_space(plan.run.root)
+        reason = f"{what}; free space there, then `fm9g-launch resume {shlex.quote(str(plan.run.root))}` continues"
+        _record_failure(plan.run, reason)
+        raise DiskFull(reason) from None
+
+
+def _record_failure(run: RunDir, reason: str) -> None:
+    """Best effort on a full disk: SQLite may still find a page for one row."""
+    try:
+        store = StateStore(run.state_db)
+        try:
+            for stage in store.stages():
+                if stage.status is StageStatus.RUNNING:
+                    store.set_stage(stage.name, StageStatus.FAILED, detail=reason)
+            store.event("disk_full", reason)
+        finally:
+            store.close()
+    except Exception:  # noqa: BLE001 - nothing more can be written; the message still reaches the user
+        pass
+
+
+def _supervise(plan: Plan, progress: bool) -> int:
     """Run the plan's stages to their end: data stages, training, then post-training."""
     from fm9g.orchestrator.executors import make_executor
     from fm9g.orchestrator.jobs import JobTracker
@@ -232,7 +298,11 @@ def supervise(plan: Plan, progress: bool = True) -> int:
     from fm9g.orchestrator.train_policy import TrainPolicy
 
     run, config = plan.run, plan.config
-    store = StateStore(run.state_db)
+    store = open_store(run)
+    from fm9g.orchestrator.reconcile import reconcile
+
+    for change in reconcile(run, store, holding_lock=True):  # what the jobs did while nobody watched
+        say(f"caught up: {change}")
     store.set_meta("owner", getpass.getuser())
     store.set_meta("executor", config.executor)
     store.set_meta("nodes", config.cluster.nodes)
