@@ -61,3 +61,38 @@ def test_log_is_appended_not_truncated(tmp_path: Path) -> None:
     job = executor.submit(script(tmp_path, "echo second attempt"), log=log, tag="t")
     wait_state(executor, job, {"COMPLETED"})
     assert log.read_text() == "previous attempt\nsecond attempt\n"
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
+    """issue 18 #7: a recorded job id whose process is gone, now held by an unrelated
+    process (pid reuse), reads as ended and is not signalled by cancel."""
+    import subprocess
+
+    bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        executor = LocalExecutor()
+        executor.adopt(str(bystander.pid), tmp_path / "old-job.out")  # the row names this pid
+        status = executor.poll([str(bystander.pid)])[str(bystander.pid)]
+        assert status.state.is_terminal  # not the job: it ended
+        executor.cancel([str(bystander.pid)])
+        assert bystander.poll() is None, "an unrelated process was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_array_tasks_and_afterok_dependencies(tmp_path: Path) -> None:
+    """An array runs every task with its SLURM_ARRAY_TASK_ID; a job afterok of a failed
+    one is cancelled (DependencyNeverSatisfied), as Slurm's --kill-on-invalid-dep does."""
+    tasks = tmp_path / "tasks.sh"
+    tasks.write_text('echo "task $SLURM_ARRAY_TASK_ID"\n[ "$SLURM_ARRAY_TASK_ID" != 2 ] || exit "$FAIL"\n')
+    merge = tmp_path / "merge.sh"
+    merge.write_text("echo merged\n")
+    for fail, array_state, merge_state in (("0", "COMPLETED", "COMPLETED"), ("3", "FAILED", "CANCELLED")):
+        executor = LocalExecutor()
+        array = executor.submit(tasks, log=tmp_path / f"a{fail}.out", tag="t", array=4, env={"FAIL": fail})
+        after = executor.submit(merge, log=tmp_path / f"m{fail}.out", tag="t", after=[array])
+        assert wait_state(executor, after, {"COMPLETED", "CANCELLED", "FAILED"}) == merge_state
+        assert executor.poll([array])[array].state == array_state
+        assert sorted((tmp_path / f"a{fail}.out").read_text().split("\n")[:4]) == [f"task {i}" for i in range(4)]
+        assert ("merged" in (tmp_path / f"m{fail}.out").read_text()) == (merge_state == "COMPLETED")

@@ -126,3 +126,17 @@ def test_dry_run_scripts_are_the_bytes_the_real_run_submits(tmp_path: Path) -> N
             shard = next(row for row in store.jobs(merge.stage) if row.role == "shard")
             event = next(e for e in submitted if e.job == merge.id)
             assert event.data["after"] == [shard.job_id]  # afterok of its own shard array
+
+
+def test_resume_of_an_unreadable_state_db_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 18 #3: a corrupt state.db is an error naming the file and the way out, not a traceback."""
+    root = tmp_path / "runs"
+    assert main(cli_args(TINY, root, "c", "--dry-run")) == 0
+    run = RunDir.of(root / "c")
+    run.make()
+    shutil.copy(run.dry_run / "config.yaml", run.config)
+    run.state_db.write_bytes(b"not a database" * 100)
+    assert main(["resume", str(run.root), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert str(run.state_db) in error and "resume" in error
+    assert run.state_db.read_bytes() == b"not a database" * 100  # left for the user to inspect
