@@ -152,14 +152,14 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
     would refuse before queueing: a missing or bad mixture, a transform that fails on
     every sampled record, a value that cannot go into a script."""
     from fm9g.data.errors import DataError
-    from fm9g.data.mixture import load_mixture, needs_index
+    from fm9g.data.mixture import check_transforms, load_mixture, needs_index
 
     if not config.data.dataset_config:
         raise ConfigError("data.dataset_config is not set: point it at a mixture JSON list "
                           "(see examples/tiny/mixture.json)")
     try:
         mixture = load_mixture(Path(config.data.dataset_config))
-        _check_transforms(mixture)
+        check_transforms(mixture)  # a transform failing on every sampled record fails here, not mid-run
     except DataError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -211,12 +211,3 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
         for job in stage.jobs:
             renderer.render(job, 1)
     return plan
-
-
-def _check_transforms(mixture: object) -> None:
-    """Run each entry's transforms on a few records (data.mixture.check_transforms)."""
-    try:
-        from fm9g.data.mixture import check_transforms
-    except ImportError:  # older data layer without the check
-        return
-    check_transforms(mixture)  # type: ignore[arg-type]
