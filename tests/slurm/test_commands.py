@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
 from fm9g.orchestrator.slurm import commands, parse
 from fm9g.orchestrator.slurm.commands import (
     CallCounter,

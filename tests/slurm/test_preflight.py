@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fm9g.orchestrator.slurm import parse
 from fm9g.orchestrator.slurm.parse import Partition
 from fm9g.orchestrator.slurm.preflight import PreflightError, check

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fm9g.rundir.config import RunConfig
-from fm9g.rundir import RunDir
+
 from fm9g.orchestrator.slurm.commands import SlurmClient
 from fm9g.orchestrator.slurm.preflight import PreflightError, check, check_run
+from fm9g.rundir.config import RunConfig
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +51,6 @@ def test_a_run_that_fits(slurm: SlurmClient, tmp_path: Path) -> None:
 
 
 def test_check_run_reads_the_run_config(slurm: SlurmClient, tmp_path: Path) -> None:
-    run = RunDir.of(tmp_path / "run")
     config = RunConfig(executor="slurm", cluster={"partition": "small", "nodes": 3})
     with pytest.raises(PreflightError, match="set cluster.nodes to at most 2"):
         check_run(config, slurm)

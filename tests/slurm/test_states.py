@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fm9g.orchestrator.slurm.states import SLURM_STATE_NAMES, JobState
 
 
