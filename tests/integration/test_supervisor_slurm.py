@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from fm9g.orchestrator.executors.slurm import SlurmExecutor
+from fm9g.orchestrator.jobs import JobTracker
+from fm9g.orchestrator.render import ScriptRenderer
 from fm9g.orchestrator.state import StateStore
-from fm9g.orchestrator.supervisor import TrainSupervisor
+from fm9g.orchestrator.train_policy import TrainPolicy
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as cfg
 from fm9g.rundir.atomic import write_text
@@ -17,12 +19,15 @@ from fm9g.rundir.atomic import write_text
 pytestmark = pytest.mark.cluster
 
 
-def supervisor(tmp_path: Path, nodes: int) -> TrainSupervisor:
+def supervisor(tmp_path: Path, nodes: int) -> TrainPolicy:
+    """The train stage's policy over the real SlurmExecutor (nothing is submitted here)."""
     run = RunDir.of(tmp_path / "run").make()
     config, _ = cfg.load(None, [f"cluster.nodes={nodes}", "executor=slurm"])
     write_text(run.config, cfg.dump(config))
-    return TrainSupervisor(run, config, StateStore(run.state_db), SlurmExecutor(), say=lambda _: None,
-                           repair=True, python="python3")
+    store = StateStore(run.state_db)
+    renderer = ScriptRenderer(run_name=run.name, run_dir=str(run.root), cluster=config.cluster, python="python3",
+                              config_hash="0" * 12)
+    return TrainPolicy(run, config, store, JobTracker(run, store, SlurmExecutor(), renderer))
 
 
 def test_excluded_nodes_are_checked_against_sinfo(tmp_path: Path) -> None:
@@ -37,4 +42,5 @@ def test_exclusions_that_leave_too_few_nodes_are_dropped(tmp_path: Path) -> None
     sup = supervisor(tmp_path, nodes=4)
     sup.store.set_meta("excluded", {"node2": time.time() + 3600})
     assert sup.cluster_config().exclude == []
-    assert any("fewer than 4 nodes" in e.message for e in sup.store.events("exclude"))
+    # The dropped exclusion is recorded: which nodes, and that it was not applied.
+    assert [(e.data["nodes"], e.data["applied"]) for e in sup.store.events("exclude")] == [(["node2"], False)]
