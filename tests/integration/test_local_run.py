@@ -48,10 +48,12 @@ def test_two_node_rendezvous_trains_and_rerun_says_complete(tmp_path: Path) -> N
 def test_dry_run_renders_and_starts_nothing(tmp_path: Path) -> None:
     result = runs.run_tiny(tmp_path / "runs", "t", "--nodes", "2", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    scripts = sorted((tmp_path / "runs" / "t" / "scripts").iterdir())
-    assert [p.name for p in scripts] == ["train-master0-a1.sbatch", "train-worker1-a1.sbatch"]
-    assert str(tmp_path / "runs" / "t" / "scripts") in result.stdout
-    assert not (tmp_path / "runs" / "t" / "state.db").exists()
+    run = tmp_path / "runs" / "t"
+    scripts = sorted((run / "dry-run" / "scripts").iterdir())
+    assert [p.name for p in scripts if p.name.startswith("train-")] == ["train-master0-a1.sbatch",
+                                                                          "train-worker1-a1.sbatch"]
+    assert (run / "dry-run" / "config.yaml").exists()
+    assert not (run / "state.db").exists() and not (run / "scripts").exists()
     for path in scripts:
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
