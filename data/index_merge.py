@@ -28,13 +28,12 @@ import h5py
 import numpy as np
 
 from fm9g.data.errors import DataError, no_space_error
-from fm9g.rundir.atomic import fsync_dir, is_no_space
 from fm9g.data.index_plan import plan_shard_dir, read_plan
 from fm9g.data.index_shard import failure_message, load_shard_result
 from fm9g.data.index_stats import length_distribute, unit_factor
 from fm9g.data.index_temp import make_temp_dir, sweep_stale, temp_prefix
 from fm9g.data.index_types import IndexResult, ShardResult
-from fm9g.rundir.atomic import replace_dir, write_json
+from fm9g.rundir.atomic import fsync_dir, is_no_space, replace_dir, write_json
 
 # (shard_dir, data_path, data_offset, part_path, durable) for one shard's share of the output.
 WriteJob = tuple[str, str, int, str, bool]

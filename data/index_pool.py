@@ -25,6 +25,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -132,16 +133,38 @@ class IndexPool:
             )
             for i in range(processes)
         ]
-        # Block Ctrl-C/SIGTERM across the forks (see _init_worker); one arriving meanwhile is
-        # delivered to this process when the mask is restored, after every worker exists.
+        self._start_workers()
+        self._submitted = 0
+        self._pending = 0
+
+    def _start_workers(self) -> None:
+        """Fork the workers so that no stop signal can land inside a fork.
+
+        Two guards, because the kernel may hand a process-directed signal to any thread
+        (a BLAS or tokenizer thread, not only this one): (1) the signals are blocked in
+        this thread, so a child starts with them blocked and receives them only once
+        _init_worker has reset the handlers; (2) while forking, the Python-level handlers
+        only note the signal, so a KeyboardInterrupt cannot fire half-way through a fork
+        (in the parent, or in a child that inherited the pending flag and would otherwise
+        run on as a copy of the parent). A signal noted meanwhile is raised again for the
+        caller's own handler once every worker exists and has been stopped.
+        """
+        noted: list[int] = []
+        in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        handlers = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS} if in_main else {}
+        for signum in handlers:
+            signal.signal(signum, lambda number, _frame: noted.append(number))
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             for process in self._workers:
                 process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self._submitted = 0
-        self._pending = 0
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a blocked signal lands in `noted` now
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        if noted:
+            self.close(terminate=True)
+            signal.raise_signal(noted[0])  # to the caller's own handler, now restored
 
     def done_bytes(self) -> int:
         """Input bytes read by all workers so far."""
@@ -169,7 +192,7 @@ class IndexPool:
                     tick()
                 dead = [p.name for p in self._workers if not p.is_alive()]
                 if dead:
-                    raise DataError(f"index worker {', '.join(dead)} died (out of memory?); re-run with fewer processes")
+                    raise DataError(f"index worker {', '.join(dead)} died (out of memory?); re-run with fewer processes") from None
                 continue
             self._pending -= 1
             if status == "crash":
@@ -188,7 +211,7 @@ class IndexPool:
         for process in self._workers:
             process.join(timeout=5)
             if process.is_alive():
-                process.terminate()
+                process.kill()  # SIGKILL: neither blocked nor handled, so this join ends
                 process.join()
         self._jobs.close()
         self._results.close()

@@ -26,8 +26,8 @@ import numpy as np
 from fm9g.data.errors import DataError, no_space_error
 from fm9g.data.index_check import FIX_HINT, WARNING_CONTROL, check_lines
 from fm9g.data.index_plan import plan_shard_dir, read_plan
-from fm9g.data.index_temp import make_temp_dir, sweep_stale
 from fm9g.data.index_stats import LineCounter, count_method, shrink_sample
+from fm9g.data.index_temp import make_temp_dir, sweep_stale
 from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, SegmentResult, ShardResult, ShardSpec
 from fm9g.data.txt2jsonl import txt_line_to_jsonl
 from fm9g.rundir.atomic import is_no_space, read_json, write_json

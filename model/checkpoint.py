@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fm9g.rundir.atomic import replace_dir, write_json, write_text
 
 SAVE_NAME = "fm9g_live_checkpoint"

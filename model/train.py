@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from fm9g.rundir import protocol
+
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
 from fm9g.model.backends import BackendError, init_process_group, make_backend
@@ -44,9 +44,9 @@ from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
 from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
+from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import describe_no_space, is_no_space, read_json, write_json
 from fm9g.rundir.config import ConfigError, RunConfig, load_resolved
-from fm9g.rundir import RunDir
 
 Outcome = Literal["done", "checkpoint_now", "session_limit"]
 

@@ -65,6 +65,15 @@ def _wait_until(check, what: str, limit: float = 60.0) -> None:  # type: ignore[
         time.sleep(0.02)
 
 
+def _finish(process: subprocess.Popen[bytes]) -> bytes:
+    """The process's stderr once it exits; if it hangs, its threads' stacks in the failure."""
+    try:
+        return process.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        raise AssertionError("fm9g-launch index hung:\n" + process.communicate()[1].decode()[-6000:]) from None
+
+
 def _start_index(tmp_path: Path, tokenizer: Path) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
     """Start `fm9g-launch index -j 2`, stop it (SIGSTOP) once its two workers exist; return them."""
     source = _big_input(tmp_path / "in.jsonl")
@@ -73,19 +82,22 @@ def _start_index(tmp_path: Path, tokenizer: Path) -> tuple[subprocess.Popen[byte
     # before it can merge, so the signal always lands during the build.
     command = [sys.executable, "-m", "fm9g.orchestrator.cli", "index", str(source), "-o", str(output), "-j", "2",
                "--tokenizer", str(tokenizer), "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang (SIGABRT below) shows every thread's stack
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _wait_until(lambda: len(_children(process.pid)) >= 2 or process.poll() is not None, "the index workers")
     assert process.poll() is None, process.communicate()
     os.kill(process.pid, signal.SIGSTOP)
     return process, output, _children(process.pid)
 
 
-def test_sigterm_cleans_up_like_ctrl_c_and_prints_the_index_message(tmp_path: Path, sp_model: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_cleans_up_like_ctrl_c_and_prints_the_index_message(tmp_path: Path, sp_model: Path,
+                                                                    signum: signal.Signals) -> None:
     process, output, workers = _start_index(tmp_path, sp_model)
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signum)
     os.kill(process.pid, signal.SIGCONT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    stderr = _finish(process)
+    assert process.returncode == 128 + signum, stderr
     text = stderr.decode()
     assert "index interrupted" in text and "run the same command again" in text
     assert "resume RUN" not in text and "Traceback" not in text, text

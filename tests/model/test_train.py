@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fm9g.rundir import protocol
+
 from fm9g.model import train
 from fm9g.model.distributed import init_distributed
+from fm9g.rundir import RunDir, protocol
 from fm9g.rundir import config as config_mod
-from fm9g.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 
