@@ -20,8 +20,19 @@ from tests.helpers.runs import start_tiny  # noqa: E402 - needs REPO on sys.path
 def start_tiny_run(root: Path, name: str, nodes: int, iters: int, *extra: str) -> subprocess.Popen[str]:
     """The tiny pretraining on the test cluster, with the config's own supervisor tick
     (what a benchmark measures); output in a pipe."""
-    return start_tiny(root, name, "--nodes", str(nodes), "--set", f"train.train_iters={iters}",
-                      "--set", "train.warmup_iters=0.1", *extra, executor="slurm", poll_interval=None)
+    return start_tiny(
+        root,
+        name,
+        "--nodes",
+        str(nodes),
+        "--set",
+        f"train.train_iters={iters}",
+        "--set",
+        "train.warmup_iters=0.1",
+        *extra,
+        executor="slurm",
+        poll_interval=None,
+    )
 
 
 def first_step_time(run: Path) -> float | None:

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from fm9g.model.args import load_model_config
 from fm9g.model.attention import cu_seqlens_from_segments, select_attention, set_attention
 from fm9g.model.dragonfly import build_model
@@ -47,8 +48,14 @@ def packed_batch(batch: int, seq: int, docs: int, vocab: int) -> dict[str, torch
     segments = (torch.arange(seq, device="cuda") // doc_len).clamp(max=docs - 1).expand(batch, seq)
     positions = torch.arange(seq, device="cuda") - segments[0] * doc_len
     cu_seqlens, max_seqlen = cu_seqlens_from_segments(segments)
-    return {"ids": ids[:, :-1], "targets": ids[:, 1:], "positions": positions.expand(batch, seq),
-            "segments": segments, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+    return {
+        "ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": positions.expand(batch, seq),
+        "segments": segments,
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": max_seqlen,
+    }
 
 
 def main() -> int:
@@ -77,8 +84,9 @@ def main() -> int:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(batch["ids"], batch["positions"], batch["segments"], batch["cu_seqlens"],
-                           batch["max_seqlen"])
+            logits = model(
+                batch["ids"], batch["positions"], batch["segments"], batch["cu_seqlens"], batch["max_seqlen"]
+            )
             loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,10 +105,14 @@ def main() -> int:
     achieved = flops / seconds / 1e12
     reference = matmul_tflops()
     peak, peak_note = peak_flops(device, None)
-    print(f"{torch.cuda.get_device_name()}: {options.config}, {options.batch}x{options.seq} tokens "
-          f"({options.docs} docs/row), attention {type(kernel).__name__}, checkpointing={options.checkpoint}")
-    print(f"step {seconds * 1e3:.1f} ms (median of {options.steps}), {options.batch * options.seq / seconds:,.0f} "
-          f"tokens/s, {achieved:.1f} TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(
+        f"{torch.cuda.get_device_name()}: {options.config}, {options.batch}x{options.seq} tokens "
+        f"({options.docs} docs/row), attention {type(kernel).__name__}, checkpointing={options.checkpoint}"
+    )
+    print(
+        f"step {seconds * 1e3:.1f} ms (median of {options.steps}), {options.batch * options.seq / seconds:,.0f} "
+        f"tokens/s, {achieved:.1f} TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )
     print(f"step TFLOP/s / bf16 matmul TFLOP/s in this run ({reference:.0f}): {achieved / reference:.3f}")
     print(f"MFU: {achieved * 1e12 / peak:.3f} ({peak_note})" if peak else peak_note)
     return 0

@@ -119,7 +119,9 @@ def machine_scaling(count: int = 4_000_000) -> float:
     return serial / (time.perf_counter() - start)
 
 
-def index_once(path: Path, out: Path, processes: int, durable: bool, tokenizer: Path | None = None) -> tuple[float, float]:
+def index_once(
+    path: Path, out: Path, processes: int, durable: bool, tokenizer: Path | None = None
+) -> tuple[float, float]:
     """(wall, cpu) seconds of one build_index into a fresh output directory."""
     shutil.rmtree(out, ignore_errors=True)
     cpu, start = _cpu(), time.perf_counter()
@@ -144,8 +146,13 @@ def main() -> None:
         mb = size / 1e6
         print(f"corpus: {mb:.1f} MB, {sum(1 for _ in open(data, 'rb'))} lines; cpus={os.cpu_count()}")
         print(f"load average before: {os.getloadavg()[0]:.2f}")
-        configs = [("reference json.loads", 0, True), ("index P=1", 1, True), ("index P=2", 2, True),
-                   ("index P=1 durable=False", 1, False), ("index P=2 durable=False", 2, False)]
+        configs = [
+            ("reference json.loads", 0, True),
+            ("index P=1", 1, True),
+            ("index P=2", 2, True),
+            ("index P=1 durable=False", 1, False),
+            ("index P=2 durable=False", 2, False),
+        ]
         best: dict[str, tuple[float, float]] = {}
         ceiling = 0.0
         for _ in range(args.rounds):
@@ -164,7 +171,9 @@ def main() -> None:
         print(f"machine ceiling (pure-CPU work, 2 processes vs 1): {ceiling:.2f}x")
         for suffix in ("", " durable=False"):
             one, two = best[f"index P=1{suffix}"][0], best[f"index P=2{suffix}"][0]
-            print(f"2-process scaling{suffix or ' (default, durable)'}: {one / two:.2f}x ({one / two / ceiling:.0%} of the machine ceiling)")
+            print(
+                f"2-process scaling{suffix or ' (default, durable)'}: {one / two:.2f}x ({one / two / ceiling:.0%} of the machine ceiling)"
+            )
 
         # tokenizer mode, on a slice
         slice_path = tmp / "slice.jsonl"
@@ -175,8 +184,10 @@ def main() -> None:
         model = train_sentencepiece(sample, tmp / "tokenizer.model", 4000)
         slice_mb = slice_path.stat().st_size / 1e6
         wall, cpu = index_once(slice_path, tmp / "out", 1, True, tokenizer=model)
-        print(f"\ntokenizer mode (sentencepiece, P=1, {slice_mb:.1f} MB): {slice_mb / wall:.1f} MB/s wall, "
-              f"{slice_mb / cpu:.1f} MB/cpu-s ({slice_mb / wall / (mb / ref_wall):.2f}x the json.loads reference)")
+        print(
+            f"\ntokenizer mode (sentencepiece, P=1, {slice_mb:.1f} MB): {slice_mb / wall:.1f} MB/s wall, "
+            f"{slice_mb / cpu:.1f} MB/cpu-s ({slice_mb / wall / (mb / ref_wall):.2f}x the json.loads reference)"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ def bare_sbatch(tmp: Path, nodes: int) -> float:
     marks = [tmp / f"bare-{i}" for i in range(nodes)]
     start = time.time()
     for mark in marks:
-        subprocess.run(["sbatch", "--parsable", "-N1", "-o", "/dev/null", f"--wrap=date +%s.%N > {mark}"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["sbatch", "--parsable", "-N1", "-o", "/dev/null", f"--wrap=date +%s.%N > {mark}"],
+            check=True,
+            capture_output=True,
+        )
     wait(lambda: all(m.exists() and m.read_text().strip() for m in marks), 300, "the bare jobs")
     return max(float(m.read_text()) for m in marks) - start
 
@@ -33,6 +36,7 @@ def fm9g_launch(tmp: Path, nodes: int, index: int) -> float:
     start = time.time()
     proc = start_tiny_run(tmp / "runs", f"overhead{index}", nodes, 5)
     run = tmp / "runs" / f"overhead{index}"
+
     def first_step() -> float | None:
         if proc.poll() not in (None, 0):
             raise SystemExit(f"the run failed:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}")
@@ -57,7 +61,9 @@ def main() -> None:
             bare.append(bare_sbatch(marks, args.nodes))
             ours.append(fm9g_launch(tmp, args.nodes, i))
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"bare sbatch x{args.nodes} to first command: {b:.2f}s (median of {args.repeats}: {', '.join(f'{x:.2f}' for x in bare)})")
+    print(
+        f"bare sbatch x{args.nodes} to first command: {b:.2f}s (median of {args.repeats}: {', '.join(f'{x:.2f}' for x in bare)})"
+    )
     print(f"fm9g-launch --nodes {args.nodes} to first step: {o:.2f}s ({', '.join(f'{x:.2f}' for x in ours)})")
     print(f"overhead: +{o - b:.2f}s, ratio {o / b:.2f}x")
 

@@ -54,7 +54,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fm9g-loader-bench-") as tmp_name:
         tmp = Path(tmp_name)
         lm = [{"input": "", "output": _text(rng, rng.randint(10, 300))} for _ in range(args.lines)]
-        qa = [{"input": _text(rng, rng.randint(5, 40)), "output": _text(rng, rng.randint(5, 120))} for _ in range(args.lines)]
+        qa = [
+            {"input": _text(rng, rng.randint(5, 40)), "output": _text(rng, rng.randint(5, 120))}
+            for _ in range(args.lines)
+        ]
         entries = []
         for name, rows in (("lm", lm), ("qa", qa)):
             raw = tmp / f"{name}.jsonl"
@@ -69,7 +72,9 @@ def main() -> None:
         cpu, start = _cpu(), time.perf_counter()
         ref_tokens = sum(len(tokenizer.encode(t)) for t in texts)
         ref_wall, ref_cpu = time.perf_counter() - start, _cpu() - cpu
-        print(f"reference: tokenizer.encode alone  {ref_tokens / ref_wall:>10.0f} tokens/s  {ref_tokens / ref_cpu:>10.0f} tokens/cpu-s")
+        print(
+            f"reference: tokenizer.encode alone  {ref_tokens / ref_wall:>10.0f} tokens/s  {ref_tokens / ref_cpu:>10.0f} tokens/cpu-s"
+        )
 
         for workers in args.num_workers:
             loader = PackedLoader(
@@ -88,6 +93,7 @@ def main() -> None:
                 # everything runs in this process: this is the per-core figure
                 line += f", {tokens / used:>10.0f} tokens/cpu-s = {tokens / used / (ref_tokens / ref_cpu):.2f}x the bare tokenizer"
             print(line)
+
 
 if __name__ == "__main__":
     main()

@@ -79,8 +79,10 @@ def main() -> None:
                 reuse = reuse or root / f"{scenario}{i}"  # later runs skip indexing and the tokenizer
             recover = statistics.median(r[0] for r in results)
             step = statistics.median(r[1] for r in results)
-            print(f"{scenario:8s} time to recover {recover:6.1f}s (median of {args.repeats}: "
-                  f"{', '.join(f'{r[0]:.1f}' for r in results)}); = {recover / step:.0f} step times of {step:.2f}s")
+            print(
+                f"{scenario:8s} time to recover {recover:6.1f}s (median of {args.repeats}: "
+                f"{', '.join(f'{r[0]:.1f}' for r in results)}); = {recover / step:.0f} step times of {step:.2f}s"
+            )
 
 
 if __name__ == "__main__":

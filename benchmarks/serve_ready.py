@@ -55,14 +55,39 @@ def bare_start(model: Path, key_file: Path, engine: str, poll: float) -> float:
     env = dict(os.environ)
     if engine == "vllm":
         env["VLLM_API_KEY"] = key_file.read_text().strip()
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
-                "--port", str(port), "--dtype", "auto", "--tokenizer-mode", tokenizer_mode(model)]
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--dtype",
+            "auto",
+            "--tokenizer-mode",
+            tokenizer_mode(model),
+        ]
     else:
         # The serve job's own body run directly: no render, no submit, no job start.
         env["FM9G_HOST"] = host
-        argv = [sys.executable, "-m", "fm9g.launchers.serve", "--model", str(model), "--api-key-file", str(key_file),
-                "--endpoint", str(key_file.parent / "bare-endpoint.json"), "--engine", "transformers",
-                "--port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "fm9g.launchers.serve",
+            "--model",
+            str(model),
+            "--api-key-file",
+            str(key_file),
+            "--endpoint",
+            str(key_file.parent / "bare-endpoint.json"),
+            "--engine",
+            "transformers",
+            "--port",
+            str(port),
+        ]
     started = time.monotonic()
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -114,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.repeats):
             bare.append(bare_start(model, key_file, engine, args.poll))
             orchestrated.append(orchestrated_start(model, runs, args.executor, engine, args.poll))
-            print(f"  round {index + 1}: bare {bare[-1]:.2f}s  fm9g-launch serve ({args.executor}) {orchestrated[-1]:.2f}s",
-                  flush=True)
+            print(
+                f"  round {index + 1}: bare {bare[-1]:.2f}s  fm9g-launch serve ({args.executor}) {orchestrated[-1]:.2f}s",
+                flush=True,
+            )
     b, o = statistics.median(bare), statistics.median(orchestrated)
     print(f"engine {engine}, model {model.name}, {args.repeats} rounds, /health polled every {args.poll:g}s")
     print(f"bare engine start to /health (median):           {b:.2f}s")

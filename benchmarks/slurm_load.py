@@ -52,8 +52,12 @@ def run_load(client: SlurmClient, nodes: int, iters: int) -> tuple[float, float,
 def per_tick(client: SlurmClient, jobs: int, ticks: int) -> float:
     ids = []
     for _ in range(jobs):
-        out = subprocess.run(["sbatch", "--parsable", "-N1", "-o", "/dev/null", "--wrap=sleep 300"],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["sbatch", "--parsable", "-N1", "-o", "/dev/null", "--wrap=sleep 300"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         ids.append(out.strip().split(";")[0])
     try:
         executor = SlurmExecutor(client)
@@ -78,11 +82,15 @@ def main() -> None:
     if not args.skip_run:
         idle = idle_rate(client, 20)
         total, minutes, rate = run_load(client, args.nodes, args.iters)
-        print(f"{args.nodes}-node run: {total} RPCs by {USER} in {minutes:.2f} min = {rate:.1f}/min; "
-              f"idle rate {idle:.1f}/min; attributable to the run {rate - idle:.1f}/min")
+        print(
+            f"{args.nodes}-node run: {total} RPCs by {USER} in {minutes:.2f} min = {rate:.1f}/min; "
+            f"idle rate {idle:.1f}/min; attributable to the run {rate - idle:.1f}/min"
+        )
     small = per_tick(client, 4, args.ticks)
     large = per_tick(client, 16, args.ticks)
-    print(f"RPCs per poll tick: {small:.2f} with 4 jobs, {large:.2f} with 16 jobs (ratio {large / small if small else float('nan'):.2f})")
+    print(
+        f"RPCs per poll tick: {small:.2f} with 4 jobs, {large:.2f} with 16 jobs (ratio {large / small if small else float('nan'):.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from fm9g.model.args import load_model_config
 from fm9g.model.dragonfly import build_model
 from fm9g.model.hf import to_hf
@@ -60,16 +61,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps timings steady on a shared machine (0: torch default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps timings steady on a shared machine (0: torch default)",
+    )
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     heads = options.dim // 64
-    ours, theirs, _ = make_models({"dim_model": options.dim, "num_heads": heads, "num_kv_heads": heads, "dim_head": 64,
-                                   "dim_ff": options.dim * 5 // 2, "num_layers": options.layers,
-                                   "vocab_size": options.vocab, "dim_model_base": options.dim // 4})
+    ours, theirs, _ = make_models(
+        {
+            "dim_model": options.dim,
+            "num_heads": heads,
+            "num_kv_heads": heads,
+            "dim_head": 64,
+            "dim_ff": options.dim * 5 // 2,
+            "num_layers": options.layers,
+            "vocab_size": options.vocab,
+            "dim_model_base": options.dim // 4,
+        }
+    )
     ids = torch.randint(0, options.vocab, (options.batch, options.seq))
     targets = torch.roll(ids, -1, dims=1)
     with torch.no_grad():  # same weights, same function: the comparison is like for like
@@ -84,11 +98,15 @@ def main() -> None:
             if rep >= options.warmup:
                 times[name].append(time.perf_counter() - started)
     ours_ms, theirs_ms = (statistics.median(times[k]) * 1e3 for k in ("ours", "theirs"))
-    print(f"shape: layers={options.layers} dim={options.dim} heads={heads} ffn={options.dim * 5 // 2} "
-          f"vocab={options.vocab} batch={options.batch}x{options.seq}, threads={torch.get_num_threads()}, "
-          f"max |logit diff| before training={gap:.2e}")
-    print(f"median step (fwd+bwd+AdamW) over {options.reps} interleaved reps: ours {ours_ms:.1f} ms, "
-          f"GraniteForCausalLM {theirs_ms:.1f} ms")
+    print(
+        f"shape: layers={options.layers} dim={options.dim} heads={heads} ffn={options.dim * 5 // 2} "
+        f"vocab={options.vocab} batch={options.batch}x{options.seq}, threads={torch.get_num_threads()}, "
+        f"max |logit diff| before training={gap:.2e}"
+    )
+    print(
+        f"median step (fwd+bwd+AdamW) over {options.reps} interleaved reps: ours {ours_ms:.1f} ms, "
+        f"GraniteForCausalLM {theirs_ms:.1f} ms"
+    )
     print(f"ratio ours/theirs = {ours_ms / theirs_ms:.3f}")
 
 

@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fm9g.rundir.config import RunConfig, TrainConfig, dump
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
 from fm9g.orchestrator.tui.app import make_app
-from fm9g.orchestrator.views import RunReader
 from fm9g.orchestrator.tui.screens.main import MainScreen
+from fm9g.orchestrator.views import RunReader
+from fm9g.rundir import RunDir
+from fm9g.rundir.config import RunConfig, TrainConfig, dump
 
 
 def build_run(root: Path, jobs: int) -> tuple[RunDir, list[int]]:
@@ -53,28 +53,62 @@ def build_run(root: Path, jobs: int) -> tuple[RunDir, list[int]]:
         with store.transaction():
             for index in range(jobs):
                 rank, attempt = (index, 1) if index < nodes else (index - nodes, 2)
-                row = store.record_intent(stage="train", role="master" if rank == 0 else "worker", node_rank=rank,
-                                          attempt=attempt, generation=0, tag=f"big:{rank}:{attempt}",
-                                          script=f"s{index}.sh", script_hash="0", log=str(run.logs / f"{index}.out"))
+                row = store.record_intent(
+                    stage="train",
+                    role="master" if rank == 0 else "worker",
+                    node_rank=rank,
+                    attempt=attempt,
+                    generation=0,
+                    tag=f"big:{rank}:{attempt}",
+                    script=f"s{index}.sh",
+                    script_hash="0",
+                    log=str(run.logs / f"{index}.out"),
+                )
                 store.mark_submitted(row, str(100_000 + index))
                 failed = attempt == 1 and rank < retried
-                store.update_job(row, state="NODE_FAIL" if failed else "RUNNING", node=f"cn{rank:04d}",
-                                 started_at=now - 3600, ended_at=now - 600 if failed else None)
+                store.update_job(
+                    row,
+                    state="NODE_FAIL" if failed else "RUNNING",
+                    node=f"cn{rank:04d}",
+                    started_at=now - 3600,
+                    ended_at=now - 600 if failed else None,
+                )
                 rows.append(row)
             for rank in range(retried):
                 store.event("failure", f"worker{rank} ended NODE_FAIL", stage="train", node_rank=rank)
-                store.event("recovery", f"node {rank} recovered", stage="train", node_rank=rank,
-                            phases={"detected": now - 600, "resubmitted": now - 599, "allocated": now - 590,
-                                    "rendezvous": now - 585, "first_step": now - 583})
+                store.event(
+                    "recovery",
+                    f"node {rank} recovered",
+                    stage="train",
+                    node_rank=rank,
+                    phases={
+                        "detected": now - 600,
+                        "resubmitted": now - 599,
+                        "allocated": now - 590,
+                        "rendezvous": now - 585,
+                        "first_step": now - 583,
+                    },
+                )
         # The run has been going for an hour: its rows were last written then, not now.
         store.db.execute("UPDATE jobs SET updated_at = updated_at - 3600")
     finally:
         store.close()
     with open(run.metrics, "w") as handle:
         for step in range(1, 5001):
-            handle.write(json.dumps({"step": step, "loss": 10 / step ** 0.3, "lr": 3e-4, "grad_norm": 1.0,
-                                     "tokens_per_s": 1e6, "time": now - 5000 + step,
-                                     "task_loss": {"wiki": 2.0, "code": 1.5}}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 10 / step**0.3,
+                        "lr": 3e-4,
+                        "grad_norm": 1.0,
+                        "tokens_per_s": 1e6,
+                        "time": now - 5000 + step,
+                        "task_loss": {"wiki": 2.0, "code": 1.5},
+                    }
+                )
+                + "\n"
+            )
     return run, rows
 
 

@@ -193,7 +193,13 @@ class OutputBuilder:
         """Reserve the next range of data.jsonl for a shard; return its write job."""
         _check_sources(result)
         number = len(self.dirs)
-        job = (str(shard_dir), str(self.data_path), self.offsets[-1], str(self.tmp / f"index.part{number}"), self.durable)
+        job = (
+            str(shard_dir),
+            str(self.data_path),
+            self.offsets[-1],
+            str(self.tmp / f"index.part{number}"),
+            self.durable,
+        )
         self.dirs.append(Path(shard_dir))
         self.offsets.append(self.offsets[-1] + result.nbytes)
         return job

@@ -41,7 +41,9 @@ def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.suffix in _SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                if p.suffix in _SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
                 raise DataError(f"{path}: no .jsonl or .txt files in this directory")

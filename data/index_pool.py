@@ -192,7 +192,9 @@ class IndexPool:
                     tick()
                 dead = [p.name for p in self._workers if not p.is_alive()]
                 if dead:
-                    raise DataError(f"index worker {', '.join(dead)} died (out of memory?); re-run with fewer processes") from None
+                    raise DataError(
+                        f"index worker {', '.join(dead)} died (out of memory?); re-run with fewer processes"
+                    ) from None
                 continue
             self._pending -= 1
             if status == "crash":

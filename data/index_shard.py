@@ -144,7 +144,9 @@ Progress = Callable[[int], None] | None
 StopCheck = Callable[[], bool] | None
 
 
-def _blocks(path: str, start: int, end: int, progress: Progress, should_stop: StopCheck) -> Iterator[tuple[int, bytes, int, bool]]:
+def _blocks(
+    path: str, start: int, end: int, progress: Progress, should_stop: StopCheck
+) -> Iterator[tuple[int, bytes, int, bool]]:
     """Yield (offset, block, stop, at_end): whole lines block[:stop] starting at file offset."""
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -172,7 +174,9 @@ def _blocks(path: str, start: int, end: int, progress: Progress, should_stop: St
                 break
 
 
-def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck) -> None:
+def _index_jsonl(
+    seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck
+) -> None:
     """Validate, count and record the kept byte ranges of a jsonl segment."""
     line_number = 1  # local to the segment; the merge adds earlier segments' lines
     for offset, block, stop, at_end in _blocks(seg.path, seg.start, seg.end, progress, should_stop):
@@ -196,11 +200,18 @@ def _index_jsonl(seg: SegmentResult, segment_index: int, state: _ShardState, pro
         else:
             for i in kept:
                 _add_range(seg, offset + starts[i], offset + min(ends[i] + 1, stop))
-        if at_end and stop and block[stop - 1 : stop] != b"\n" and (kept is None or (kept and kept[-1] == len(starts) - 1)):
+        if (
+            at_end
+            and stop
+            and block[stop - 1 : stop] != b"\n"
+            and (kept is None or (kept and kept[-1] == len(starts) - 1))
+        ):
             seg.pieces.append(["newline"])  # the file's last line lacks its newline
 
 
-def _index_txt(seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck) -> None:
+def _index_txt(
+    seg: SegmentResult, segment_index: int, state: _ShardState, progress: Progress, should_stop: StopCheck
+) -> None:
     """Convert a txt segment to jsonl lines in the shard's own data.jsonl, and count them."""
     line_number = 1
     for _offset, block, stop, _at_end in _blocks(seg.path, seg.start, seg.end, progress, should_stop):
@@ -350,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         path = result.segments[failed["segment"]].path
         # The line number is local to this shard's part of the file; the merge names the exact line.
         with contextlib.suppress(Exception):
-            print(f"error: shard {task}: " + failure_message(path, failed["line"], failed["kind"], failed["message"]) + " (line counted from this shard's start)", file=sys.stderr)
+            print(
+                f"error: shard {task}: "
+                + failure_message(path, failed["line"], failed["kind"], failed["message"])
+                + " (line counted from this shard's start)",
+                file=sys.stderr,
+            )
         return 1
     print(f"shard {task}: {result.nlines} lines, {result.nbytes} bytes")
     return 0

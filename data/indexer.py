@@ -45,6 +45,7 @@ __all__ = ["IndexResult", "build_index", "index_shard", "merge_shards", "plan_sh
 
 ProgressCallback = Callable[[int, int], None]
 
+
 class _Build:
     """One local build: index shards (pool or in-process) and place them as they finish.
 
@@ -142,9 +143,17 @@ def build_index(
     half-built output has been removed.
     """
     try:
-        return _build_index(inputs, Path(output).absolute(), language=language, tokenizer=tokenizer,
-                            processes=processes, on_error=on_error, progress=progress, cache_dir=cache_dir,
-                            durable=durable)
+        return _build_index(
+            inputs,
+            Path(output).absolute(),
+            language=language,
+            tokenizer=tokenizer,
+            processes=processes,
+            on_error=on_error,
+            progress=progress,
+            cache_dir=cache_dir,
+            durable=durable,
+        )
     except OSError as error:
         if is_no_space(error):  # reported after the clean-up, so the free space shown is what is left
             raise no_space_error(Path(output).absolute().parent) from None
@@ -183,7 +192,9 @@ def _build_index(
         dirs = [work / "shards" / shard_key(spec, options) for spec in specs]
         keys = [d.name for d in dirs]
         cached = [
-            k for k, d in enumerate(dirs) if (r := load_shard_result(d)) is not None and r.failure is None and r.key == keys[k]
+            k
+            for k, d in enumerate(dirs)
+            if (r := load_shard_result(d)) is not None and r.failure is None and r.key == keys[k]
         ]
         todo = [k for k in range(len(specs)) if k not in set(cached)]
         done_before = sum(specs[k].nbytes for k in cached)

@@ -61,7 +61,9 @@ class PackedLoader:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         if oversize_rule not in ("drop", "head", "segment") or on_error not in ("fail", "skip"):
-            raise DataError(f"oversize_rule must be drop|head|segment and on_error fail|skip (got {oversize_rule}, {on_error})")
+            raise DataError(
+                f"oversize_rule must be drop|head|segment and on_error fail|skip (got {oversize_rule}, {on_error})"
+            )
         if num_workers < 0 or prefetch_factor < 1:
             raise DataError("num_workers must be >= 0 and prefetch_factor >= 1")
         self.mixture = mixture if isinstance(mixture, Mixture) else load_mixture(mixture)
@@ -96,7 +98,9 @@ class PackedLoader:
                 )
             )
             weight = (entry.abs_weight or 0.0) if token_share else entry.weight * data_bytes
-            infos.append(TaskInfo(entry.task_name, len(dataset), weight, entry.ave_tokens_per_line or -1.0, entry.allow_repeat))
+            infos.append(
+                TaskInfo(entry.task_name, len(dataset), weight, entry.ave_tokens_per_line or -1.0, entry.allow_repeat)
+            )
         self._maker = SampleMaker(sources, self.tokenizer, max_length=max_length, sft=sft, seed=seed)
         self._sampler = MixtureSampler(
             infos, seed=seed, rank=rank, world_size=world_size, max_length=max_length, token_share=token_share
@@ -289,7 +293,9 @@ class PackedLoader:
     def _windows(self, task: int, line: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         result = self._maker.make(task, line, epoch)
         if not result.windows:
-            raise DataError(f"{self._maker.where(task, line)}: changed since the state was saved; cannot resume it exactly")
+            raise DataError(
+                f"{self._maker.where(task, line)}: changed since the state was saved; cannot resume it exactly"
+            )
         return result.windows
 
     # ------------------------------------------------------------------ lifetime

@@ -37,8 +37,12 @@ class MixtureEntry(BaseModel):
     abs_weight: float | None = Field(
         None, ge=0, description="Target share of tokens; sampling probability ∝ abs_weight / average segment length."
     )
-    weight: float = Field(1.0, ge=0, description="Used only when no entry has abs_weight: probability ∝ weight × data bytes.")
-    transforms: str | None = Field(None, description="Python file defining transform(data, num_sample, r); none = identity.")
+    weight: float = Field(
+        1.0, ge=0, description="Used only when no entry has abs_weight: probability ∝ weight × data bytes."
+    )
+    transforms: str | None = Field(
+        None, description="Python file defining transform(data, num_sample, r); none = identity."
+    )
     allow_repeat: bool = Field(True, description="Start a new shuffled epoch when exhausted; false = the task stops.")
     nlines: int | None = Field(None, ge=0, description="Lines in the dataset (documentation; meta.json has it).")
     ave_tokens_per_line: float | None = Field(
@@ -90,7 +94,11 @@ class Mixture(BaseModel):
 
 def is_indexed(path: Path) -> bool:
     """True for an index directory (data.jsonl plus a text or HDF5 index)."""
-    return path.is_dir() and (path / "data.jsonl").is_file() and ((path / "index").is_file() or (path / "index.h5").is_file())
+    return (
+        path.is_dir()
+        and (path / "data.jsonl").is_file()
+        and ((path / "index").is_file() or (path / "index.h5").is_file())
+    )
 
 
 def needs_index(entry: MixtureEntry) -> bool:

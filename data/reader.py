@@ -137,7 +137,9 @@ class IndexedDataset:
         try:
             return decode_json(raw)
         except (ValueError, UnicodeDecodeError) as error:
-            raise DataError(f"{self.path}/data.jsonl:{index + 1 if index >= 0 else len(self) + index + 1}: not valid JSON ({error})") from None
+            raise DataError(
+                f"{self.path}/data.jsonl:{index + 1 if index >= 0 else len(self) + index + 1}: not valid JSON ({error})"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:
         # Never pickle the mappings (numpy would copy whole files into the pickle);

@@ -138,7 +138,9 @@ class MixtureSampler:
         self.token_share = token_share
         self.orders = [LineOrder(t.nlines, rank, world_size, seed, t.name, t.allow_repeat) for t in tasks]
         self.cursors = [
-            TaskCursor(ema=min(t.ave_tokens, max_length) if t.ave_tokens > 0 else -1.0, alive=order.owned > 0 and t.weight > 0)
+            TaskCursor(
+                ema=min(t.ave_tokens, max_length) if t.ave_tokens > 0 else -1.0, alive=order.owned > 0 and t.weight > 0
+            )
             for t, order in zip(tasks, self.orders)
         ]
         self.rng = _rng(seed, rank, world_size, 0x5A3)
@@ -221,7 +223,10 @@ class MixtureSampler:
                 )
                 continue
             self.cursors[index] = TaskCursor(
-                epoch=int(entry["epoch"]), cursor=int(entry["cursor"]), ema=float(entry["ema"]), alive=bool(entry["alive"])
+                epoch=int(entry["epoch"]),
+                cursor=int(entry["cursor"]),
+                ema=float(entry["ema"]),
+                alive=bool(entry["alive"]),
             )
         for name in saved:
             if name not in {t.name for t in self.tasks}:

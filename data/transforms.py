@@ -34,7 +34,9 @@ def load_transform(path: str | Path, where: str) -> TransformFn:
     try:
         spec.loader.exec_module(module)
     except Exception as error:  # the user's script: report anything it raises
-        raise DataError(f"{where}: field 'transforms': {script} raised {type(error).__name__} on import: {error}") from None
+        raise DataError(
+            f"{where}: field 'transforms': {script} raised {type(error).__name__} on import: {error}"
+        ) from None
     function = getattr(module, "transform", None)
     if not callable(function):
         raise DataError(f"{where}: field 'transforms': {script} does not define transform(data, num_sample, r)")

@@ -40,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     client, model = connect(args.run)
 
     # Plain completion: the prompt is sent as is (add <用户>…<AI> yourself for a chat model).
-    completion = client.completions.create(model=model, prompt=f"<用户>{args.prompt}<AI>",
-                                           max_tokens=args.max_tokens, temperature=0)
+    completion = client.completions.create(
+        model=model, prompt=f"<用户>{args.prompt}<AI>", max_tokens=args.max_tokens, temperature=0
+    )
     print("completion:", completion.choices[0].text)
 
     # Chat completion: the server applies the FM9G chat template (<用户>{content}<AI>).
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": args.prompt}],
-                                          max_tokens=args.max_tokens, temperature=0)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": args.prompt}], max_tokens=args.max_tokens, temperature=0
+    )
     print("chat:", chat.choices[0].message.content)
     return 0
 

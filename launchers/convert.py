@@ -39,8 +39,9 @@ def export(run_dir: Path, step: int, output: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.convert",
-                                     description="Export a run's checkpoint to a Hugging Face folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.launchers.convert", description="Export a run's checkpoint to a Hugging Face folder."
+    )
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--step", type=int, required=True)
     parser.add_argument("--output", type=Path, required=True)

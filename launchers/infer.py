@@ -53,8 +53,10 @@ def choose_engine(requested: EngineChoice) -> Engine:
         return "transformers"
     usable = vllm_usable()
     if requested == "vllm" and not usable:
-        raise InferenceError(f"--engine vllm asked for, but {VLLM_MISSING} on this node; "
-                             "install the gpu extra (pip install 'fm9g-launch[gpu]') on a GPU node, or use --engine auto")
+        raise InferenceError(
+            f"--engine vllm asked for, but {VLLM_MISSING} on this node; "
+            "install the gpu extra (pip install 'fm9g-launch[gpu]') on a GPU node, or use --engine auto"
+        )
     return "vllm" if usable else "transformers"
 
 
@@ -67,8 +69,10 @@ def tokenizer_mode(model_dir: Path) -> str:
 
 def check_model_dir(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
-        raise InferenceError(f"{model_dir}: not a Hugging Face model folder (no config.json); "
-                             "convert a run first (fm9g-launch convert RUN) or pass the run itself")
+        raise InferenceError(
+            f"{model_dir}: not a Hugging Face model folder (no config.json); "
+            "convert a run first (fm9g-launch convert RUN) or pass the run itself"
+        )
 
 
 class _Tokenizer:
@@ -100,8 +104,12 @@ class _Tokenizer:
         return str(self.ours.decode(ids))
 
 
-def generate_transformers(model_dir: Path, texts: list[str], sampling: Sampling,
-                          progress: Callable[[int, int], None] = lambda done, total: None) -> list[list[dict[str, Any]]]:
+def generate_transformers(
+    model_dir: Path,
+    texts: list[str],
+    sampling: Sampling,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> list[list[dict[str, Any]]]:
     """Completions of each text with transformers `generate`, one prompt at a time.
 
     The RNG is seeded with `seed + index` before each prompt, so a prompt's completions
@@ -114,8 +122,12 @@ def generate_transformers(model_dir: Path, texts: list[str], sampling: Sampling,
     tokenizer = _Tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
     eos = tokenizer.eos_id
-    options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "num_return_sequences": sampling.n,
-                               "eos_token_id": eos, "pad_token_id": eos if eos is not None else 0}
+    options: dict[str, Any] = {
+        "max_new_tokens": sampling.max_tokens,
+        "num_return_sequences": sampling.n,
+        "eos_token_id": eos,
+        "pad_token_id": eos if eos is not None else 0,
+    }
     if sampling.temperature > 0:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     else:
@@ -127,37 +139,66 @@ def generate_transformers(model_dir: Path, texts: list[str], sampling: Sampling,
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)  # (n, prompt_len + new)
         outputs = []
-        for row in out[:, ids.shape[1]:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             stop = eos is not None and eos in row
-            row = row[:row.index(eos)] if stop else row
-            outputs.append({"text": tokenizer.decode(row), "finish_reason": "stop" if stop else "length",
-                            "tokens": len(row) + (1 if stop else 0)})
+            row = row[: row.index(eos)] if stop else row
+            outputs.append(
+                {
+                    "text": tokenizer.decode(row),
+                    "finish_reason": "stop" if stop else "length",
+                    "tokens": len(row) + (1 if stop else 0),
+                }
+            )
         results.append(outputs)
         progress(index + 1, len(texts))
     return results
 
 
-def generate_vllm(model_dir: Path, texts: list[str], sampling: Sampling,
-                  progress: Callable[[int, int], None] = lambda done, total: None) -> list[list[dict[str, Any]]]:
+def generate_vllm(
+    model_dir: Path,
+    texts: list[str],
+    sampling: Sampling,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> list[list[dict[str, Any]]]:
     """Completions of each text with vLLM's offline `LLM.generate` (GPU)."""
     from vllm import LLM, SamplingParams
 
     check_model_dir(model_dir)
     llm = LLM(model=str(model_dir), tokenizer_mode=tokenizer_mode(model_dir), dtype="auto", seed=sampling.seed)
     # One SamplingParams per prompt, seeded like the transformers engine (seed + index).
-    params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                             max_tokens=sampling.max_tokens, seed=sampling.seed + index)
-              for index in range(len(texts))]
+    params = [
+        SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed + index,
+        )
+        for index in range(len(texts))
+    ]
     results = []
     for request in llm.generate(texts, params):
-        results.append([{"text": choice.text, "finish_reason": choice.finish_reason or "length",
-                         "tokens": len(choice.token_ids)} for choice in request.outputs])
+        results.append(
+            [
+                {
+                    "text": choice.text,
+                    "finish_reason": choice.finish_reason or "length",
+                    "tokens": len(choice.token_ids),
+                }
+                for choice in request.outputs
+            ]
+        )
     progress(len(texts), len(texts))
     return results
 
 
-def generate(engine: Engine, model_dir: Path, texts: list[str], sampling: Sampling,
-             progress: Callable[[int, int], None] = lambda done, total: None) -> list[list[dict[str, Any]]]:
+def generate(
+    engine: Engine,
+    model_dir: Path,
+    texts: list[str],
+    sampling: Sampling,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> list[list[dict[str, Any]]]:
     runner = generate_vllm if engine == "vllm" else generate_transformers
     return runner(model_dir, texts, sampling, progress)
 
@@ -167,8 +208,11 @@ def run(model: Path, prompts_path: Path, output: Path, sampling: Sampling, *, ch
     prompts = read_prompts(prompts_path)
     texts = [format_prompt(p.text, chat) for p in prompts]
     engine = choose_engine(engine_choice)  # type: ignore[arg-type]
-    print(f"infer: {len(prompts)} prompts from {prompts_path}, model {model}, engine {engine}, "
-          f"sampling {sampling.to_dict()}, chat format {'on' if chat else 'off'}", flush=True)
+    print(
+        f"infer: {len(prompts)} prompts from {prompts_path}, model {model}, engine {engine}, "
+        f"sampling {sampling.to_dict()}, chat format {'on' if chat else 'off'}",
+        flush=True,
+    )
     started = time.monotonic()
 
     def progress(done: int, total: int) -> None:
@@ -176,18 +220,21 @@ def run(model: Path, prompts_path: Path, output: Path, sampling: Sampling, *, ch
             print(f"infer: {done}/{total} prompts ({time.monotonic() - started:.1f}s)", flush=True)
 
     results = generate(engine, model, texts, sampling, progress)
-    records = [completion_record(p, text, outputs, sampling=sampling, model=str(model), engine=engine)
-               for p, text, outputs in zip(prompts, texts, results)]
+    records = [
+        completion_record(p, text, outputs, sampling=sampling, model=str(model), engine=engine)
+        for p, text, outputs in zip(prompts, texts, results)
+    ]
     write_text(output, dump_jsonl(records))
     print(f"infer: wrote {len(records)} lines to {output}", flush=True)
     return len(records)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.infer",
-                                     description="Offline batch generation over a jsonl prompt file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.launchers.infer", description="Offline batch generation over a jsonl prompt file."
+    )
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model folder")
-    parser.add_argument("--prompts", type=Path, required=True, help="jsonl, one {\"prompt\": ...} per line")
+    parser.add_argument("--prompts", type=Path, required=True, help='jsonl, one {"prompt": ...} per line')
     parser.add_argument("--output", type=Path, required=True, help="jsonl of completions, same order")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat format <用户>…<AI>")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto")

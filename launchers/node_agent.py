@@ -29,13 +29,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from fm9g.rundir import protocol
-from fm9g.rundir.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
 from fm9g.launchers.torchrun import TorchrunProcess, TrainerCommand, torchrun_argv
+from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import write_json
 from fm9g.rundir.config import RunConfig, load_resolved
+from fm9g.rundir.endpoint import Endpoint, next_generation, publish_endpoint, read_endpoint
 from fm9g.rundir.protocol import slug
-from fm9g.rundir import RunDir
 
 TRAINER = "fm9g.model.train"
 MASTER_EXIT_GRACE_S = 3.0  # keep the store up while the other agents finish their exit barrier
@@ -46,8 +45,9 @@ class RendezvousTimeout(RuntimeError):
 
 
 class NodeAgent:
-    def __init__(self, role: Literal["master", "worker"], run: RunDir, config: RunConfig,
-                 node_rank: int, generation: int) -> None:
+    def __init__(
+        self, role: Literal["master", "worker"], run: RunDir, config: RunConfig, node_rank: int, generation: int
+    ) -> None:
         self.role = role
         self.run = run
         self.config = config
@@ -61,7 +61,9 @@ class NodeAgent:
     # ------------------------------------------------------------------ plumbing
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} [agent {self.role} node{self.node_rank} job={self.job_id} host={self.host}] {message}", flush=True)
+        print(
+            f"{stamp} [agent {self.role} node{self.node_rank} job={self.job_id} host={self.host}] {message}", flush=True
+        )
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_usr1)
@@ -70,7 +72,9 @@ class NodeAgent:
 
     def _on_usr1(self, signum: int, frame: object) -> None:
         self.preempted = True
-        write_json(self.run.checkpoint_now_flag, {"time": time.time(), "job_id": self.job_id, "node_rank": self.node_rank})
+        write_json(
+            self.run.checkpoint_now_flag, {"time": time.time(), "job_id": self.job_id, "node_rank": self.node_rank}
+        )
         self.log("USR1: raised the checkpoint-now flag; the trainer saves at the next step and exits")
 
     def _on_term(self, signum: int, frame: object) -> None:
@@ -102,7 +106,10 @@ class NodeAgent:
             # A full disk keeps its own code (the supervisor says "free space, then resume"); torchrun's
             # rc is not the trainer's, so the code comes from the record.
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                if json.loads(self.run.fatal_record.read_text(encoding="utf-8")).get("exit_code") == protocol.EXIT_NO_SPACE:
+                if (
+                    json.loads(self.run.fatal_record.read_text(encoding="utf-8")).get("exit_code")
+                    == protocol.EXIT_NO_SPACE
+                ):
                     return protocol.EXIT_NO_SPACE
             return protocol.EXIT_CONFIG
         if rc == 0 or self.preempted:
@@ -112,20 +119,31 @@ class NodeAgent:
         return None
 
     def run_torchrun(self, endpoint: Endpoint) -> int:
-        argv = torchrun_argv(endpoint, nnodes=self.config.cluster.nodes, nproc_per_node=self.nproc_per_node(),
-                             rdzv=self.config.rendezvous,
-                             trainer=TrainerCommand(TRAINER, ("--run-dir", str(self.run.root))),
-                             local_addr=os.environ.get("FM9G_HOST"))
+        argv = torchrun_argv(
+            endpoint,
+            nnodes=self.config.cluster.nodes,
+            nproc_per_node=self.nproc_per_node(),
+            rdzv=self.config.rendezvous,
+            trainer=TrainerCommand(TRAINER, ("--run-dir", str(self.run.root))),
+            local_addr=os.environ.get("FM9G_HOST"),
+        )
         env = dict(os.environ)
         if "OMP_NUM_THREADS" not in env:
             # Oversubscribed OpenMP threads spin against each other: on 2 cores, two
             # trainers with 2 threads each ran 30x slower than with 1 each.
             cpus = int(env.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
             env["OMP_NUM_THREADS"] = str(max(1, cpus // self.nproc_per_node()))
-        env.update({protocol.ENV_RUN_DIR: str(self.run.root), protocol.ENV_NODE_RANK: str(self.node_rank),
-                    protocol.ENV_GENERATION: str(endpoint.generation),
-                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-        self.log(f"generation {endpoint.generation}: torchrun --rdzv-endpoint={endpoint.address} --rdzv-id={endpoint.rdzv_id}")
+        env.update(
+            {
+                protocol.ENV_RUN_DIR: str(self.run.root),
+                protocol.ENV_NODE_RANK: str(self.node_rank),
+                protocol.ENV_GENERATION: str(endpoint.generation),
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            }
+        )
+        self.log(
+            f"generation {endpoint.generation}: torchrun --rdzv-endpoint={endpoint.address} --rdzv-id={endpoint.rdzv_id}"
+        )
         started = time.time()
         self.child = TorchrunProcess(argv, env)
         rc, reason = self.child.wait(lambda: self.superseded(endpoint), self.config.rendezvous.term_grace)
@@ -149,14 +167,25 @@ class NodeAgent:
         import torch.distributed as dist  # the only agent code that needs torch
 
         rdzv = self.config.rendezvous
-        store = dist.TCPStore(self.host, rdzv.port, world_size=None, is_master=True,
-                              timeout=timedelta(seconds=rdzv.join_timeout), wait_for_workers=False)
+        store = dist.TCPStore(
+            self.host,
+            rdzv.port,
+            world_size=None,
+            is_master=True,
+            timeout=timedelta(seconds=rdzv.join_timeout),
+            wait_for_workers=False,
+        )
         generation = next_generation(self.generation, read_endpoint(self.run.endpoint))
         bumps_left = self.config.supervise.app_retries
         self.log(f"c10d store listening on {self.host}:{store.port}")
         while True:
-            endpoint = Endpoint(host=self.host, port=store.port, generation=generation, job_id=self.job_id,
-                                rdzv_id=f"{slug(self.run.name)}-{generation}")
+            endpoint = Endpoint(
+                host=self.host,
+                port=store.port,
+                generation=generation,
+                job_id=self.job_id,
+                rdzv_id=f"{slug(self.run.name)}-{generation}",
+            )
             publish_endpoint(self.run.endpoint, endpoint)
             self.log(f"published endpoint generation {generation}")
             rc = self.run_torchrun(endpoint)
@@ -192,7 +221,8 @@ class NodeAgent:
             if time.monotonic() > deadline:
                 raise RendezvousTimeout(
                     f"no endpoint of generation >= {min_generation} appeared in {self.run.endpoint} within "
-                    f"{timeout}s: check the master job's log under {self.run.logs}, or raise rendezvous.endpoint_timeout")
+                    f"{timeout}s: check the master job's log under {self.run.logs}, or raise rendezvous.endpoint_timeout"
+                )
             time.sleep(0.2)
 
     def run_worker(self) -> int:
@@ -212,13 +242,19 @@ class NodeAgent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.node_agent",
-                                     description="Run one node of a training stage (started by a rendered node job).")
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.launchers.node_agent",
+        description="Run one node of a training stage (started by a rendered node job).",
+    )
     parser.add_argument("role", choices=["master", "worker"])
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--node-rank", required=True, type=int)
-    parser.add_argument("--generation", type=int, default=0,
-                        help="master: the generation to publish at least; worker: the oldest generation to join")
+    parser.add_argument(
+        "--generation",
+        type=int,
+        default=0,
+        help="master: the generation to publish at least; worker: the oldest generation to join",
+    )
     args = parser.parse_args(argv)
     run = RunDir.of(args.run_dir)
     config = load_resolved(run.config)
@@ -230,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousTimeout as exc:
         agent.log(f"error: {exc}")
         code = protocol.EXIT_ENDPOINT_TIMEOUT
-    write_json(run.exit_record(agent.job_id), {"code": code, "time": time.time(), "node_rank": args.node_rank,
-                                               "role": args.role})
+    write_json(
+        run.exit_record(agent.job_id),
+        {"code": code, "time": time.time(), "node_rank": args.node_rank, "role": args.role},
+    )
     return code
 
 

@@ -34,8 +34,11 @@ USER, ASSISTANT = "<用户>", "<AI>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}" + USER + "{{ message['content'] }}" + ASSISTANT +
-    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
+    "{%- if message['role'] == 'user' -%}"
+    + USER
+    + "{{ message['content'] }}"
+    + ASSISTANT
+    + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
     "{%- else -%}{{ message['content'] }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -76,19 +79,32 @@ class Sampling:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """--temperature --top-p --max-tokens --n --seed."""
-    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
-                        help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})")
-    parser.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help=f"nucleus sampling mass (default {DEFAULTS['top_p']})")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
-                        help=f"new tokens per completion (default {DEFAULTS['max_tokens']})")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULTS["temperature"],
+        help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=DEFAULTS["top_p"], help=f"nucleus sampling mass (default {DEFAULTS['top_p']})"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULTS["max_tokens"],
+        help=f"new tokens per completion (default {DEFAULTS['max_tokens']})",
+    )
     parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="completions per prompt (default 1)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                        help="sampling seed; prompt i is seeded with seed+i (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"], help="sampling seed; prompt i is seeded with seed+i (default 0)"
+    )
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
     """The Sampling of parsed `add_sampling_options` arguments."""
-    return Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n, seed=args.seed)
+    return Sampling(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n, seed=args.seed
+    )
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -110,10 +126,13 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         except UnicodeDecodeError as exc:
             raise InferenceError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise InferenceError(f"{where}:{exc.colno}: not valid JSON ({exc.msg}); each line must be an object "
-                                 'like {"prompt": "..."}') from None
+            raise InferenceError(
+                f'{where}:{exc.colno}: not valid JSON ({exc.msg}); each line must be an object like {{"prompt": "..."}}'
+            ) from None
         if not isinstance(record, dict):
-            raise InferenceError(f'{where}: expected a JSON object like {{"prompt": "..."}}, got {type(record).__name__}')
+            raise InferenceError(
+                f'{where}: expected a JSON object like {{"prompt": "..."}}, got {type(record).__name__}'
+            )
         key = "prompt" if "prompt" in record else "input" if "input" in record else None
         if key is None:
             raise InferenceError(f"{where}: no 'prompt' (or 'input') field; keys are {sorted(record)}")
@@ -124,8 +143,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise InferenceError(f"{where}: '{key}' is empty")
         prompts.append(Prompt(number, text))
     if not prompts:
-        raise InferenceError(f"{path}: no prompts (the file is empty); write one JSON object per line, "
-                             'e.g. {"prompt": "中国的首都是"}')
+        raise InferenceError(
+            f'{path}: no prompts (the file is empty); write one JSON object per line, e.g. {{"prompt": "中国的首都是"}}'
+        )
     return prompts
 
 
@@ -136,12 +156,20 @@ def format_prompt(text: str, chat: bool) -> str:
     return f"{USER}{text}{ASSISTANT}"
 
 
-def completion_record(prompt: Prompt, model_input: str, outputs: list[dict[str, Any]], *, sampling: Sampling,
-                      model: str, engine: str) -> dict[str, Any]:
+def completion_record(
+    prompt: Prompt, model_input: str, outputs: list[dict[str, Any]], *, sampling: Sampling, model: str, engine: str
+) -> dict[str, Any]:
     """One output line: the prompt, its completions (`text` is the first) and how they were made."""
-    return {"line": prompt.line, "prompt": prompt.text, "input": model_input,
-            "text": outputs[0]["text"] if outputs else "", "outputs": outputs,
-            "sampling": sampling.to_dict(), "model": model, "engine": engine}
+    return {
+        "line": prompt.line,
+        "prompt": prompt.text,
+        "input": model_input,
+        "text": outputs[0]["text"] if outputs else "",
+        "outputs": outputs,
+        "sampling": sampling.to_dict(),
+        "model": model,
+        "engine": engine,
+    }
 
 
 def dump_jsonl(records: list[dict[str, Any]]) -> str:

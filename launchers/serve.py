@@ -47,8 +47,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health"})                      # readiness probes carry no key (as vLLM's)
-BLOCKED_PATHS = frozenset({"/load_model", "/reset"})     # would let a caller swap the pinned model
+OPEN_PATHS = frozenset({"/health"})  # readiness probes carry no key (as vLLM's)
+BLOCKED_PATHS = frozenset({"/load_model", "/reset"})  # would let a caller swap the pinned model
 
 
 class ApiKeyGate:
@@ -78,9 +78,18 @@ class ApiKeyGate:
         if path not in OPEN_PATHS:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not self.authorized(given):
-                await _json(send, 401, {"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
-                                                  "type": "invalid_request_error", "code": "invalid_api_key"}},
-                            extra=[(b"www-authenticate", b"Bearer")])
+                await _json(
+                    send,
+                    401,
+                    {
+                        "error": {
+                            "message": "missing or wrong API key (Authorization: Bearer ...)",
+                            "type": "invalid_request_error",
+                            "code": "invalid_api_key",
+                        }
+                    },
+                    extra=[(b"www-authenticate", b"Bearer")],
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -97,15 +106,16 @@ def build_app(model_dir: Path, *, device: str = "auto", log_level: str = "info")
     try:
         from transformers.cli.serve import Serve
     except ImportError as exc:
-        raise RuntimeError(f"transformers serve is not available ({exc}); install the serve extra: "
-                           "pip install 'fm9g-launch[serve]' (transformers>=5.24, fastapi, uvicorn, accelerate)") from None
+        raise RuntimeError(
+            f"transformers serve is not available ({exc}); install the serve extra: "
+            "pip install 'fm9g-launch[serve]' (transformers>=5.24, fastapi, uvicorn, accelerate)"
+        ) from None
 
     class _AppOnly(Serve):  # type: ignore[misc]
         def start_server(self) -> None:  # the app is run by `run_app` below, on our socket
             pass
 
-    command = _AppOnly(str(model_dir), device=device, host="127.0.0.1", port=0, log_level=log_level,
-                       non_blocking=True)
+    command = _AppOnly(str(model_dir), device=device, host="127.0.0.1", port=0, log_level=log_level, non_blocking=True)
     return command.server.config.app  # type: ignore[no-any-return]
 
 
@@ -155,8 +165,17 @@ def job_id() -> str:
 
 def publish(path: Path, *, host: str, port: int, engine: str, model: Path, job: str) -> dict[str, Any]:
     """Write the endpoint file atomically (another process reads it)."""
-    endpoint = {"host": host, "port": port, "url": f"http://{host}:{port}/v1", "job_id": job, "engine": engine,
-                "model": str(model), "hostname": socket.gethostname(), "pid": os.getpid(), "published_at": time.time()}
+    endpoint = {
+        "host": host,
+        "port": port,
+        "url": f"http://{host}:{port}/v1",
+        "job_id": job,
+        "engine": engine,
+        "model": str(model),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "published_at": time.time(),
+    }
     write_json(path, endpoint)
     return endpoint
 
@@ -191,8 +210,21 @@ def serve_transformers(model: Path, key_file: Path, endpoint: Path, host: str, p
 def serve_vllm(model: Path, key_file: Path, endpoint: Path, host: str, port: int, job: str) -> int:
     port = port or free_port(host)
     env = {**os.environ, "VLLM_API_KEY": read_api_key(key_file)}
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
-            "--port", str(port), "--dtype", "auto", "--tokenizer-mode", tokenizer_mode(model)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        "auto",
+        "--tokenizer-mode",
+        tokenizer_mode(model),
+    ]
     child = subprocess.Popen(argv, env=env)
     publish(endpoint, host=host, port=port, engine="vllm", model=model, job=job)
 
@@ -208,8 +240,10 @@ def serve_vllm(model: Path, key_file: Path, endpoint: Path, host: str, port: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.launchers.serve",
-                                     description="Run an OpenAI-compatible server for one model and publish its endpoint.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.launchers.serve",
+        description="Run an OpenAI-compatible server for one model and publish its endpoint.",
+    )
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--endpoint", type=Path, required=True, help="endpoint.json to publish")
     parser.add_argument("--api-key-file", type=Path, required=True)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fm9g.rundir.endpoint import Endpoint
 from fm9g.rundir.config import RendezvousConfig
+from fm9g.rundir.endpoint import Endpoint
 
 
 @dataclass(frozen=True)
@@ -27,22 +27,38 @@ class TrainerCommand:
     args: tuple[str, ...]
 
 
-def torchrun_argv(endpoint: Endpoint, *, nnodes: int, nproc_per_node: int, rdzv: RendezvousConfig,
-                  trainer: TrainerCommand, local_addr: str | None = None) -> list[str]:
+def torchrun_argv(
+    endpoint: Endpoint,
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    rdzv: RendezvousConfig,
+    trainer: TrainerCommand,
+    local_addr: str | None = None,
+) -> list[str]:
     """The torchrun command line for one node of `endpoint`'s generation."""
-    conf = ",".join([
-        # The store lives in the master agent's process, never in torchrun.
-        "is_host=false",
-        f"join_timeout={rdzv.join_timeout}",
-        # Faster keep-alives detect a lost node in ~3 s instead of ~15 s.
-        f"keep_alive_interval={rdzv.keep_alive_interval}",
-        f"keep_alive_max_attempt={rdzv.keep_alive_max_attempt}",
-    ])
-    argv = [sys.executable, "-m", "torch.distributed.run",
-            f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint.address}",
-            f"--rdzv-id={endpoint.rdzv_id}", f"--rdzv-conf={conf}",
-            f"--max-restarts={rdzv.max_restarts}"]
+    conf = ",".join(
+        [
+            # The store lives in the master agent's process, never in torchrun.
+            "is_host=false",
+            f"join_timeout={rdzv.join_timeout}",
+            # Faster keep-alives detect a lost node in ~3 s instead of ~15 s.
+            f"keep_alive_interval={rdzv.keep_alive_interval}",
+            f"keep_alive_max_attempt={rdzv.keep_alive_max_attempt}",
+        ]
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint.address}",
+        f"--rdzv-id={endpoint.rdzv_id}",
+        f"--rdzv-conf={conf}",
+        f"--max-restarts={rdzv.max_restarts}",
+    ]
     if local_addr:
         argv.append(f"--local-addr={local_addr}")
     argv += ["-m", trainer.module, *trainer.args]
@@ -88,7 +104,9 @@ class TorchrunProcess:
             self.signal_group(signal.SIGKILL)
             return self.process.wait()
 
-    def wait(self, should_stop: Callable[[], str | None], grace: float, interval: float = 0.5) -> tuple[int, str | None]:
+    def wait(
+        self, should_stop: Callable[[], str | None], grace: float, interval: float = 0.5
+    ) -> tuple[int, str | None]:
         """Wait for exit; when `should_stop()` returns a reason, stop the group early.
 
         Returns (exit code, the stop reason or None)."""

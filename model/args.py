@@ -36,23 +36,60 @@ class ModelArgs(BaseModel):
 
     vocab_size: int = Field(122753, ge=1, description="Vocabulary size (the tiny config takes it from the tokenizer).")
     dim_model: int = Field(4096, ge=1, validation_alias=_alias("dim_model", "hidden_size"), description="Hidden size.")
-    num_heads: int = Field(32, ge=1, validation_alias=_alias("num_heads", "num_attention_heads"), description="Query heads.")
-    num_kv_heads: int = Field(32, ge=1, validation_alias=_alias("num_kv_heads", "num_key_value_heads"), description="Key/value heads (GQA when fewer than num_heads).")
+    num_heads: int = Field(
+        32, ge=1, validation_alias=_alias("num_heads", "num_attention_heads"), description="Query heads."
+    )
+    num_kv_heads: int = Field(
+        32,
+        ge=1,
+        validation_alias=_alias("num_kv_heads", "num_key_value_heads"),
+        description="Key/value heads (GQA when fewer than num_heads).",
+    )
     dim_head: int = Field(128, ge=2, description="Width of one head (even: RoPE rotates halves).")
-    dim_ff: int = Field(11008, ge=1, validation_alias=_alias("dim_ff", "intermediate_size"), description="Hidden width of the gated FFN.")
-    num_layers: int = Field(32, ge=1, validation_alias=_alias("num_layers", "num_hidden_layers"), description="Transformer blocks.")
+    dim_ff: int = Field(
+        11008,
+        ge=1,
+        validation_alias=_alias("dim_ff", "intermediate_size"),
+        description="Hidden width of the gated FFN.",
+    )
+    num_layers: int = Field(
+        32, ge=1, validation_alias=_alias("num_layers", "num_hidden_layers"), description="Transformer blocks."
+    )
     dropout_p: float = Field(0.0, ge=0, lt=1, description="Attention dropout probability (training only).")
-    activate_fn: Literal["silu"] = Field("silu", validation_alias=_alias("activate_fn", "hidden_act"), description="FFN activation; only SwiGLU (silu) exists in FM9G.")
-    scale: bool = Field(False, description="muP scaling: embeddings x scale_emb, logits / scale_width, matrix lr / scale_width.")
+    activate_fn: Literal["silu"] = Field(
+        "silu",
+        validation_alias=_alias("activate_fn", "hidden_act"),
+        description="FFN activation; only SwiGLU (silu) exists in FM9G.",
+    )
+    scale: bool = Field(
+        False, description="muP scaling: embeddings x scale_emb, logits / scale_width, matrix lr / scale_width."
+    )
     scale_emb: float = Field(1.0, description="Embedding multiplier when `scale`.")
-    scale_depth: float = Field(-1.0, description="Residual branch multiplier is scale_depth / sqrt(num_layers); <= 0 disables.")
+    scale_depth: float = Field(
+        -1.0, description="Residual branch multiplier is scale_depth / sqrt(num_layers); <= 0 disables."
+    )
     dim_model_base: int = Field(256, ge=1, description="muP base width: scale_width = dim_model / dim_model_base.")
     eps: float = Field(1e-5, gt=0, validation_alias=_alias("eps", "rms_norm_eps"), description="RMSNorm epsilon.")
-    init_std: float = Field(0.02, gt=0, validation_alias=_alias("init_std", "initializer_range"), description="Std of the normal init.")
-    dtype: Literal["bf16", "fp16", "float32", "fp32"] = Field("bf16", validation_alias=_alias("dtype", "_dtype"), description="Storage dtype of the original checkpoints (training here uses fp32 master weights).")
+    init_std: float = Field(
+        0.02, gt=0, validation_alias=_alias("init_std", "initializer_range"), description="Std of the normal init."
+    )
+    dtype: Literal["bf16", "fp16", "float32", "fp32"] = Field(
+        "bf16",
+        validation_alias=_alias("dtype", "_dtype"),
+        description="Storage dtype of the original checkpoints (training here uses fp32 master weights).",
+    )
     base: float = Field(10000.0, gt=0, validation_alias=_alias("base", "rope_theta"), description="RoPE theta.")
-    tie_lm_head: bool = Field(False, validation_alias=_alias("tie_lm_head", "tie_word_embeddings"), description="Share the output projection with the input embedding.")
-    max_length: int = Field(8192, ge=1, validation_alias=_alias("max_length", "max_position_embeddings"), description="Longest context the model is meant for (informational: RoPE has no table).")
+    tie_lm_head: bool = Field(
+        False,
+        validation_alias=_alias("tie_lm_head", "tie_word_embeddings"),
+        description="Share the output projection with the input embedding.",
+    )
+    max_length: int = Field(
+        8192,
+        ge=1,
+        validation_alias=_alias("max_length", "max_position_embeddings"),
+        description="Longest context the model is meant for (informational: RoPE has no table).",
+    )
     # DragonflyConfig fields this implementation only accepts at their default value.
     qk_norm: bool = Field(False, description="Not implemented; must be false.")
     moe_num_experts: int = Field(0, ge=0, description="Not implemented; must be 0.")
@@ -93,7 +130,11 @@ class ModelArgs(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """The config in cpm_dragonfly form, as written to a checkpoint's config.json."""
-        return {"model_type": "cpm_dragonfly", "architectures": ["CPMDragonflyForCausalLM"], **self.model_dump(mode="json")}
+        return {
+            "model_type": "cpm_dragonfly",
+            "architectures": ["CPMDragonflyForCausalLM"],
+            **self.model_dump(mode="json"),
+        }
 
 
 def named_configs() -> list[str]:
@@ -108,7 +149,9 @@ def load_model_config(name_or_path: str | Path, **overrides: Any) -> ModelArgs:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelConfigError(f"model config {text!r} not found: give one of {named_configs()} or a path to a JSON file") from None
+        raise ModelConfigError(
+            f"model config {text!r} not found: give one of {named_configs()} or a path to a JSON file"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     if not isinstance(raw, dict):

@@ -31,9 +31,13 @@ class AttentionContext(Protocol):
 class AttentionKernel(Protocol):
     """Builds the per-forward context from the packing description."""
 
-    def prepare(self, segment_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int | None, shape: tuple[int, int]) -> AttentionContext:
-        ...
+    def prepare(
+        self,
+        segment_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        shape: tuple[int, int],
+    ) -> AttentionContext: ...
 
 
 def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -65,16 +69,22 @@ class _SdpaContext:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] views, no copies
         # GQA without materialising repeated k/v heads.
         gqa = {"enable_gqa": True} if k.shape[1] != heads else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p,
-                                             is_causal=self.mask is None, **gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, dropout_p=dropout_p, is_causal=self.mask is None, **gqa
+        )
         return out.transpose(1, 2).reshape(batch, length, heads * dim)  # [B, L, H*D]
 
 
 class SdpaAttention:
     """torch SDPA: `is_causal` when each row is a single sample, else a block-diagonal mask."""
 
-    def prepare(self, segment_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int | None, shape: tuple[int, int]) -> AttentionContext:
+    def prepare(
+        self,
+        segment_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        shape: tuple[int, int],
+    ) -> AttentionContext:
         # One host sync per forward (not per layer) decides whether the cheap causal path applies.
         if segment_ids is None or bool((segment_ids == segment_ids[:, :1]).all()):
             return _SdpaContext(mask=None)
@@ -91,19 +101,30 @@ class _FlashContext:
 
         batch, length, heads, dim = q.shape
         # [B, L, H, D] -> [B*L, H, D]: flash-attn varlen wants the flattened token axis.
-        out = flash_attn_varlen_func(q.reshape(batch * length, heads, dim),
-                                     k.reshape(batch * length, k.shape[2], dim),
-                                     v.reshape(batch * length, v.shape[2], dim),
-                                     self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
-                                     dropout_p=dropout_p, causal=True)
+        out = flash_attn_varlen_func(
+            q.reshape(batch * length, heads, dim),
+            k.reshape(batch * length, k.shape[2], dim),
+            v.reshape(batch * length, v.shape[2], dim),
+            self.cu_seqlens,
+            self.cu_seqlens,
+            self.max_seqlen,
+            self.max_seqlen,
+            dropout_p=dropout_p,
+            causal=True,
+        )
         return out.reshape(batch, length, heads * dim)  # [B, L, H*D]
 
 
 class FlashAttention:
     """flash-attn `flash_attn_varlen_func` over cu_seqlens (CUDA, fp16/bf16 only)."""
 
-    def prepare(self, segment_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int | None, shape: tuple[int, int]) -> AttentionContext:
+    def prepare(
+        self,
+        segment_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        shape: tuple[int, int],
+    ) -> AttentionContext:
         if cu_seqlens is None or max_seqlen is None:
             if segment_ids is None:
                 batch, length = shape
@@ -128,11 +149,15 @@ def select_attention(flash: FlashMode, device: torch.device, half: bool = True) 
     usable = device.type == "cuda" and flash_available()
     if flash == "cuda":
         if not usable:
-            raise RuntimeError("train.flash='cuda' needs a CUDA device and the flash-attn package; "
-                               "install the gpu extra or set train.flash to 'auto' or 'none'")
+            raise RuntimeError(
+                "train.flash='cuda' needs a CUDA device and the flash-attn package; "
+                "install the gpu extra or set train.flash to 'auto' or 'none'"
+            )
         if not half:
-            raise RuntimeError("train.flash='cuda': flash-attn computes in bf16/fp16 only; set model.dtype "
-                               "to bf16 (or auto), or train.flash to 'auto' or 'none'")
+            raise RuntimeError(
+                "train.flash='cuda': flash-attn computes in bf16/fp16 only; set model.dtype "
+                "to bf16 (or auto), or train.flash to 'auto' or 'none'"
+            )
         return FlashAttention()
     if flash == "auto" and usable and half:
         return FlashAttention()

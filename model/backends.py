@@ -14,9 +14,10 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
+from torch import nn
+
 from fm9g.model.distributed import Dist, init_distributed
 from fm9g.model.optim import build_optimizer
-from torch import nn
 
 
 class BackendError(RuntimeError):
@@ -117,9 +118,12 @@ class TorchBackend:
         if self.fsdp:  # FSDP2 DTensor shards are saved as this rank's local tensors
             from torch.distributed.tensor import DTensor
 
-            state["state"] = {index: {name: value.to_local() if isinstance(value, DTensor) else value
-                                      for name, value in entry.items()}
-                              for index, entry in state["state"].items()}
+            state["state"] = {
+                index: {
+                    name: value.to_local() if isinstance(value, DTensor) else value for name, value in entry.items()
+                }
+                for index, entry in state["state"].items()
+            }
         return state
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
@@ -132,8 +136,13 @@ class TorchBackend:
                 if isinstance(param, DTensor):
                     for name, value in entry.items():
                         if value.dim() > 0:
-                            entry[name] = DTensor.from_local(value.to(param.device), param.device_mesh,
-                                                             param.placements, shape=param.shape, stride=param.stride())
+                            entry[name] = DTensor.from_local(
+                                value.to(param.device),
+                                param.device_mesh,
+                                param.placements,
+                                shape=param.shape,
+                                stride=param.stride(),
+                            )
         self.optimizer.load_state_dict(state)
 
 
@@ -146,8 +155,9 @@ def init_process_group(backend: str) -> Dist:
     return init_distributed()
 
 
-def make_backend(backend: str, ctx: Dist, *, fsdp: bool, use_checkpoint: bool, bf16: bool,
-                 offload: bool | None) -> Backend:
+def make_backend(
+    backend: str, ctx: Dist, *, fsdp: bool, use_checkpoint: bool, bf16: bool, offload: bool | None
+) -> Backend:
     """The `model.backend` implementation for this rank."""
     if backend == "bmtrain":
         from fm9g.model.bmtrain_backend import BMTrainBackend

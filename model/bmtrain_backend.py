@@ -29,26 +29,32 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
+
 from fm9g.model.backends import BackendError
 from fm9g.model.distributed import Dist, ReduceOp
 from fm9g.model.optim import BETAS, param_groups
-from torch import nn
 
 
 def import_bmtrain() -> ModuleType:
     """bmtrain, or a BackendError that says why it cannot run here."""
     if not torch.cuda.is_available():
-        raise BackendError("model.backend=bmtrain needs CUDA GPUs (BMTrain's ZeRO-3 runs on NCCL); on a CPU "
-                           "use model.backend: torch")
+        raise BackendError(
+            "model.backend=bmtrain needs CUDA GPUs (BMTrain's ZeRO-3 runs on NCCL); on a CPU use model.backend: torch"
+        )
     try:
         import bmtrain
     except (ImportError, OSError) as exc:  # OSError: the wheel's libnccl.so is missing
-        raise BackendError(f"model.backend=bmtrain: bmtrain cannot be imported ({exc}); install it on the compute "
-                           "nodes with `pip install 'fm9g-launch[gpu]'`, or use model.backend: torch "
-                           "(model.fsdp: true shards like ZeRO-3)") from None
+        raise BackendError(
+            f"model.backend=bmtrain: bmtrain cannot be imported ({exc}); install it on the compute "
+            "nodes with `pip install 'fm9g-launch[gpu]'`, or use model.backend: torch "
+            "(model.fsdp: true shards like ZeRO-3)"
+        ) from None
     if not hasattr(bmtrain, "Block"):
-        raise BackendError(f"model.backend=bmtrain needs BMTrain >= 1.0 (bmt.Block); found "
-                           f"{getattr(bmtrain, '__version__', 'an older version')}: pip install 'bmtrain>=1.0'")
+        raise BackendError(
+            f"model.backend=bmtrain needs BMTrain >= 1.0 (bmt.Block); found "
+            f"{getattr(bmtrain, '__version__', 'an older version')}: pip install 'bmtrain>=1.0'"
+        )
     return bmtrain
 
 
@@ -84,15 +90,27 @@ def init_bmtrain() -> BMTrainDist:
     """Join the job through BMTrain; outside torchrun, a one-process job on a free local port."""
     bmt = import_bmtrain()
     if "WORLD_SIZE" not in os.environ:  # a quick local run: what torchrun would have set
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }.items():
             os.environ.setdefault(key, value)
     if not bmt.config["initialized"]:  # once per process: BMTrain keeps one global communicator
         bmt.init_distributed(seed=0)  # the trainer seeds everything itself right after
     local_rank = int(bmt.config["local_rank"])
-    return BMTrainDist(rank=bmt.rank(), world_size=bmt.world_size(), local_rank=local_rank,
-                       local_world_size=int(bmt.config["local_size"]), device=torch.device("cuda", local_rank),
-                       owns_group=False, bmt=bmt)
+    return BMTrainDist(
+        rank=bmt.rank(),
+        world_size=bmt.world_size(),
+        local_rank=local_rank,
+        local_world_size=int(bmt.config["local_size"]),
+        device=torch.device("cuda", local_rank),
+        owns_group=False,
+        bmt=bmt,
+    )
 
 
 class BMTrainBackend:
@@ -101,8 +119,10 @@ class BMTrainBackend:
     def __init__(self, ctx: Dist, *, use_checkpoint: bool, bf16: bool, offload: bool | None) -> None:
         self.bmt = import_bmtrain()
         if offload and not bf16:
-            raise BackendError("model.offload: true needs bf16 weights (BMTrain's CPU Adam decays fp32 weights as "
-                               "L2, not AdamW): set model.dtype to bf16 (or auto), or model.offload: false")
+            raise BackendError(
+                "model.offload: true needs bf16 weights (BMTrain's CPU Adam decays fp32 weights as "
+                "L2, not AdamW): set model.dtype to bf16 (or auto), or model.offload: false"
+            )
         self.ctx, self.use_checkpoint, self.bf16 = ctx, use_checkpoint, bf16
         self.offload = bf16 and offload is not False  # on by default, as FM9G always passed --offload
         self.name = "bmtrain-zero3" + ("-offload" if self.offload else "")

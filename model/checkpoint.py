@@ -68,8 +68,7 @@ def discard_partial(root: Path) -> None:
 class Checkpointer:
     """Saves and finds checkpoints under one `checkpoints/` directory for one rank."""
 
-    def __init__(self, root: Path, rank: int, world_size: int, barrier: Callable[[], None],
-                 keep_last: int = 0) -> None:
+    def __init__(self, root: Path, rank: int, world_size: int, barrier: Callable[[], None], keep_last: int = 0) -> None:
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         self.barrier = barrier
@@ -112,14 +111,26 @@ class Checkpointer:
             return path  # an FM9G checkpoint from elsewhere (e.g. a released model) has no marker
         if not self.is_complete(path):
             have = self.complete_steps()
-            raise CheckpointError(f"checkpoint {spec!r} ({path}) does not exist or is incomplete (no {MARKER} marker); "
-                                  f"complete checkpoints of this run: {have or 'none'}")
+            raise CheckpointError(
+                f"checkpoint {spec!r} ({path}) does not exist or is incomplete (no {MARKER} marker); "
+                f"complete checkpoints of this run: {have or 'none'}"
+            )
         return path
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, *, model: dict[str, torch.Tensor] | None, optimizer: dict[str, Any] | None,
-             data: Any, trainer: dict[str, Any] | None, log: dict[str, Any] | None,
-             config: dict[str, Any] | None, tokenizer: Any = None, blocking: bool = True) -> Path:
+    def save(
+        self,
+        step: int,
+        *,
+        model: dict[str, torch.Tensor] | None,
+        optimizer: dict[str, Any] | None,
+        data: Any,
+        trainer: dict[str, Any] | None,
+        log: dict[str, Any] | None,
+        config: dict[str, Any] | None,
+        tokenizer: Any = None,
+        blocking: bool = True,
+    ) -> Path:
         """Collective: every rank calls it; rank 0's model/trainer/log/config/tokenizer are used.
 
         With `blocking=False` the files are written by a thread from a CPU snapshot and the
@@ -132,7 +143,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
             (tmp / "dataset_ckpt").mkdir(parents=True)
         self.barrier()
-        payload = {"model": model, "optimizer": optimizer, "data": data, "trainer": trainer, "log": log, "config": config}
+        payload = {
+            "model": model,
+            "optimizer": optimizer,
+            "data": data,
+            "trainer": trainer,
+            "log": log,
+            "config": config,
+        }
         if blocking:
             self._write_files(tmp, step, payload, tokenizer)
             self._finalize(step)
@@ -201,7 +219,7 @@ class Checkpointer:
         # Only steps up to the newest count: after a rollback, higher steps of the abandoned
         # line are left alone rather than guessed about.
         older = [step for step in self.complete_steps() if step <= newest]
-        for step in older[:-self.keep_last]:
+        for step in older[: -self.keep_last]:
             shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
@@ -229,14 +247,18 @@ class Checkpointer:
         """The model state dict (FM9G keys), on the CPU."""
         files = sorted(path.glob(f"{SAVE_NAME}-*.pt")) or sorted(path.glob("*.pt"))
         if len(files) != 1:
-            raise CheckpointError(f"{path}: expected one model file {SAVE_NAME}-<step>.pt, found {[f.name for f in files]}")
+            raise CheckpointError(
+                f"{path}: expected one model file {SAVE_NAME}-<step>.pt, found {[f.name for f in files]}"
+            )
         return torch.load(files[0], map_location="cpu", weights_only=True)
 
     def load_optimizer(self, path: Path, grad_ckpt_num: int = 0) -> dict[str, Any]:
         """This rank's optimizer state; ranks map onto rank % N of the N saved files."""
         saved = grad_ckpt_num or len(list(path.glob(f"{SAVE_NAME}-*.rank-*.opt")))
         if saved == 0:
-            raise CheckpointError(f"{path}: no optimizer files (*.rank-<r>.opt); set train.load_grad: false to load weights only")
+            raise CheckpointError(
+                f"{path}: no optimizer files (*.rank-<r>.opt); set train.load_grad: false to load weights only"
+            )
         file = self._one(path, f"{SAVE_NAME}-*.rank-{self.rank % saved}.opt")
         return torch.load(file, map_location="cpu", weights_only=True)
 

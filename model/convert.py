@@ -18,25 +18,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from fm9g.model.args import ModelArgs
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.hf import Architecture, from_hf, to_hf
-from fm9g.rundir.atomic import replace_dir
 from fm9g.rundir import RunDir
-from safetensors.torch import load_file, save_file
+from fm9g.rundir.atomic import replace_dir
 
 
 def _tokenizer_config(tokenizer: Any, main_file: Path) -> dict[str, Any] | None:
     """tokenizer_config.json for a sentencepiece model (HF's LlamaTokenizer reads it); None otherwise."""
     if main_file.name != "tokenizer.model":
         return None  # the 8B "cpm" vocab.txt has no native HF tokenizer class
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": False,
-            "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False}
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
+    }
 
 
-def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, output: str | Path, tokenizer: Any = None,
-              architecture: Architecture | None = None) -> Path:
+def export_hf(
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    output: str | Path,
+    tokenizer: Any = None,
+    architecture: Architecture | None = None,
+) -> Path:
     """Write an HF folder from an FM9G state dict; replaces `output` if it exists."""
     output = Path(output)
     bos = getattr(tokenizer, "bos_id", None)
@@ -91,7 +105,9 @@ def convert(run_dir: str | Path, step: int | None = None, output: str | Path | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm9g.model.convert", description="Export a checkpoint to a HF folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fm9g.model.convert", description="Export a checkpoint to a HF folder."
+    )
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--output", default=None, help="output folder (default: RUN/hf/<step>)")

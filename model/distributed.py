@@ -78,5 +78,11 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
             dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=device, owns_group=owns)
+    return Dist(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        device=device,
+        owns_group=owns,
+    )

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fm9g.model.args import ModelArgs
-from fm9g.model.attention import AttentionContext, AttentionKernel, SdpaAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from fm9g.model.args import ModelArgs
+from fm9g.model.attention import AttentionContext, AttentionKernel, SdpaAttention
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +41,7 @@ def rotary_tables(position_ids: torch.Tensor, dim_head: int, base: float) -> tup
     # Computed per forward instead of cached: a fp32 buffer would be cast by model.to(bf16),
     # and the table is tiny next to one matmul.
     exponent = torch.arange(0, dim_head, 2, device=position_ids.device, dtype=torch.float32) / dim_head
-    inv_freq = 1.0 / (base ** exponent)  # [D/2]
+    inv_freq = 1.0 / (base**exponent)  # [D/2]
     freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
     angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, L, 1, D]
     return angles.cos(), angles.sin()
@@ -182,11 +183,16 @@ class Dragonfly(nn.Module):
             elif name in ("input_embedding.weight", "lm_head.weight"):
                 param.normal_(0.0, std, generator=generator)
             else:
-                param.normal_(0.0, std / self.args.scale_width ** 0.5, generator=generator)
+                param.normal_(0.0, std / self.args.scale_width**0.5, generator=generator)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
         """Logits for every position; packed samples are kept apart by segment_ids/cu_seqlens."""
         batch, length = input_ids.shape
         if position_ids is None:

@@ -8,11 +8,21 @@ sample (block-diagonal, causal: 6 * dim_head * heads * len^2 per layer for fwd+b
 from __future__ import annotations
 
 import torch
+
 from fm9g.model.args import ModelArgs
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
-PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
-                    "L40S": 362.0, "A40": 150.0, "V100": 125.0}
+PEAK_TFLOPS_BF16 = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A40": 150.0,
+    "V100": 125.0,
+}
 
 
 def matmul_params(args: ModelArgs) -> int:

@@ -17,6 +17,7 @@ import re
 from typing import Any, Literal
 
 import torch
+
 from fm9g.model.args import ModelArgs
 
 Architecture = Literal["GraniteForCausalLM", "LlamaForCausalLM"]
@@ -33,8 +34,11 @@ _LAYER_KEYS = {
     "ffn.ffn.w_in.w_1.weight": "mlp.up_proj.weight",
     "ffn.ffn.w_out.weight": "mlp.down_proj.weight",
 }
-_TOP_KEYS = {"input_embedding.weight": "model.embed_tokens.weight", "encoder.output_layernorm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
+_TOP_KEYS = {
+    "input_embedding.weight": "model.embed_tokens.weight",
+    "encoder.output_layernorm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _FM9G_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
@@ -67,35 +71,65 @@ def architecture_for(args: ModelArgs) -> Architecture:
     return "LlamaForCausalLM" if plain else "GraniteForCausalLM"
 
 
-def hf_config(args: ModelArgs, bos_id: int | None = None, eos_id: int | None = None,
-              architecture: Architecture | None = None, dtype: str = "float32") -> dict[str, Any]:
+def hf_config(
+    args: ModelArgs,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    architecture: Architecture | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """config.json of the exported folder."""
     architecture = architecture or architecture_for(args)
     config: dict[str, Any] = {
         "architectures": [architecture],
-        "vocab_size": args.vocab_size, "hidden_size": args.dim_model, "intermediate_size": args.dim_ff,
-        "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
-        "num_key_value_heads": args.num_kv_heads, "head_dim": args.dim_head, "hidden_act": "silu",
-        "max_position_embeddings": args.max_length, "initializer_range": args.init_std, "rms_norm_eps": args.eps,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim_model,
+        "intermediate_size": args.dim_ff,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.dim_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_length,
+        "initializer_range": args.init_std,
+        "rms_norm_eps": args.eps,
         # transformers >= 5 reads rope_parameters; 4.x reads rope_theta.
-        "rope_theta": args.base, "rope_parameters": {"rope_type": "default", "rope_theta": args.base},
-        "tie_word_embeddings": args.tie_lm_head, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": args.dropout_p, "bos_token_id": bos_id, "eos_token_id": eos_id,
-        "torch_dtype": dtype, "use_cache": True,
+        "rope_theta": args.base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.base},
+        "tie_word_embeddings": args.tie_lm_head,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": args.dropout_p,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+        "use_cache": True,
     }
     if architecture == "GraniteForCausalLM":
-        config.update(model_type="granite", embedding_multiplier=args.embedding_scale,
-                      residual_multiplier=args.residual_scale, logits_scaling=args.scale_width,
-                      attention_multiplier=1.0 / math.sqrt(args.dim_head))
+        config.update(
+            model_type="granite",
+            embedding_multiplier=args.embedding_scale,
+            residual_multiplier=args.residual_scale,
+            logits_scaling=args.scale_width,
+            attention_multiplier=1.0 / math.sqrt(args.dim_head),
+        )
     else:
         if architecture_for(args) != "LlamaForCausalLM":
-            raise ValueError("LlamaForCausalLM cannot express muP scaling (scale / scale_depth): export as GraniteForCausalLM")
+            raise ValueError(
+                "LlamaForCausalLM cannot express muP scaling (scale / scale_depth): export as GraniteForCausalLM"
+            )
         config.update(model_type="llama")
     return config
 
 
-def to_hf(state: dict[str, torch.Tensor], args: ModelArgs, *, architecture: Architecture | None = None,
-          bos_id: int | None = None, eos_id: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def to_hf(
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    *,
+    architecture: Architecture | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(HF state dict, HF config) from an FM9G state dict; a tied head is stored once, as the embedding."""
     tensors = {hf_key(key): value.contiguous() for key, value in state.items()}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -108,11 +142,18 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
     rope = config.get("rope_parameters") or {}
     hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     fields: dict[str, Any] = {
-        "vocab_size": config["vocab_size"], "dim_model": hidden, "num_heads": heads,
-        "num_kv_heads": config.get("num_key_value_heads") or heads, "dim_head": config.get("head_dim") or hidden // heads,
-        "dim_ff": config["intermediate_size"], "num_layers": layers, "eps": config.get("rms_norm_eps", 1e-5),
-        "init_std": config.get("initializer_range", 0.02), "base": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-        "tie_lm_head": config.get("tie_word_embeddings", False), "max_length": config.get("max_position_embeddings", 4096),
+        "vocab_size": config["vocab_size"],
+        "dim_model": hidden,
+        "num_heads": heads,
+        "num_kv_heads": config.get("num_key_value_heads") or heads,
+        "dim_head": config.get("head_dim") or hidden // heads,
+        "dim_ff": config["intermediate_size"],
+        "num_layers": layers,
+        "eps": config.get("rms_norm_eps", 1e-5),
+        "init_std": config.get("initializer_range", 0.02),
+        "base": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        "tie_lm_head": config.get("tie_word_embeddings", False),
+        "max_length": config.get("max_position_embeddings", 4096),
         "dropout_p": config.get("attention_dropout", 0.0),
     }
     if model_type == "granite":
@@ -121,11 +162,19 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
         base_width = hidden / config.get("logits_scaling", 1.0)
         if abs(base_width - round(base_width)) > 1e-6:
             raise ValueError(f"logits_scaling {config.get('logits_scaling')} does not divide hidden_size {hidden}")
-        fields.update(scale=True, scale_emb=config.get("embedding_multiplier", 1.0), dim_model_base=round(base_width),
-                      scale_depth=config.get("residual_multiplier", 1.0) * math.sqrt(layers))
+        fields.update(
+            scale=True,
+            scale_emb=config.get("embedding_multiplier", 1.0),
+            dim_model_base=round(base_width),
+            scale_depth=config.get("residual_multiplier", 1.0) * math.sqrt(layers),
+        )
     elif model_type == "minicpm":
-        fields.update(scale=True, scale_emb=config["scale_emb"], dim_model_base=config["dim_model_base"],
-                      scale_depth=config["scale_depth"])
+        fields.update(
+            scale=True,
+            scale_emb=config["scale_emb"],
+            dim_model_base=config["dim_model_base"],
+            scale_depth=config["scale_depth"],
+        )
     elif model_type == "llama":
         fields.update(scale=False, scale_depth=-1.0)
     else:
@@ -136,8 +185,9 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
 def from_hf(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], ModelArgs]:
     """(FM9G state dict, ModelArgs) from HF tensors and config.json."""
     args = args_from_hf(config)
-    state = {fm9g_key(key): value.contiguous() for key, value in tensors.items()
-             if not key.endswith("rotary_emb.inv_freq")}  # old HF checkpoints stored the RoPE table
+    state = {
+        fm9g_key(key): value.contiguous() for key, value in tensors.items() if not key.endswith("rotary_emb.inv_freq")
+    }  # old HF checkpoints stored the RoPE table
     if args.tie_lm_head:
         state.pop("lm_head.weight", None)  # some exporters write the tied copy too
     return state, args

@@ -18,8 +18,14 @@ from typing import Any
 from fm9g.rundir.atomic import write_json
 
 # TensorBoard tag of each metrics field; per-task losses go to Loss/train/<task>.
-TAGS = {"loss": "Loss/train", "lr": "Optimizer/lr", "grad_norm": "Optimizer/grad_norm",
-        "tokens_per_s": "Throughput/tokens_per_s", "tflops": "Throughput/tflops", "mfu": "Throughput/mfu"}
+TAGS = {
+    "loss": "Loss/train",
+    "lr": "Optimizer/lr",
+    "grad_norm": "Optimizer/grad_norm",
+    "tokens_per_s": "Throughput/tokens_per_s",
+    "tflops": "Throughput/tflops",
+    "mfu": "Throughput/mfu",
+}
 
 
 def _finite(value: Any) -> bool:
@@ -51,8 +57,14 @@ class MetricsLogger:
             return
         step = record["step"]
         parts = [f"step {step}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad_norm {:.3f}"),
-                         ("tokens_per_s", "tokens/s {:.0f}"), ("tflops", "tflops {:.3f}"), ("mfu", "mfu {:.2%}")):
+        for key, fmt in (
+            ("loss", "loss {:.4f}"),
+            ("lr", "lr {:.3e}"),
+            ("grad_norm", "grad_norm {:.3f}"),
+            ("tokens_per_s", "tokens/s {:.0f}"),
+            ("tflops", "tflops {:.3f}"),
+            ("mfu", "mfu {:.2%}"),
+        ):
             if _finite(record.get(key)):
                 parts.append(fmt.format(record[key]))
         if record.get("task_loss"):
@@ -74,7 +86,9 @@ class MetricsLogger:
             return
         print(f"inspect step {step}: {'name':<60} {'std':>10} {'max|w|':>10} {'grad_std':>10}", flush=True)
         for name, values in stats.items():
-            print(f"  {name:<72} {values['std']:10.4g} {values['max']:10.4g} {values.get('grad_std', float('nan')):10.4g}")
+            print(
+                f"  {name:<72} {values['std']:10.4g} {values['max']:10.4g} {values.get('grad_std', float('nan')):10.4g}"
+            )
             for key, value in values.items():
                 if _finite(value):
                     self.writer.add_scalar(f"Inspect/{name}/{key}", value, step)
@@ -91,5 +105,16 @@ class MetricsLogger:
 def write_heartbeat(path: Path, step: int, generation: int, started: float, start_step: int) -> None:
     """The node's liveness record, read by the supervisor: `started` (when this trainer
     process passed the rendezvous) and `start_step` date the phases of a recovery."""
-    write_json(path, {"step": step, "time": time.time(), "pid": os.getpid(), "generation": generation,
-                      "started": started, "start_step": start_step}, indent=None, durable=False)
+    write_json(
+        path,
+        {
+            "step": step,
+            "time": time.time(),
+            "pid": os.getpid(),
+            "generation": generation,
+            "started": started,
+            "start_step": start_step,
+        },
+        indent=None,
+        durable=False,
+    )

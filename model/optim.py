@@ -20,8 +20,12 @@ BETAS = (0.9, 0.95)
 def is_hidden_matrix(name: str) -> bool:
     """True for the muP-scaled parameters: hidden `.weight`s, not norms, embedding or lm head."""
     # DDP/FSDP/compile wrappers prefix names ("module.", "_orig_mod."); judge the tail.
-    return (name.endswith(".weight") and "layernorm" not in name
-            and not name.endswith("input_embedding.weight") and not name.endswith("lm_head.weight"))
+    return (
+        name.endswith(".weight")
+        and "layernorm" not in name
+        and not name.endswith("input_embedding.weight")
+        and not name.endswith("lm_head.weight")
+    )
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, scale_width: float) -> list[dict[str, Any]]:
@@ -30,14 +34,23 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, scale_wid
     for name, param in named:
         if param.requires_grad:
             (scaled if is_hidden_matrix(name) else plain).append(param)
-    groups = [{"params": scaled, "lr": lr / scale_width, "name": "matrices"},
-              {"params": plain, "lr": lr, "name": "others"}]
+    groups = [
+        {"params": scaled, "lr": lr / scale_width, "name": "matrices"},
+        {"params": plain, "lr": lr, "name": "others"},
+    ]
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, scale_width: float,
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, scale_width: float, eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters in the two muP groups."""
     # foreach: one fused kernel per group on CPU and GPU, and bitwise repeatable.
-    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, scale_width), lr=lr, betas=BETAS,
-                             eps=eps, weight_decay=weight_decay, foreach=True)
+    return torch.optim.AdamW(
+        param_groups(model.named_parameters(), lr, scale_width),
+        lr=lr,
+        betas=BETAS,
+        eps=eps,
+        weight_decay=weight_decay,
+        foreach=True,
+    )

@@ -31,8 +31,15 @@ def resolve_iters(value: float, train_iters: int) -> int:
 class LRSchedule(ABC):
     """Base: warmup, resume window, per-group base lrs, state_dict; subclasses give the decay."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_iter: int, end_iter: int,
-                 num_iter: int = 0, resume_no_optimze: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_iter: int,
+        end_iter: int,
+        num_iter: int = 0,
+        resume_no_optimze: int = 0,
+    ) -> None:
         self.optimizer = optimizer
         self._start_lr = lr
         self.start_lr = [group["lr"] for group in optimizer.param_groups]  # per-group base lr
@@ -73,8 +80,13 @@ class LRSchedule(ABC):
             group["lr"] = self.lr_at(self.num_iter, base_lr)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"_start_lr": self._start_lr, "start_lr": list(self.start_lr), "warmup_iter": self.warmup_iter,
-                "end_iter": self.end_iter, "num_iter": self.num_iter}
+        return {
+            "_start_lr": self._start_lr,
+            "start_lr": list(self.start_lr),
+            "warmup_iter": self.warmup_iter,
+            "end_iter": self.end_iter,
+            "num_iter": self.num_iter,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._start_lr = state["_start_lr"]
@@ -99,8 +111,16 @@ class Cosine(LRSchedule):
 class WarmupStableDrop(LRSchedule):
     """Linear warmup, constant lr, then a linear drop to 0.1 * lr over the last drop_iter steps."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_iter: int, end_iter: int,
-                 drop_iter: int, num_iter: int = 0, resume_no_optimze: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_iter: int,
+        end_iter: int,
+        drop_iter: int,
+        num_iter: int = 0,
+        resume_no_optimze: int = 0,
+    ) -> None:
         self.drop_iter = drop_iter
         super().__init__(optimizer, lr, warmup_iter, end_iter, num_iter, resume_no_optimze)
 
@@ -121,9 +141,18 @@ class WarmupStableDrop(LRSchedule):
 class WarmupStableExp(LRSchedule):
     """Linear warmup, constant lr until drop_begin, then lr * drop_rate ** ((n - drop_begin) / drop_iter)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_iter: int, end_iter: int,
-                 drop_begin: int, drop_rate: float, drop_iter: int, num_iter: int = 0,
-                 resume_no_optimze: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_iter: int,
+        end_iter: int,
+        drop_begin: int,
+        drop_rate: float,
+        drop_iter: int,
+        num_iter: int = 0,
+        resume_no_optimze: int = 0,
+    ) -> None:
         # drop_begin < 0 means "right after warmup" (train.drop_begin's documented meaning).
         self.drop_begin = drop_begin if drop_begin >= 0 else warmup_iter
         self.drop_rate = drop_rate
@@ -136,8 +165,12 @@ class WarmupStableExp(LRSchedule):
         return base_lr * self.drop_rate ** ((num_iter - self.drop_begin) / self.drop_iter)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "drop_begin": self.drop_begin, "drop_rate": self.drop_rate,
-                "drop_iter": self.drop_iter}
+        return {
+            **super().state_dict(),
+            "drop_begin": self.drop_begin,
+            "drop_rate": self.drop_rate,
+            "drop_iter": self.drop_iter,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.drop_begin = state.get("drop_begin", self.drop_begin)
@@ -146,9 +179,19 @@ class WarmupStableExp(LRSchedule):
         super().load_state_dict(state)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float, train_iters: int,
-                    warmup_iters: float, drop_iters: float = 0.0, drop_begin: int = -1,
-                    drop_rate: float = 0.5, start_step: int = 0, resume_no_optimze: int = 0) -> LRSchedule:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    lr: float,
+    train_iters: int,
+    warmup_iters: float,
+    drop_iters: float = 0.0,
+    drop_begin: int = -1,
+    drop_rate: float = 0.5,
+    start_step: int = 0,
+    resume_no_optimze: int = 0,
+) -> LRSchedule:
     """The schedule named `name` (case-insensitive), positioned at `start_step`."""
     warmup = resolve_iters(warmup_iters, train_iters)
     drop = resolve_iters(drop_iters, train_iters)
@@ -158,6 +201,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float, t
     if kind == "warmupstabledrop":
         return WarmupStableDrop(optimizer, lr, warmup, train_iters, drop, start_step, resume_no_optimze)
     if kind == "warmupstableexp":
-        return WarmupStableExp(optimizer, lr, warmup, train_iters, drop_begin, drop_rate, drop,
-                               start_step, resume_no_optimze)
+        return WarmupStableExp(
+            optimizer, lr, warmup, train_iters, drop_begin, drop_rate, drop, start_step, resume_no_optimze
+        )
     raise ValueError(f"unknown lr_scheduler {name!r}: use cosine, warmupstabledrop or warmupstableexp")

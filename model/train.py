@@ -58,6 +58,7 @@ class TrainerConfigError(ValueError):
 def _data_error() -> type[Exception]:
     try:
         from fm9g.data.errors import DataError
+
         return DataError
     except ImportError:  # the data layer is optional for importing this module
         return TrainerConfigError
@@ -87,10 +88,17 @@ class Trainer:
         self.raw_model = model
         self.model: torch.nn.Module = model
         self.param_count = count_parameters(model)  # before a backend shards the parameters
-        self.backend = make_backend(config.model.backend, ctx, fsdp=config.model.fsdp, bf16=self.bf16,
-                                    use_checkpoint=self.cfg.use_checkpoint, offload=config.model.offload)
-        self.checkpointer = Checkpointer(run.checkpoints, ctx.rank, ctx.world_size, ctx.barrier,
-                                         keep_last=self.cfg.keep_checkpoints)
+        self.backend = make_backend(
+            config.model.backend,
+            ctx,
+            fsdp=config.model.fsdp,
+            bf16=self.bf16,
+            use_checkpoint=self.cfg.use_checkpoint,
+            offload=config.model.offload,
+        )
+        self.checkpointer = Checkpointer(
+            run.checkpoints, ctx.rank, ctx.world_size, ctx.barrier, keep_last=self.cfg.keep_checkpoints
+        )
         self.progress = Progress()
         self.loader = self._build_loader()
         self.peak, peak_note = peak_flops(ctx.device, self.cfg.peak_tflops)
@@ -103,17 +111,23 @@ class Trainer:
                 self.notes.append("ignore_cuda_oom has no effect on CPU")
             if self.cfg.flash == "auto":
                 self.notes.append("flash=auto: torch SDPA with block-diagonal masks on CPU")
-        self.notes.append("local, dataloader=indexed, model_unique: informational here (the run directory is chosen by the orchestrator)")
-        self.notes.append("data.dataloader_num_threads, dataloader_prefetch, parallel_load_datastate: not used by "
-                          "PackedLoader (it reads with dataloader_num_workers processes; each rank loads its own data state)")
+        self.notes.append(
+            "local, dataloader=indexed, model_unique: informational here (the run directory is chosen by the orchestrator)"
+        )
+        self.notes.append(
+            "data.dataloader_num_threads, dataloader_prefetch, parallel_load_datastate: not used by "
+            "PackedLoader (it reads with dataloader_num_workers processes; each rank loads its own data state)"
+        )
 
     def _load_tokenizer(self) -> Any:
         from fm9g.data.tokenizer import load_tokenizer
 
         path = Path(self.config.data.tokenizer_path or self.run.tokenizer_dir / "tokenizer.model")
         if not path.exists():
-            raise TrainerConfigError(f"tokenizer {path} does not exist: set data.tokenizer_path, or let the "
-                                     "orchestrator train one into the run directory before training")
+            raise TrainerConfigError(
+                f"tokenizer {path} does not exist: set data.tokenizer_path, or let the "
+                "orchestrator train one into the run directory before training"
+            )
         return load_tokenizer(path)
 
     def _model_args(self) -> ModelArgs:
@@ -125,8 +139,10 @@ class Trainer:
             overrides["vocab_size"] = self.tokenizer.vocab_size  # the tiny model is sized to its tokenizer
         args = load_model_config(name, **overrides)
         if self.tokenizer.vocab_size > args.vocab_size:
-            raise TrainerConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model config {name!r} "
-                                     f"only {args.vocab_size}: use a matching tokenizer or model config")
+            raise TrainerConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model config {name!r} "
+                f"only {args.vocab_size}: use a matching tokenizer or model config"
+            )
         return args
 
     def _build_loader(self) -> Any:
@@ -140,13 +156,25 @@ class Trainer:
         # launcher wrote one; the config's own mixture when the trainer runs by hand.
         path = self.run.mixture if self.run.mixture.exists() else Path(data.dataset_config)
         mixture = load_mixture(path, path.parent)
-        return PackedLoader(mixture, self.tokenizer, batch_size=self.cfg.batch_size, max_length=data.max_length,
-                            rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.cfg.seed, sft=data.sft,
-                            oversize_rule=data.oversize_rule, num_workers=data.dataloader_num_workers,
-                            prefetch_factor=data.dataloader_prefetch_factor, on_error="fail",
-                            fail_hint=("or leave the task out by setting its abs_weight (or weight) to 0 in "
-                                       f"{path}; then `fm9g-launch resume {self.run.name}` continues from the "
-                                       "last checkpoint"))
+        return PackedLoader(
+            mixture,
+            self.tokenizer,
+            batch_size=self.cfg.batch_size,
+            max_length=data.max_length,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            seed=self.cfg.seed,
+            sft=data.sft,
+            oversize_rule=data.oversize_rule,
+            num_workers=data.dataloader_num_workers,
+            prefetch_factor=data.dataloader_prefetch_factor,
+            on_error="fail",
+            fail_hint=(
+                "or leave the task out by setting its abs_weight (or weight) to 0 in "
+                f"{path}; then `fm9g-launch resume {self.run.name}` continues from the "
+                "last checkpoint"
+            ),
+        )
 
     # ------------------------------------------------------------------ load
     def _resume_source(self) -> tuple[Path | None, bool]:
@@ -172,8 +200,9 @@ class Trainer:
             if missing or unexpected:
                 self.notes.append(f"non-strict load: missing {missing}, unexpected {unexpected}")
         self.model = self.backend.wrap(self.raw_model)
-        self.optimizer = self.backend.build_optimizer(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                                      scale_width=self.args.scale_width)
+        self.optimizer = self.backend.build_optimizer(
+            lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, scale_width=self.args.scale_width
+        )
         if source is not None and full:
             trainer_state = self.checkpointer.load_trainer(source) or {}
             if "progress" in trainer_state:
@@ -196,15 +225,24 @@ class Trainer:
         self.start_step = self.progress.step
         self.session_started = time.time()
         self.scheduler = build_scheduler(
-            self.optimizer, self.cfg.lr_scheduler, lr=self.cfg.lr, train_iters=self.cfg.train_iters,
-            warmup_iters=self.cfg.warmup_iters, drop_iters=self.cfg.drop_iters, drop_begin=self.cfg.drop_begin,
-            drop_rate=self.cfg.drop_rate, start_step=self.start_step,
-            resume_no_optimze=self.cfg.resume_no_optimze if source is not None else 0)
+            self.optimizer,
+            self.cfg.lr_scheduler,
+            lr=self.cfg.lr,
+            train_iters=self.cfg.train_iters,
+            warmup_iters=self.cfg.warmup_iters,
+            drop_iters=self.cfg.drop_iters,
+            drop_begin=self.cfg.drop_begin,
+            drop_rate=self.cfg.drop_rate,
+            start_step=self.start_step,
+            resume_no_optimze=self.cfg.resume_no_optimze if source is not None else 0,
+        )
         how = "fresh start" if source is None else f"{'resumed' if full else 'weights only'} from {source}"
         self.logger.say(f"world_size={self.ctx.world_size} device={self.ctx.device} step={self.start_step} ({how})")
-        self.logger.say(f"model {self.config.model.config}: {self.param_count:,} parameters, "
-                        f"attention {type(self.raw_model.attention_kernel).__name__}, bf16={self.bf16}, "
-                        f"backend {self.backend.name}")
+        self.logger.say(
+            f"model {self.config.model.config}: {self.param_count:,} parameters, "
+            f"attention {type(self.raw_model.attention_kernel).__name__}, bf16={self.bf16}, "
+            f"backend {self.backend.name}"
+        )
         for note in self.notes:
             self.logger.say(f"note: {note}")
 
@@ -217,14 +255,16 @@ class Trainer:
         if saved is None:  # a checkpoint from before the layout was recorded, or a bare FM9G one
             return
         here = {"backend": self.backend.name, "world_size": self.ctx.world_size}
-        if saved["backend"] == here["backend"] and (here["backend"] == "torch-ddp"
-                                                     or saved["world_size"] == here["world_size"]):
+        if saved["backend"] == here["backend"] and (
+            here["backend"] == "torch-ddp" or saved["world_size"] == here["world_size"]
+        ):
             return
         raise CheckpointError(
             f"{source}: its optimizer state was written by {saved['backend']} with {saved['world_size']} ranks and "
             f"cannot be loaded by {here['backend']} with {here['world_size']}; resume with the same backend and "
             "world size, or set train.load_grad: false to keep the weights, schedule and data position and "
-            "restart the Adam moments")
+            "restart the Adam moments"
+        )
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         # load_state_dict also restores each group's lr (the *scheduled* lr at save time) and
@@ -252,10 +292,16 @@ class Trainer:
             ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
             with self.backend.accumulation(index == len(batches) - 1), autocast:
-                logits = self.model(ids, batch["position_ids"].to(device), batch["segment_ids"].to(device),
-                                    batch["cu_seqlens"].to(device), int(batch["max_seqlen"]))
-                per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                            reduction="none")  # targets come pre-shifted
+                logits = self.model(
+                    ids,
+                    batch["position_ids"].to(device),
+                    batch["segment_ids"].to(device),
+                    batch["cu_seqlens"].to(device),
+                    int(batch["max_seqlen"]),
+                )
+                per_token = F.cross_entropy(
+                    logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+                )  # targets come pre-shifted
                 trained = targets.flatten() != -100
                 loss = per_token.sum() / trained.sum().clamp(min=1)
                 self.backend.backward(loss / len(batches))
@@ -264,10 +310,13 @@ class Trainer:
             sums[1] += int(batch["num_tokens"])
             sums[2] += step_flops(self.args, ids.numel(), batch["cu_seqlens"])
             n = len(names)
-            sums[3:3 + n] += torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-                0, tasks[trained], per_token.detach()[trained].double()).cpu()
-            sums[3 + n:3 + 2 * n] += torch.bincount(tasks[trained], minlength=n)[:n].double().cpu()
-            sums[3 + 2 * n:] += torch.bincount(tasks[tasks >= 0], minlength=n)[:n].double().cpu()
+            sums[3 : 3 + n] += (
+                torch.zeros(n, dtype=torch.float64, device=device)
+                .index_add_(0, tasks[trained], per_token.detach()[trained].double())
+                .cpu()
+            )
+            sums[3 + n : 3 + 2 * n] += torch.bincount(tasks[trained], minlength=n)[:n].double().cpu()
+            sums[3 + 2 * n :] += torch.bincount(tasks[tasks >= 0], minlength=n)[:n].double().cpu()
         grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
         if self.cfg.inspect_iters and (self.progress.step + 1) % self.cfg.inspect_iters == 0:
             self._inspect(self.progress.step + 1)
@@ -276,11 +325,18 @@ class Trainer:
         self.scheduler.step()
         total = self.ctx.all_reduce(sums)
         n = len(names)
-        task_counts = total[3 + n:3 + 2 * n]
-        return {"loss": float(total[0]) / self.ctx.world_size, "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(total[1]), "flops": float(total[2]),
-                "task_loss": {name: float(total[3 + i] / task_counts[i]) for i, name in enumerate(names) if task_counts[i] > 0},
-                "task_tokens": {name: int(total[3 + 2 * n + i]) for i, name in enumerate(names)}}
+        task_counts = total[3 + n : 3 + 2 * n]
+        return {
+            "loss": float(total[0]) / self.ctx.world_size,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(total[1]),
+            "flops": float(total[2]),
+            "task_loss": {
+                name: float(total[3 + i] / task_counts[i]) for i, name in enumerate(names) if task_counts[i] > 0
+            },
+            "task_tokens": {name: int(total[3 + 2 * n + i]) for i, name in enumerate(names)},
+        }
 
     def _guarded_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """train_step, skipping a batch that runs out of GPU memory when train.ignore_cuda_oom allows it."""
@@ -292,10 +348,12 @@ class Trainer:
             if self.ctx.world_size > 1 or not self.backend.can_skip_a_batch:
                 # Other ranks already wait in the gradient all-reduce (a one-sided skip would hang them),
                 # and a ZeRO-3 block that ran out of memory half-way cannot be unwound.
-                raise RuntimeError(f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a "
-                                   f"batch with the torch backend on one rank ({self.backend.name}, world_size "
-                                   f"{self.ctx.world_size}); exiting so torchrun restarts from the last checkpoint "
-                                   "(lower data.max_length or train.batch_size)") from None
+                raise RuntimeError(
+                    f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a "
+                    f"batch with the torch backend on one rank ({self.backend.name}, world_size "
+                    f"{self.ctx.world_size}); exiting so torchrun restarts from the last checkpoint "
+                    "(lower data.max_length or train.batch_size)"
+                ) from None
             self.backend.zero_grad()
             torch.cuda.empty_cache()
             self.scheduler.step()  # the step still counts, so the schedule stays aligned with it
@@ -306,8 +364,10 @@ class Trainer:
         stats = {}
         for name, param in self.raw_model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2: this rank's shard
-            entry = {"std": float(local.detach().float().std()) if local.numel() > 1 else 0.0,
-                     "max": float(local.detach().abs().max()) if local.numel() else 0.0}
+            entry = {
+                "std": float(local.detach().float().std()) if local.numel() > 1 else 0.0,
+                "max": float(local.detach().abs().max()) if local.numel() else 0.0,
+            }
             if param.grad is not None:
                 grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
                 entry["grad_std"] = float(grad.float().std()) if grad.numel() > 1 else 0.0
@@ -370,15 +430,28 @@ class Trainer:
         model_state = self.backend.model_state()
         optimizer_state = self.backend.optimizer_state()
         step = self.progress.step
-        log = {"iteration": step, "global_token_pass": self.progress.tokens_passed,
-               "global_total_task_token": self.progress.task_tokens}
+        log = {
+            "iteration": step,
+            "global_token_pass": self.progress.tokens_passed,
+            "global_total_task_token": self.progress.task_tokens,
+        }
         self.checkpointer.save(
-            step, model=model_state, optimizer=optimizer_state, data=self.loader.state_dict(),
-            trainer={"progress": self.progress.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                     "world_size": self.ctx.world_size,
-                     "optimizer_layout": {"backend": self.backend.name, "world_size": self.ctx.world_size}},
-            log=log, config=self.args.to_json(), tokenizer=self.tokenizer,
-            blocking=not self.cfg.async_save if blocking is None else blocking)
+            step,
+            model=model_state,
+            optimizer=optimizer_state,
+            data=self.loader.state_dict(),
+            trainer={
+                "progress": self.progress.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs,
+                "world_size": self.ctx.world_size,
+                "optimizer_layout": {"backend": self.backend.name, "world_size": self.ctx.world_size},
+            },
+            log=log,
+            config=self.args.to_json(),
+            tokenizer=self.tokenizer,
+            blocking=not self.cfg.async_save if blocking is None else blocking,
+        )
         self.saved_step = step
 
     def _report(self, stats: dict[str, Any], elapsed: float) -> None:
@@ -388,8 +461,12 @@ class Trainer:
             self.last_loss = loss
         if self.progress.step % self.cfg.log_iters:
             return
-        record: dict[str, Any] = {"step": self.progress.step, "generation": self.generation,
-                                  "tokens_per_s": stats["tokens"] / elapsed, "tokens": self.progress.tokens_passed}
+        record: dict[str, Any] = {
+            "step": self.progress.step,
+            "generation": self.generation,
+            "tokens_per_s": stats["tokens"] / elapsed,
+            "tokens": self.progress.tokens_passed,
+        }
         if loss is not None:
             record.update(loss=loss, lr=stats["lr"], grad_norm=stats["grad_norm"])
             record["tflops"] = stats["flops"] / elapsed / self.ctx.world_size / 1e12  # per device
@@ -401,8 +478,13 @@ class Trainer:
 
     def _heartbeat(self) -> None:
         if self.ctx.local_rank == 0:
-            write_heartbeat(self.run.heartbeat(self.node_rank), self.progress.step, self.generation,
-                            self.session_started, self.start_step)
+            write_heartbeat(
+                self.run.heartbeat(self.node_rank),
+                self.progress.step,
+                self.generation,
+                self.session_started,
+                self.start_step,
+            )
 
     # ------------------------------------------------------------------ close
     def finish(self, outcome: Outcome) -> None:
@@ -411,10 +493,17 @@ class Trainer:
             return
         latest = self.checkpointer.latest()
         session = {
-            "outcome": outcome, "steps_run": self.progress.step - self.start_step, "start_step": self.start_step,
-            "final_step": self.progress.step, "train_iters": self.cfg.train_iters, "first_loss": self.first_loss,
-            "last_loss": self.last_loss, "tokens_passed": self.progress.tokens_passed,
-            "checkpoint": str(latest) if latest else None, "tensorboard": str(self.tensorboard_dir)}
+            "outcome": outcome,
+            "steps_run": self.progress.step - self.start_step,
+            "start_step": self.start_step,
+            "final_step": self.progress.step,
+            "train_iters": self.cfg.train_iters,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "tokens_passed": self.progress.tokens_passed,
+            "checkpoint": str(latest) if latest else None,
+            "tensorboard": str(self.tensorboard_dir),
+        }
         write_json(self.run.summary, merge_summary(read_json(self.run.summary), session))
         if outcome == "done":
             write_json(self.run.done_flag, {"step": self.progress.step, "time": time.time()})
@@ -464,20 +553,32 @@ def _fatal_no_space(run: RunDir, error: OSError, rank: int) -> int:
     if rank == 0:
         discard_partial(run.checkpoints)  # a half-written checkpoint is never loaded; give its space back
     mount, what = describe_no_space(error.filename or run.root)
-    reason = (f"no space left on device: {what}; free space on {mount}, then `fm9g-launch resume {run.name}` "
-              "continues from the last complete checkpoint")
+    reason = (
+        f"no space left on device: {what}; free space on {mount}, then `fm9g-launch resume {run.name}` "
+        "continues from the last complete checkpoint"
+    )
     print(f"fatal (rank {rank}): {reason}", file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):  # the record itself may not fit; the exit code still says it
-        write_json(run.fatal_record, {"reason": reason, "rank": rank, "time": time.time(),
-                                      "exit_code": protocol.EXIT_NO_SPACE, "filesystem": str(mount)})
+        write_json(
+            run.fatal_record,
+            {
+                "reason": reason,
+                "rank": rank,
+                "time": time.time(),
+                "exit_code": protocol.EXIT_NO_SPACE,
+                "filesystem": str(mount),
+            },
+        )
     return protocol.EXIT_NO_SPACE
 
 
 def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
     reason = f"{type(exc).__name__}: {exc}"
     print(f"fatal (rank {rank}): {reason}", file=sys.stderr, flush=True)
-    write_json(run.fatal_record, {"reason": reason, "rank": rank, "time": time.time(),
-                                            "traceback": traceback.format_exc(limit=5)})
+    write_json(
+        run.fatal_record,
+        {"reason": reason, "rank": rank, "time": time.time(), "traceback": traceback.format_exc(limit=5)},
+    )
     return protocol.EXIT_CONFIG
 
 
@@ -512,8 +613,11 @@ def run(run_dir: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fm9g.model.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default=os.environ.get(protocol.ENV_RUN_DIR),
-                        help=f"the run directory (default: ${protocol.ENV_RUN_DIR})")
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get(protocol.ENV_RUN_DIR),
+        help=f"the run directory (default: ${protocol.ENV_RUN_DIR})",
+    )
     options = parser.parse_args(argv)
     if not options.run_dir:
         parser.error(f"--run-dir is required (or set {protocol.ENV_RUN_DIR})")

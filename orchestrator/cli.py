@@ -40,50 +40,79 @@ examples:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     parser.add_argument("--nodes", "-N", type=int, help="nodes for the training stage (cluster.nodes)")
-    parser.add_argument("--executor", choices=["local", "slurm"],
-                        help="local: processes on this machine (default); slurm: sbatch jobs")
+    parser.add_argument(
+        "--executor", choices=["local", "slurm"], help="local: processes on this machine (default); slurm: sbatch jobs"
+    )
     parser.add_argument("--name", help="run name (default: train.model_unique, else the config file name)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="render every script into the run directory, print where, submit nothing")
-    parser.add_argument("--detach", action="store_true",
-                        help="run the supervisor in the background and return at once")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="render every script into the run directory, print where, submit nothing"
+    )
+    parser.add_argument("--detach", action="store_true", help="run the supervisor in the background and return at once")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fm9g-launch", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fm9g-launch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for name, text in (("pretrain", "pretrain a model on a dataset mixture"),
-                       ("sft", "fine-tune with the chat format (<用户>…<AI>…), loss on answers only")):
-        command = sub.add_parser(name, help=text, description=text, epilog=RUN_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, text in (
+        ("pretrain", "pretrain a model on a dataset mixture"),
+        ("sft", "fine-tune with the chat format (<用户>…<AI>…), loss on answers only"),
+    ):
+        command = sub.add_parser(
+            name, help=text, description=text, epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         _add_run_options(command)
 
-    resume = sub.add_parser("resume", help="re-adopt a run after the supervisor or the login session died",
-                            description="Re-adopt the jobs of a run by their ids and supervise it to the end.")
+    resume = sub.add_parser(
+        "resume",
+        help="re-adopt a run after the supervisor or the login session died",
+        description="Re-adopt the jobs of a run by their ids and supervise it to the end.",
+    )
     resume.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     resume.add_argument("--detach", action="store_true", help="supervise in the background")
     resume.add_argument("--no-progress", dest="progress", action="store_false")
 
-    index = sub.add_parser("index", help="turn txt/jsonl data into an FM9G index directory",
-                           description="txt or jsonl (a file or a directory) -> data.jsonl, index, index.h5, meta.json, "
-                                       "the format of the guide's convert_json2index.py.")
+    index = sub.add_parser(
+        "index",
+        help="turn txt/jsonl data into an FM9G index directory",
+        description="txt or jsonl (a file or a directory) -> data.jsonl, index, index.h5, meta.json, "
+        "the format of the guide's convert_json2index.py.",
+    )
     index.add_argument("path", type=Path, help="a .jsonl/.txt file or a directory of them")
-    index.add_argument("--output", "-o", type=Path, required=True, help="index directory to create (not the input directory)")
-    index.add_argument("--language", choices=["zh", "en", "code"], default="zh",
-                       help="token estimate rule when no tokenizer is given (zh: 0.7/char, en: 1.5/word)")
+    index.add_argument(
+        "--output", "-o", type=Path, required=True, help="index directory to create (not the input directory)"
+    )
+    index.add_argument(
+        "--language",
+        choices=["zh", "en", "code"],
+        default="zh",
+        help="token estimate rule when no tokenizer is given (zh: 0.7/char, en: 1.5/word)",
+    )
     index.add_argument("--tokenizer", type=Path, help="count tokens with this tokenizer.model / vocab.txt")
     index.add_argument("--processes", "-j", type=int, default=1, help="worker processes (default 1)")
-    index.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                       help="fail (default): stop at the first bad line, naming file:line; skip: drop bad lines and count them")
+    index.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default="fail",
+        help="fail (default): stop at the first bad line, naming file:line; skip: drop bad lines and count them",
+    )
     index.add_argument("--no-progress", dest="progress", action="store_false")
 
-    status = sub.add_parser("status", help="show runs, their jobs, and training progress (reads state, never polls Slurm)")
+    status = sub.add_parser(
+        "status", help="show runs, their jobs, and training progress (reads state, never polls Slurm)"
+    )
     status.add_argument("run", nargs="?", type=Path, help="a run directory (default: every run under ./runs)")
     status.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/status-schema.md)")
     status.add_argument("--failures", action="store_true", help="the recovery timeline of every failure")
@@ -100,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", type=Path)
     cancel.add_argument("--job", help="cancel only this job id")
 
-    tui = sub.add_parser("tui", help="watch runs in a terminal UI: jobs, progress, logs, failures (reads files, never polls Slurm)",
-                         description="A terminal UI over the run directories: stages, attempts and node jobs, training "
-                                     "progress, the selected job's log, the failure timeline.  It reads only the run "
-                                     "directories, never Slurm.  Cancelling the run raises control/cancel: a supervisor "
-                                     "holding the run's lock cancels the jobs itself; only when none does, the TUI calls "
-                                     "the executor (scancel).  Cancelling one job always calls the executor.  Keys: l logs, "
-                                     "t failures, c cancel, r resubmit failed nodes, / filter, ? help, q quit.")
+    tui = sub.add_parser(
+        "tui",
+        help="watch runs in a terminal UI: jobs, progress, logs, failures (reads files, never polls Slurm)",
+        description="A terminal UI over the run directories: stages, attempts and node jobs, training "
+        "progress, the selected job's log, the failure timeline.  It reads only the run "
+        "directories, never Slurm.  Cancelling the run raises control/cancel: a supervisor "
+        "holding the run's lock cancels the jobs itself; only when none does, the TUI calls "
+        "the executor (scancel).  Cancelling one job always calls the executor.  Keys: l logs, "
+        "t failures, c cancel, r resubmit failed nodes, / filter, ? help, q quit.",
+    )
     tui.add_argument("run", nargs="?", type=Path, help="a run directory, or a directory of runs (default: ./runs)")
     tui.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
 
@@ -144,50 +176,85 @@ examples:
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", type=Path, metavar="RUN_OR_MODEL",
-                        help="a run directory (its latest checkpoint is converted first) or a Hugging Face model folder")
-    parser.add_argument("--executor", choices=["local", "slurm"],
-                        help="where the job runs (default: the run's executor; local for a model folder)")
-    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
-                        help="auto (default): vLLM on a GPU node that has it, else transformers")
+    parser.add_argument(
+        "target",
+        type=Path,
+        metavar="RUN_OR_MODEL",
+        help="a run directory (its latest checkpoint is converted first) or a Hugging Face model folder",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        help="where the job runs (default: the run's executor; local for a model folder)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "vllm", "transformers"],
+        default="auto",
+        help="auto (default): vLLM on a GPU node that has it, else transformers",
+    )
     parser.add_argument("--name", help="run directory name for a model folder (default: the folder's name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)",
+    )
 
 
-def _add_inference_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _add_inference_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from fm9g.launchers.prompts import add_sampling_options
 
-    convert = sub.add_parser("convert", help="export a run's checkpoint to a Hugging Face folder (stage convert)",
-                             description="Export checkpoint STEP (default: the latest) of a run to a Hugging Face "
-                                         "folder (safetensors, config, tokenizer, FM9G chat template), as a job. "
-                                         "Skipped when that step was already converted.")
+    convert = sub.add_parser(
+        "convert",
+        help="export a run's checkpoint to a Hugging Face folder (stage convert)",
+        description="Export checkpoint STEP (default: the latest) of a run to a Hugging Face "
+        "folder (safetensors, config, tokenizer, FM9G chat template), as a job. "
+        "Skipped when that step was already converted.",
+    )
     convert.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     convert.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
     convert.add_argument("--output", type=Path, help="output folder (default: runs/NAME/hf/STEP)")
     convert.add_argument("--executor", choices=["local", "slurm"], help="default: the run's executor")
 
-    infer = sub.add_parser("infer", help="offline batch generation over a jsonl prompt file (stage infer)",
-                           description="Generate completions for every prompt of a jsonl file, as a job.",
-                           epilog=INFER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    infer = sub.add_parser(
+        "infer",
+        help="offline batch generation over a jsonl prompt file (stage infer)",
+        description="Generate completions for every prompt of a jsonl file, as a job.",
+        epilog=INFER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_target_options(infer)
     infer.add_argument("--prompts", type=Path, required=True, help="jsonl prompt file")
     infer.add_argument("--output", type=Path, required=True, help="jsonl of completions to write")
-    infer.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                       help="wrap prompts in <用户>…<AI> (default: the run's data.sft; off for a model folder)")
+    infer.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in <用户>…<AI> (default: the run's data.sft; off for a model folder)",
+    )
     infer.add_argument("--force", action="store_true", help="run again even if OUTPUT is up to date")
     add_sampling_options(infer)
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible server for a run or model, as a job (stage serve)",
-                           description="Start an OpenAI-compatible server as a job and wait until /health answers; "
-                                       "--stop cancels it.", epilog=SERVE_EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for a run or model, as a job (stage serve)",
+        description="Start an OpenAI-compatible server as a job and wait until /health answers; --stop cancels it.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_target_options(serve)
     serve.add_argument("--port", type=int, default=0, help="server port (default 0: any free port, published)")
     serve.add_argument("--stop", action="store_true", help="cancel the run's server job and remove its endpoint")
     serve.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted")
-    serve.add_argument("--wait-timeout", type=float, default=None,
-                       help="give up waiting after this many seconds (default: wait while the job lives)")
+    serve.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        help="give up waiting after this many seconds (default: wait while the job lives)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

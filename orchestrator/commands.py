@@ -15,9 +15,20 @@ def dispatch(args: argparse.Namespace) -> int:
     from fm9g.launchers.prompts import InferenceError
     from fm9g.orchestrator.launch import LaunchError
 
-    handlers = {"pretrain": run_launch, "sft": run_launch, "resume": run_resume, "index": run_index,
-                "status": run_status, "logs": run_logs, "cancel": run_cancel, "tui": run_tui, "plot": run_plot,
-                "convert": run_convert, "infer": run_infer, "serve": run_serve}
+    handlers = {
+        "pretrain": run_launch,
+        "sft": run_launch,
+        "resume": run_resume,
+        "index": run_index,
+        "status": run_status,
+        "logs": run_logs,
+        "cancel": run_cancel,
+        "tui": run_tui,
+        "plot": run_plot,
+        "convert": run_convert,
+        "infer": run_infer,
+        "serve": run_serve,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, LaunchError, InferenceError) as exc:
@@ -27,25 +38,38 @@ def dispatch(args: argparse.Namespace) -> int:
         # run_index turns SIGTERM into KeyboardInterrupt(SIGTERM) so both run the same clean-up.
         code = 128 + exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
         if args.command == "index":
-            print(f"fm9g-launch: index interrupted; its temporary folders were removed and {args.output} was not "
-                  "changed (an index already there is kept as it was); run the same command again to index "
-                  "from the start", file=sys.stderr)
+            print(
+                f"fm9g-launch: index interrupted; its temporary folders were removed and {args.output} was not "
+                "changed (an index already there is kept as it was); run the same command again to index "
+                "from the start",
+                file=sys.stderr,
+            )
         else:
-            print("fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them",
-                  file=sys.stderr)
+            print(
+                "fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them",
+                file=sys.stderr,
+            )
         return code
 
 
 def run_launch(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.launch import LaunchOptions, launch
 
-    options = LaunchOptions(config_path=args.config, overrides=args.overrides, nodes=args.nodes,
-                            executor=args.executor, name=args.name, dry_run=args.dry_run, detach=args.detach,
-                            sft=args.command == "sft", progress=args.progress)
+    options = LaunchOptions(
+        config_path=args.config,
+        overrides=args.overrides,
+        nodes=args.nodes,
+        executor=args.executor,
+        name=args.name,
+        dry_run=args.dry_run,
+        detach=args.detach,
+        sft=args.command == "sft",
+        progress=args.progress,
+    )
     return launch(options)
 
 
-def _run_dir(path: Path) -> "RunDir":  # noqa: F821
+def _run_dir(path: Path) -> RunDir:  # noqa: F821
     from fm9g.orchestrator.launch import LaunchError
     from fm9g.rundir import RunDir
 
@@ -75,7 +99,9 @@ def run_index(args: argparse.Namespace) -> int:
     from fm9g.data.indexer import build_index
     from fm9g.orchestrator.prepare import progress_bar
 
-    if args.output.resolve() == args.path.resolve() or (args.path.is_dir() and args.output.resolve() == args.path.resolve()):
+    if args.output.resolve() == args.path.resolve() or (
+        args.path.is_dir() and args.output.resolve() == args.path.resolve()
+    ):
         raise ConfigError(f"--output {args.output} is the input; write the index to a different directory")
     # SIGTERM (kill, a batch system's stop) takes the same clean-up path as Ctrl-C: the pool's
     # workers are stopped and the hidden temporary folders removed, instead of an abrupt exit.
@@ -83,8 +109,15 @@ def run_index(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
         with progress_bar(f"index {args.path.name}", args.progress) as bar:
-            result = build_index(args.path, args.output, language=args.language, tokenizer=args.tokenizer,
-                                 processes=args.processes, on_error=args.on_error, progress=bar)
+            result = build_index(
+                args.path,
+                args.output,
+                language=args.language,
+                tokenizer=args.tokenizer,
+                processes=args.processes,
+                on_error=args.on_error,
+                progress=bar,
+            )
     except Exception as exc:
         if type(exc).__name__ == "DataError":
             print(f"fm9g-launch: error: {exc}", file=sys.stderr)
@@ -95,8 +128,10 @@ def run_index(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {args.output}")
     if result.stale_removed:
-        print(f"  removed {len(result.stale_removed)} temporary folder(s) of killed earlier runs "
-              f"({result.stale_bytes / 2**20:.1f} MiB)")
+        print(
+            f"  removed {len(result.stale_removed)} temporary folder(s) of killed earlier runs "
+            f"({result.stale_bytes / 2**20:.1f} MiB)"
+        )
     for name, kinds in result.errors.items():
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
         print(f"  skipped in {name}: {counts}")
@@ -104,8 +139,10 @@ def run_index(args: argparse.Namespace) -> int:
         print(f"    e.g. {example}")
     for name, kinds in result.warnings.items():
         counts = ", ".join(f"{count} lines with {kind.replace('_', ' ')}" for kind, count in sorted(kinds.items()))
-        print(f"  warning: {name}: {counts}: kept, but strict JSON parsers reject raw control characters "
-              "(NUL, \\r, ...) inside strings; escape them (\\u0000) if other tools read this data")
+        print(
+            f"  warning: {name}: {counts}: kept, but strict JSON parsers reject raw control characters "
+            "(NUL, \\r, ...) inside strings; escape them (\\u0000) if other tools read this data"
+        )
     for example in result.warning_examples:
         print(f"    first at {example}")
     return 0
@@ -119,8 +156,9 @@ def run_status(args: argparse.Namespace) -> int:
         # Not `_run_dir`: a run whose config.yaml is gone is still a run to report on.
         run = views.find_run(args.run)
         if run is None:
-            raise LaunchError(f"{args.run} is not a run directory (no config.yaml or state.db); "
-                              "runs live under ./runs/<name>")
+            raise LaunchError(
+                f"{args.run} is not a run directory (no config.yaml or state.db); runs live under ./runs/<name>"
+            )
         runs = [run]
     else:
         runs = status.find_runs(args.runs_root)
@@ -191,7 +229,11 @@ def run_tui(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.tui.app import make_app
 
     target: Path = args.run or Path("runs")
-    if args.run is not None and not (target / "config.yaml").exists() and (Path("runs") / target / "config.yaml").exists():
+    if (
+        args.run is not None
+        and not (target / "config.yaml").exists()
+        and (Path("runs") / target / "config.yaml").exists()
+    ):
         target = Path("runs") / target
     if not target.is_dir():
         raise LaunchError(f"{target} is neither a run directory nor a directory of runs; runs live under ./runs/<name>")
@@ -228,7 +270,7 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target_context(args: argparse.Namespace) -> tuple["Target", "StageContext"]:  # noqa: F821
+def _target_context(args: argparse.Namespace) -> tuple[Target, StageContext]:  # noqa: F821
     from fm9g.orchestrator.inference.jobs import open_context
     from fm9g.orchestrator.inference.stages import resolve_target
     from fm9g.orchestrator.launch import say
@@ -247,20 +289,30 @@ def run_infer(args: argparse.Namespace) -> int:
     try:
         model = target.model or convert_stage(ctx)
         chat = args.chat if args.chat is not None else (target.config.data.sft if target.model is None else False)
-        print(infer_stage(ctx, model=model, prompts=args.prompts, output=args.output, sampling=sampling, chat=chat,
-                          engine=args.engine, force=args.force))
+        print(
+            infer_stage(
+                ctx,
+                model=model,
+                prompts=args.prompts,
+                output=args.output,
+                sampling=sampling,
+                chat=chat,
+                engine=args.engine,
+                force=args.force,
+            )
+        )
     finally:
         ctx.store.close()
     return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from fm9g.rundir.config import load_resolved
     from fm9g.orchestrator.inference.jobs import open_context
     from fm9g.orchestrator.inference.serve_stage import EXECUTOR_META, serve_stage, stop_serve
     from fm9g.orchestrator.inference.stages import convert_stage
     from fm9g.orchestrator.launch import say
     from fm9g.orchestrator.state import StateStore
+    from fm9g.rundir.config import load_resolved
 
     if args.stop:
         from fm9g.orchestrator.inference.stages import resolve_target
@@ -281,8 +333,9 @@ def run_serve(args: argparse.Namespace) -> int:
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
-        endpoint = serve_stage(ctx, model=model, port=args.port, engine=args.engine, wait=args.wait,
-                               timeout=args.wait_timeout)
+        endpoint = serve_stage(
+            ctx, model=model, port=args.port, engine=args.engine, wait=args.wait, timeout=args.wait_timeout
+        )
     finally:
         ctx.store.close()
     if endpoint:

@@ -12,14 +12,16 @@ from fm9g.rundir import protocol
 
 
 class FailureClass(str, Enum):
-    INFRA = "infrastructure"       # NODE_FAIL, BOOT_FAIL, PREEMPTED, TIMEOUT, node lost
-    APP = "application"            # non-zero exit, communication errors
-    FATAL = "do-not-retry"         # config error, user cancel, reserved exit code
-    CONTINUE = "continue"          # checkpointed on request: resubmit without spending a budget
+    INFRA = "infrastructure"  # NODE_FAIL, BOOT_FAIL, PREEMPTED, TIMEOUT, node lost
+    APP = "application"  # non-zero exit, communication errors
+    FATAL = "do-not-retry"  # config error, user cancel, reserved exit code
+    CONTINUE = "continue"  # checkpointed on request: resubmit without spending a budget
 
 
 # Communication errors in a log mean a peer died, not that this node is broken.
-COMM_ERROR = re.compile(r"(gloo|nccl|NCCL|Connection (closed|reset) by peer|RendezvousConnectionError|DistNetworkError)")
+COMM_ERROR = re.compile(
+    r"(gloo|nccl|NCCL|Connection (closed|reset) by peer|RendezvousConnectionError|DistNetworkError)"
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,14 @@ class Failure:
     reason: str
 
 
-def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancelled_by_user: bool = False,
-             fatal_reason: str | None = None, run_name: str = "RUN") -> Failure:
+def classify(
+    state: JobState,
+    exit_code: int | None,
+    log_tail: str = "",
+    cancelled_by_user: bool = False,
+    fatal_reason: str | None = None,
+    run_name: str = "RUN",
+) -> Failure:
     """Classify one ended node job that did not complete the run; `fatal_reason` is what the
     trainer wrote to control/fatal.json, if anything; `run_name` fills in the resume command."""
     state = JobState.parse(state)
@@ -38,8 +46,11 @@ def classify(state: JobState, exit_code: int | None, log_tail: str = "", cancell
     if exit_code == protocol.EXIT_NO_SPACE:
         # Retrying would only fill the disk again: stop, and say how to go on once there is room.
         detail = f" ({fatal_reason})" if fatal_reason else ""
-        return Failure(FailureClass.FATAL, f"the disk is full{detail}; free space, then `fm9g-launch resume "
-                                           f"{run_name}` continues from the last complete checkpoint")
+        return Failure(
+            FailureClass.FATAL,
+            f"the disk is full{detail}; free space, then `fm9g-launch resume "
+            f"{run_name}` continues from the last complete checkpoint",
+        )
     if exit_code == protocol.EXIT_CONFIG:
         what = fatal_reason or "no reason recorded in control/fatal.json"
         return Failure(FailureClass.FATAL, f"the trainer reported a config or data error: {what}")

@@ -106,8 +106,15 @@ class JobTracker:
         log = self.run.stage_logs(spec.stage.replace(":", "-")) / spec.log_name(attempt)
         tag = spec.tag(self.run.name, attempt)
         row_id = self.store.record_intent(
-            stage=spec.stage, role=spec.role, node_rank=spec.node_rank, attempt=attempt,
-            generation=spec.generation, tag=tag, script=str(script), script_hash=config_hash(text), log=str(log),
+            stage=spec.stage,
+            role=spec.role,
+            node_rank=spec.node_rank,
+            attempt=attempt,
+            generation=spec.generation,
+            tag=tag,
+            script=str(script),
+            script_hash=config_hash(text),
+            log=str(log),
         )
         try:
             job_id = self.executor.submit(
@@ -115,14 +122,28 @@ class JobTracker:
             )
         except Exception as exc:
             self.store.update_job(row_id, state=JobState.FAILED, reason=f"not submitted: {exc}", ended_at=self.clock())
-            self.store.event("submit_failed", f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt}: {exc}",
-                             stage=spec.stage, job=row_id, node_rank=spec.node_rank, why=why)
+            self.store.event(
+                "submit_failed",
+                f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt}: {exc}",
+                stage=spec.stage,
+                job=row_id,
+                node_rank=spec.node_rank,
+                why=why,
+            )
             raise
         self.store.mark_submitted(row_id, job_id)
         self.store.event(
-            "submitted", f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt} submitted as job {job_id} ({why})",
-            stage=spec.stage, job=row_id, node_rank=spec.node_rank, role=spec.role, job_id=job_id,
-            generation=spec.generation, attempt=attempt, why=why, after=list(after),
+            "submitted",
+            f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt} submitted as job {job_id} ({why})",
+            stage=spec.stage,
+            job=row_id,
+            node_rank=spec.node_rank,
+            role=spec.role,
+            job_id=job_id,
+            generation=spec.generation,
+            attempt=attempt,
+            why=why,
+            after=list(after),
         )
         row = self.store.job(row_id)
         assert row is not None
@@ -169,14 +190,21 @@ class JobTracker:
             # Slurm owns requeue for this run (--requeue): the same job id comes back by
             # itself, so this end is not final and must not be repaired a second time.
             status = replace(status, state=JobState.REQUEUED, reason=f"{status.state.value}, Slurm requeues it")
-        if row.state is JobState.RUNNING and status.state in (JobState.PENDING, JobState.REQUEUED) \
-                and status.restarts <= row.restarts:
+        if (
+            row.state is JobState.RUNNING
+            and status.state in (JobState.PENDING, JobState.REQUEUED)
+            and status.restarts <= row.restarts
+        ):
             status = replace(status, restarts=row.restarts + 1)  # squeue shows no restart count
         if status.restarts > row.restarts:
             fields["restarts"] = status.restarts
-            self.store.event("requeued_by_slurm",
-                             f"job {row.job_id} was requeued by Slurm (restart {status.restarts}); not resubmitting",
-                             stage=row.stage, job=row.id, node_rank=row.node_rank)
+            self.store.event(
+                "requeued_by_slurm",
+                f"job {row.job_id} was requeued by Slurm (restart {status.restarts}); not resubmitting",
+                stage=row.stage,
+                job=row.id,
+                node_rank=row.node_rank,
+            )
         if status.state is not row.state:
             fields["state"] = status.state
         if status.node and status.node != row.node:
@@ -234,7 +262,8 @@ class JobTracker:
                     missing = ", ".join(str(r.job_id) for r in current if r and r.id in self.unseen)
                     raise UnknownTooLong(
                         f"job(s) {missing} not visible to the {self.executor.name} executor for {unknown_bound:g}s; "
-                        f"they may still exist: look for them (squeue, or the process table), then run the command again")
+                        f"they may still exist: look for them (squeue, or the process table), then run the command again"
+                    )
             else:
                 unseen_since = None
             sleep(interval)

@@ -66,8 +66,10 @@ def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str]:
 def check_run_name(name: str) -> None:
     """A run name becomes one directory under run_root: no '/', no '..', nothing hidden."""
     if not name or "/" in name or "\0" in name or name in (".", "..") or name.startswith((".", "-")):
-        raise ConfigError(f"run name {name!r} cannot be a directory name under runs/: use letters, digits, "
-                          f"'-', '_' or '.' (no '/', not starting with '.' or '-'), via --name or train.model_unique")
+        raise ConfigError(
+            f"run name {name!r} cannot be a directory name under runs/: use letters, digits, "
+            f"'-', '_' or '.' (no '/', not starting with '.' or '-'), via --name or train.model_unique"
+        )
 
 
 class SupervisorLock:
@@ -101,8 +103,10 @@ class SupervisorLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise LaunchError(f"a supervisor ({holder}) already runs for {self.path.parent}; "
-                              f"watch it with `fm9g-launch status {self.path.parent}`") from None
+            raise LaunchError(
+                f"a supervisor ({holder}) already runs for {self.path.parent}; "
+                f"watch it with `fm9g-launch status {self.path.parent}`"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -120,10 +124,14 @@ def describe_summary(run: RunDir) -> str:
     summary = read_json(run.summary) or {}
     lines = [f"run {run.name} is complete"]
     if summary:
-        lines.append(f"  steps run:    {summary.get('steps_run')} (step {summary.get('start_step')} -> {summary.get('final_step')})")
+        lines.append(
+            f"  steps run:    {summary.get('steps_run')} (step {summary.get('start_step')} -> {summary.get('final_step')})"
+        )
         lines.append(f"  loss:         {summary.get('first_loss')} -> {summary.get('last_loss')}")
         lines.append(f"  checkpoint:   {summary.get('checkpoint')}")
-        lines.append(f"  tensorboard:  {summary.get('tensorboard')}   (tensorboard --logdir {shlex.quote(str(run.tensorboard))})")
+        lines.append(
+            f"  tensorboard:  {summary.get('tensorboard')}   (tensorboard --logdir {shlex.quote(str(run.tensorboard))})"
+        )
     lines.append(f"  run dir:      {run.root}")
     return "\n".join(lines)
 
@@ -133,8 +141,10 @@ def greeting(run: RunDir, existed: bool) -> str:
         return f"new run {run.name} in {run.root}"
     step = run.latest_step()
     if step is not None and not (run.checkpoints / str(step)).is_dir():
-        return (f"resuming run {run.name} in {run.root}: checkpoints/latest names step {step}, which is missing; "
-                f"the trainer starts from the newest complete checkpoint it finds")
+        return (
+            f"resuming run {run.name} in {run.root}: checkpoints/latest names step {step}, which is missing; "
+            f"the trainer starts from the newest complete checkpoint it finds"
+        )
     return f"resuming run {run.name} in {run.root}" + (f" from checkpoint step {step}" if step is not None else "")
 
 
@@ -207,10 +217,17 @@ def detach(run: RunDir) -> int:
     """Start the supervisor in the background and return; it writes supervisor.log."""
     log = run.supervisor_log
     with open(log, "ab") as out:
-        child = subprocess.Popen([sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--no-progress"],
-                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "fm9g.orchestrator.cli", "resume", str(run.root), "--no-progress"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     say(f"supervisor started in the background (pid {child.pid}); log: {log}")
-    say(f"watch it: fm9g-launch status {shlex.quote(str(run.root))}   or   fm9g-launch tui {shlex.quote(str(run.root))}")
+    say(
+        f"watch it: fm9g-launch status {shlex.quote(str(run.root))}   or   fm9g-launch tui {shlex.quote(str(run.root))}"
+    )
     return 0
 
 
@@ -243,7 +260,8 @@ def open_store(run: RunDir) -> StateStore:
             f"(`squeue --name` shows them as fm9g-{run.name}-*), move the file aside "
             f"(mv {shlex.quote(str(run.state_db))} {shlex.quote(str(run.state_db) + '.broken')}), then run "
             f"`fm9g-launch resume {shlex.quote(str(run.root))}`: finished indexes, the tokenizer and the "
-            f"checkpoints are found again in the run directory") from None
+            f"checkpoints are found again in the run directory"
+        ) from None
 
 
 class DiskFull(LaunchError):
@@ -332,6 +350,7 @@ def _supervise(plan: Plan, progress: bool) -> int:
             say(describe_summary(run))
             if config.pipeline.after_train:
                 from fm9g.orchestrator.inference.pipeline import run_post_train_stages
+
                 # convert -> infer -> serve, each afterok the one before; finished ones are skipped.
                 if run_post_train_stages(run, config, store, executor, say) != 0:
                     return 1

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fm9g.orchestrator.render import JobSpec, ScriptRenderer, config_hash
-from fm9g.rundir import RunDir, config as config_mod
+from fm9g.rundir import RunDir
+from fm9g.rundir import config as config_mod
 from fm9g.rundir.config import ConfigError, RunConfig
 
 TRAIN = "train"
@@ -81,9 +82,13 @@ class Plan:
 
     def renderer(self) -> ScriptRenderer:
         """The renderer every job of this run is written with (dry run and real run alike)."""
-        return ScriptRenderer(run_name=self.run.name, run_dir=str(self.run.root), cluster=self.config.cluster,
-                              python=self.config.cluster.python or sys.executable,
-                              config_hash=config_hash(self.config_text))
+        return ScriptRenderer(
+            run_name=self.run.name,
+            run_dir=str(self.run.root),
+            cluster=self.config.cluster,
+            python=self.config.cluster.python or sys.executable,
+            config_hash=config_hash(self.config_text),
+        )
 
     def describe(self) -> str:
         """The dry-run listing: stages in order, their jobs and what each waits for."""
@@ -97,8 +102,10 @@ class Plan:
                 out.write(f"      {stage.note}\n")
             for job in stage.jobs if not stage.skip else ():
                 array = f" x{job.array} tasks" if job.array else ""
-                out.write(f"      {job.role}{job.node_rank if job.role in ('master', 'worker') else ''}{array}: "
-                          f"{job.script_name(1)}\n")
+                out.write(
+                    f"      {job.role}{job.node_rank if job.role in ('master', 'worker') else ''}{array}: "
+                    f"{job.script_name(1)}\n"
+                )
         return out.getvalue()
 
 
@@ -112,15 +119,27 @@ def index_specs(source: IndexSource, shards: int) -> tuple[JobSpec, JobSpec]:
     """The shard array job and the merge job of one dataset's index stage."""
     stage = f"index:{source.task_name}"
     values = {"plan": str(source.shard_plan)}
-    return (JobSpec(stage=stage, role="shard", template="index.sbatch.j2", values=values, gpus=False, signal=False,
-                    array=shards),
-            JobSpec(stage=stage, role="merge", template="index.sbatch.j2", values=values, gpus=False, signal=False))
+    return (
+        JobSpec(
+            stage=stage, role="shard", template="index.sbatch.j2", values=values, gpus=False, signal=False, array=shards
+        ),
+        JobSpec(stage=stage, role="merge", template="index.sbatch.j2", values=values, gpus=False, signal=False),
+    )
 
 
 def tokenizer_spec(run: RunDir, vocab_size: int) -> JobSpec:
-    return JobSpec(stage=TOKENIZER, role=TOKENIZER, template="tokenizer.sbatch.j2", gpus=False, signal=False,
-                   values={"mixture": str(run.mixture), "vocab_size": vocab_size,
-                           "output": str(run.tokenizer_dir / "tokenizer.model")})
+    return JobSpec(
+        stage=TOKENIZER,
+        role=TOKENIZER,
+        template="tokenizer.sbatch.j2",
+        gpus=False,
+        signal=False,
+        values={
+            "mixture": str(run.mixture),
+            "vocab_size": vocab_size,
+            "output": str(run.tokenizer_dir / "tokenizer.model"),
+        },
+    )
 
 
 def shard_count(path: Path) -> int:
@@ -155,8 +174,9 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
     from fm9g.data.mixture import check_transforms, load_mixture, needs_index
 
     if not config.data.dataset_config:
-        raise ConfigError("data.dataset_config is not set: point it at a mixture JSON list "
-                          "(see examples/tiny/mixture.json)")
+        raise ConfigError(
+            "data.dataset_config is not set: point it at a mixture JSON list (see examples/tiny/mixture.json)"
+        )
     try:
         mixture = load_mixture(Path(config.data.dataset_config))
         check_transforms(mixture)  # a transform failing on every sampled record fails here, not mid-run
@@ -175,11 +195,22 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
             if (output / "meta.json").exists():
                 stages.append(StagePlan(name, StageKind.INDEX, skip=f"already indexed: {output}"))
             else:
-                source = IndexSource(task.task_name, Path(task.path), output, run.indexed / ".work" / task.task_name,
-                                     guess_language(Path(task.path)))
+                source = IndexSource(
+                    task.task_name,
+                    Path(task.path),
+                    output,
+                    run.indexed / ".work" / task.task_name,
+                    guess_language(Path(task.path)),
+                )
                 sources.append(source)
-                stages.append(StagePlan(name, StageKind.INDEX, jobs=index_specs(source, shard_count(source.source)),
-                                        note=f"{source.source} -> {output}"))
+                stages.append(
+                    StagePlan(
+                        name,
+                        StageKind.INDEX,
+                        jobs=index_specs(source, shard_count(source.source)),
+                        note=f"{source.source} -> {output}",
+                    )
+                )
         resolved.append(entry)
     index_stages = tuple(stage.name for stage in stages if not stage.skip)
 
@@ -187,15 +218,28 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
     if config.data.tokenizer_path is None:
         target = run.tokenizer_dir / "tokenizer.model"
         skip = f"already trained: {target}" if target.exists() else None
-        stages.append(StagePlan(TOKENIZER, StageKind.TOKENIZER, depends_on=index_stages,
-                                jobs=(tokenizer_spec(run, config.data.tokenizer_vocab_size),), skip=skip,
-                                note=f"sentencepiece, vocab {config.data.tokenizer_vocab_size} -> {target}"))
+        stages.append(
+            StagePlan(
+                TOKENIZER,
+                StageKind.TOKENIZER,
+                depends_on=index_stages,
+                jobs=(tokenizer_spec(run, config.data.tokenizer_vocab_size),),
+                skip=skip,
+                note=f"sentencepiece, vocab {config.data.tokenizer_vocab_size} -> {target}",
+            )
+        )
         data_stages = (*index_stages, TOKENIZER) if not skip else index_stages
 
     nodes = config.cluster.nodes
-    stages.append(StagePlan(TRAIN, StageKind.TRAIN, depends_on=data_stages,
-                            jobs=tuple(node_spec(rank, 0) for rank in range(nodes)),
-                            note=f"{nodes} node job(s), torchrun rendezvous through the master's store"))
+    stages.append(
+        StagePlan(
+            TRAIN,
+            StageKind.TRAIN,
+            depends_on=data_stages,
+            jobs=tuple(node_spec(rank, 0) for rank in range(nodes)),
+            note=f"{nodes} node job(s), torchrun rendezvous through the master's store",
+        )
+    )
     wanted = set(config.pipeline.after_train)
     if wanted:
         later = "rendered when training ends: its script names the checkpoint step"
@@ -204,8 +248,14 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
             if kind.value in wanted:
                 stages.append(StagePlan(kind.value, kind, depends_on=("convert",), note=later))
 
-    plan = Plan(run=run, config=config, config_text=config_mod.dump(config), mixture=resolved,
-                stages=tuple(stages), index_sources=tuple(sources))
+    plan = Plan(
+        run=run,
+        config=config,
+        config_text=config_mod.dump(config),
+        mixture=resolved,
+        stages=tuple(stages),
+        index_sources=tuple(sources),
+    )
     renderer = plan.renderer()
     for stage in plan.stages:  # every script renders (a bad #SBATCH value fails here, not in sbatch)
         for job in stage.jobs:

@@ -39,8 +39,9 @@ def submit_index(tracker: JobTracker, source: IndexSource, datasets_at_once: int
     from fm9g.data.index_plan import plan_shards
     from fm9g.orchestrator.plan import shard_count
 
-    plan_path = plan_shards(source.source, shard_count(source.source), source.work, output=source.output,
-                            language=source.language)
+    plan_path = plan_shards(
+        source.source, shard_count(source.source), source.work, output=source.output, language=source.language
+    )
     assert plan_path == source.shard_plan, (plan_path, source.shard_plan)
     shards = len(read_json(plan_path)["shards"])
     shard, merge = index_specs(source, shards)
@@ -67,17 +68,21 @@ def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = 
             rows[stage] = live
         else:
             rows[stage] = submit_index(tracker, source, len(plan.index_sources))
-            say(f"{stage}: shard array job {rows[stage][0].job_id}, merge job {rows[stage][-1].job_id}; "
-                f"{source.source} -> {source.output}")
+            say(
+                f"{stage}: shard array job {rows[stage][0].job_id}, merge job {rows[stage][-1].job_id}; "
+                f"{source.source} -> {source.output}"
+            )
         store.set_stage(stage, StageStatus.RUNNING, detail=f"{source.source} -> {source.output}")
     if rows:
         sources = {f"index:{s.task_name}": s for s in plan.index_sources}
         with shard_progress(progress, list(rows)) as show:
+
             def report() -> None:
                 for stage in rows:
                     done, total = shards_done(sources[stage])
-                    store.set_stage_progress(stage, done / total * 0.95 if total else 0.0,
-                                             detail=f"{done}/{total} shards")
+                    store.set_stage_progress(
+                        stage, done / total * 0.95 if total else 0.0, detail=f"{done}/{total} shards"
+                    )
                     show(stage, done, total)
 
             finished = wait(tracker, [row for group in rows.values() for row in group], interval, report)
@@ -98,8 +103,9 @@ def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = 
                 store.event("stage_end", f"{stage} failed: {reason}", stage=stage)
                 failed.append(f"{stage}: {reason}")
         if failed:
-            raise StageFailed("; ".join(failed) + "; fix the data, then run the same command again "
-                              "(finished shards are kept)")
+            raise StageFailed(
+                "; ".join(failed) + "; fix the data, then run the same command again (finished shards are kept)"
+            )
     if any(stage.name == TOKENIZER and not stage.skip for stage in plan.stages):
         train_tokenizer(plan, tracker, say, interval)
 
@@ -114,8 +120,11 @@ def train_tokenizer(plan: Plan, tracker: JobTracker, say: Say, interval: float) 
     if live:
         row = live[0]
     else:
-        row = tracker.submit(tokenizer_spec(run, plan.config.data.tokenizer_vocab_size),
-                             attempt=next_attempt(tracker, TOKENIZER), why="no data.tokenizer_path")
+        row = tracker.submit(
+            tokenizer_spec(run, plan.config.data.tokenizer_vocab_size),
+            attempt=next_attempt(tracker, TOKENIZER),
+            why="no data.tokenizer_path",
+        )
         say(f"tokenizer: training sentencepiece (vocab {plan.config.data.tokenizer_vocab_size}) as job {row.job_id}")
     store.set_stage(TOKENIZER, StageStatus.RUNNING)
     [ended] = wait(tracker, [row], interval, None)
@@ -140,8 +149,10 @@ def wait(tracker: JobTracker, rows: list[JobRow], interval: float, report: Calla
             for stage in sorted({row.stage for row in current}):
                 tracker.store.set_stage(stage, StageStatus.CANCELLED, detail="cancelled by the user")
                 tracker.store.event("stage_end", f"{stage} cancelled by the user", stage=stage, job_ids=ids)
-            raise StageCancelled(f"cancelled by the user: {' '.join(ids) or 'no live jobs'}; "
-                                 "run the same command again to continue (finished shards are kept)")
+            raise StageCancelled(
+                f"cancelled by the user: {' '.join(ids) or 'no live jobs'}; "
+                "run the same command again to continue (finished shards are kept)"
+            )
 
     try:
         return tracker.wait(rows, interval=interval, on_tick=tick)
@@ -165,8 +176,13 @@ def shard_progress(enabled: bool, stages: list[str]) -> Iterator[Callable[[str, 
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("shards"), TimeElapsedColumn()) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards"),
+        TimeElapsedColumn(),
+    ) as bar:
         tasks = {stage: bar.add_task(stage, total=None) for stage in stages}
 
         def show(stage: str, done: int, total: int) -> None:

@@ -20,7 +20,7 @@ from importlib import resources
 import jinja2
 
 from fm9g.rundir.config import ClusterConfig, ConfigError
-from fm9g.rundir.protocol import job_name, job_tag, slug
+from fm9g.rundir.protocol import job_name, job_tag
 
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:=@%/+\-\[\]*()]*$")
 
@@ -29,7 +29,9 @@ def sbatch_value(value: object, what: str) -> str:
     """A value for an #SBATCH line, refused when sbatch's parser could split it."""
     text = str(value)
     if not _SBATCH_SAFE.match(text):
-        raise ConfigError(f"{what}={text!r} cannot go on an #SBATCH line (whitespace, quotes or '#' are not allowed there); fix the value in the config")
+        raise ConfigError(
+            f"{what}={text!r} cannot go on an #SBATCH line (whitespace, quotes or '#' are not allowed there); fix the value in the config"
+        )
     return text
 
 
@@ -61,8 +63,9 @@ def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str, signal: boo
     for key, value in optional.items():
         if value is not None:
             flags[key] = str(value)
-    lines = [f"{key}={sbatch_value(value, 'cluster.' + key.lstrip('-').replace('-', '_'))}"
-             for key, value in flags.items()]
+    lines = [
+        f"{key}={sbatch_value(value, 'cluster.' + key.lstrip('-').replace('-', '_'))}" for key, value in flags.items()
+    ]
     # One owner of requeue per job: Slurm (--requeue) or the supervisor (--no-requeue).
     lines.append("--requeue" if cluster.requeue else "--no-requeue")
     for extra in cluster.extra_sbatch:
@@ -127,22 +130,27 @@ class ScriptRenderer:
         for key, _ in spec.env:
             if not _ENV_NAME.match(key):
                 raise ConfigError(f"environment variable name {key!r} is not valid in a shell")
-        flags = sbatch_flags(cluster, name=spec.name(self.run_name), comment=spec.tag(self.run_name, attempt),
-                             signal=spec.signal)
-        return _environment().get_template(spec.template).render(
-            run_name=self.run_name,
-            run_dir=self.run_dir,
-            stage=spec.stage,
-            role=spec.role,
-            node_rank=spec.node_rank,
-            attempt=attempt,
-            generation=spec.generation,
-            python=self.python,
-            config_hash=self.config_hash,
-            sbatch_flags=flags,
-            setup=cluster.setup,
-            env=list(spec.env),
-            **spec.values,
+        flags = sbatch_flags(
+            cluster, name=spec.name(self.run_name), comment=spec.tag(self.run_name, attempt), signal=spec.signal
+        )
+        return (
+            _environment()
+            .get_template(spec.template)
+            .render(
+                run_name=self.run_name,
+                run_dir=self.run_dir,
+                stage=spec.stage,
+                role=spec.role,
+                node_rank=spec.node_rank,
+                attempt=attempt,
+                generation=spec.generation,
+                python=self.python,
+                config_hash=self.config_hash,
+                sbatch_flags=flags,
+                setup=cluster.setup,
+                env=list(spec.env),
+                **spec.values,
+            )
         )
 
 

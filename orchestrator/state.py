@@ -169,8 +169,10 @@ class StateStore:
 
     # ------------------------------------------------------------------ meta
     def set_meta(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                        (key, json.dumps(value)))
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, json.dumps(value)),
+        )
 
     def meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -178,10 +180,15 @@ class StateStore:
 
     # ------------------------------------------------------------------ stages
     def upsert_stage(self, name: str, kind: str, depends_on: list[str] | None = None) -> None:
-        self.db.execute("INSERT INTO stages(name, kind, status, depends_on) VALUES(?, ?, 'PENDING', ?) "
-                        "ON CONFLICT(name) DO NOTHING", (name, kind, json.dumps(depends_on or [])))
+        self.db.execute(
+            "INSERT INTO stages(name, kind, status, depends_on) VALUES(?, ?, 'PENDING', ?) "
+            "ON CONFLICT(name) DO NOTHING",
+            (name, kind, json.dumps(depends_on or [])),
+        )
 
-    def set_stage(self, name: str, status: StageStatus | str, detail: str | None = None, progress: float | None = None) -> None:
+    def set_stage(
+        self, name: str, status: StageStatus | str, detail: str | None = None, progress: float | None = None
+    ) -> None:
         now = time.time()
         status = StageStatus(status)
         sets = ["status=?"]
@@ -209,28 +216,52 @@ class StateStore:
 
     def stages(self) -> list[StageRow]:
         rows = self.db.execute("SELECT * FROM stages ORDER BY rowid").fetchall()
-        return [StageRow(name=r["name"], kind=r["kind"], status=StageStatus(r["status"]), depends_on=json.loads(r["depends_on"]),
-                         detail=r["detail"], progress=r["progress"], started_at=r["started_at"], ended_at=r["ended_at"])
-                for r in rows]
+        return [
+            StageRow(
+                name=r["name"],
+                kind=r["kind"],
+                status=StageStatus(r["status"]),
+                depends_on=json.loads(r["depends_on"]),
+                detail=r["detail"],
+                progress=r["progress"],
+                started_at=r["started_at"],
+                ended_at=r["ended_at"],
+            )
+            for r in rows
+        ]
 
     def stage(self, name: str) -> StageRow | None:
         return next((s for s in self.stages() if s.name == name), None)
 
     # ------------------------------------------------------------------ jobs
-    def record_intent(self, *, stage: str, role: str, node_rank: int, attempt: int, generation: int, tag: str,
-                      script: str, script_hash: str, log: str) -> int:
+    def record_intent(
+        self,
+        *,
+        stage: str,
+        role: str,
+        node_rank: int,
+        attempt: int,
+        generation: int,
+        tag: str,
+        script: str,
+        script_hash: str,
+        log: str,
+    ) -> int:
         """Insert a job row before submitting it; returns the row id."""
         now = time.time()
         cursor = self.db.execute(
             "INSERT INTO jobs(stage, role, node_rank, attempt, generation, tag, script, script_hash, state, log, updated_at) "
             "VALUES(?, ?, ?, ?, ?, ?, ?, ?, 'SUBMITTING', ?, ?)",
-            (stage, role, node_rank, attempt, generation, tag, script, script_hash, log, now))
+            (stage, role, node_rank, attempt, generation, tag, script, script_hash, log, now),
+        )
         return int(cursor.lastrowid)
 
     def mark_submitted(self, row_id: int, job_id: str, log: str | None = None) -> None:
         now = time.time()
-        self.db.execute("UPDATE jobs SET job_id=?, state='PENDING', submitted_at=?, updated_at=?, log=COALESCE(?, log) WHERE id=?",
-                        (job_id, now, now, log, row_id))
+        self.db.execute(
+            "UPDATE jobs SET job_id=?, state='PENDING', submitted_at=?, updated_at=?, log=COALESCE(?, log) WHERE id=?",
+            (job_id, now, now, log, row_id),
+        )
 
     def update_job(self, row_id: int, **fields: Any) -> None:
         if not fields:
@@ -261,8 +292,10 @@ class StateStore:
 
     # ------------------------------------------------------------------ events
     def event(self, kind: str, message: str, *, stage: str = "", job: int | None = None, **data: Any) -> None:
-        self.db.execute("INSERT INTO events(time, kind, stage, job, message, data) VALUES(?, ?, ?, ?, ?, ?)",
-                        (time.time(), kind, stage, job, message, json.dumps(data, default=str)))
+        self.db.execute(
+            "INSERT INTO events(time, kind, stage, job, message, data) VALUES(?, ?, ?, ?, ?, ?)",
+            (time.time(), kind, stage, job, message, json.dumps(data, default=str)),
+        )
 
     def events(self, kind: str | None = None, since_id: int = 0) -> list[EventRow]:
         query, values = "SELECT * FROM events WHERE id>?", [since_id]
@@ -270,8 +303,18 @@ class StateStore:
             query += " AND kind=?"
             values.append(kind)
         rows = self.db.execute(query + " ORDER BY id", values).fetchall()
-        return [EventRow(id=r["id"], time=r["time"], kind=r["kind"], stage=r["stage"], job=r["job"],
-                         message=r["message"], data=json.loads(r["data"])) for r in rows]
+        return [
+            EventRow(
+                id=r["id"],
+                time=r["time"],
+                kind=r["kind"],
+                stage=r["stage"],
+                job=r["job"],
+                message=r["message"],
+                data=json.loads(r["data"]),
+            )
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ for viewers
     def jobs_updated_since(self, since: float | None) -> list[JobRow]:
@@ -279,8 +322,9 @@ class StateStore:
         refreshes every second reads what changed, not the whole history."""
         if since is None:
             return self.jobs()
-        rows = self.db.execute("SELECT * FROM jobs WHERE updated_at >= ? OR updated_at IS NULL ORDER BY id",
-                               (since,)).fetchall()
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE updated_at >= ? OR updated_at IS NULL ORDER BY id", (since,)
+        ).fetchall()
         return [_job_row(r) for r in rows]
 
     def max_event_id(self) -> int:

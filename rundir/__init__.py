@@ -31,7 +31,7 @@ class RunDir:
     root: Path
 
     @classmethod
-    def of(cls, root: str | Path) -> "RunDir":
+    def of(cls, root: str | Path) -> RunDir:
         return cls(Path(root).resolve())
 
     @property
@@ -189,9 +189,16 @@ class RunDir:
     def lock(self) -> Path:
         return self.root / "supervisor.lock"
 
-    def make(self) -> "RunDir":
+    def make(self) -> RunDir:
         """Create the directories every stage expects."""
-        for path in (self.scripts, self.rendezvous, self.logs, self.heartbeats, self.control,
-                     self.checkpoints, self.tensorboard):
+        for path in (
+            self.scripts,
+            self.rendezvous,
+            self.logs,
+            self.heartbeats,
+            self.control,
+            self.checkpoints,
+            self.tensorboard,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         return self

@@ -75,8 +75,9 @@ def write_text(path: str | os.PathLike[str], text: str, mode: int | None = None,
     return write_bytes(path, text.encode("utf-8"), mode=mode, durable=durable)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None, indent: int | None = 2,
-               durable: bool = True) -> Path:
+def write_json(
+    path: str | os.PathLike[str], obj: Any, mode: int | None = None, indent: int | None = 2, durable: bool = True
+) -> Path:
     """Serialise `obj` as JSON (UTF-8, not ASCII-escaped) and write it atomically."""
     return write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", mode=mode, durable=durable)
 

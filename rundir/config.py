@@ -50,8 +50,12 @@ class ClusterConfig(Section):
 
     partition: str | None = Field(None, description="Slurm partition (-p). None: the cluster's default partition.")
     nodes: int = Field(1, ge=1, description="Nodes in a training stage; each node is its own single-node job.")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, requested as --gres=gpu:N; also torchrun's --nproc-per-node when > 0.")
-    procs_per_node: int | None = Field(None, ge=1, description="Trainer processes per node; default: gpus_per_node, or 1 on CPU.")
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs per node, requested as --gres=gpu:N; also torchrun's --nproc-per-node when > 0."
+    )
+    procs_per_node: int | None = Field(
+        None, ge=1, description="Trainer processes per node; default: gpus_per_node, or 1 on CPU."
+    )
     cpus_per_task: int | None = Field(None, ge=1, description="--cpus-per-task for each node job.")
     mem: str | None = Field(None, description="--mem, e.g. '200G'.")
     time: str | None = Field(None, description="Walltime (--time), e.g. '2-00:00:00'.")
@@ -59,27 +63,52 @@ class ClusterConfig(Section):
     qos: str | None = Field(None, description="--qos.")
     constraint: str | None = Field(None, description="--constraint (node features).")
     exclude: list[str] = Field(default_factory=list, description="Nodes never to use (--exclude).")
-    extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' options, each like '--reservation=x'.")
-    setup: list[str] = Field(default_factory=list, description="Shell lines run before the node agent: module load, conda/venv activation, exports. Trusted, rendered verbatim.")
-    python: str | None = Field(None, description="Python interpreter on the compute nodes; default: the one running fm9g-launch.")
-    signal_lead: int = Field(120, ge=0, description="Seconds before the walltime at which Slurm sends USR1 (--signal=B:USR1@lead) so the trainer checkpoints.")
-    requeue: bool = Field(False, description="Let Slurm requeue a job on node failure (--requeue). Off: the supervisor owns resubmission (never both).")
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="Extra '#SBATCH' options, each like '--reservation=x'."
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the node agent: module load, conda/venv activation, exports. Trusted, rendered verbatim.",
+    )
+    python: str | None = Field(
+        None, description="Python interpreter on the compute nodes; default: the one running fm9g-launch."
+    )
+    signal_lead: int = Field(
+        120,
+        ge=0,
+        description="Seconds before the walltime at which Slurm sends USR1 (--signal=B:USR1@lead) so the trainer checkpoints.",
+    )
+    requeue: bool = Field(
+        False,
+        description="Let Slurm requeue a job on node failure (--requeue). Off: the supervisor owns resubmission (never both).",
+    )
 
 
 class ModelConfig(Section):
     """The architecture to build."""
 
     config: str = Field("tiny", description="A named model config (tiny, 2.4b, 8b) or a path to a model config JSON.")
-    backend: Literal["torch", "bmtrain"] = Field("torch", description="torch: DDP (FSDP2 with fsdp=true); bmtrain: ZeRO-3, GPU only.")
-    fsdp: bool = Field(False, description="Shard parameters with FSDP2 (torch backend) for models that do not fit one device.")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.")
-    offload: bool | None = Field(None, description="bmtrain with bf16: keep Adam states on the CPU (AdamOffloadOptimizer). None: on for bf16, as the FM9G script always passed --offload; off for fp32. The torch backend has no offload.")
+    backend: Literal["torch", "bmtrain"] = Field(
+        "torch", description="torch: DDP (FSDP2 with fsdp=true); bmtrain: ZeRO-3, GPU only."
+    )
+    fsdp: bool = Field(
+        False, description="Shard parameters with FSDP2 (torch backend) for models that do not fit one device."
+    )
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU."
+    )
+    offload: bool | None = Field(
+        None,
+        description="bmtrain with bf16: keep Adam states on the CPU (AdamOffloadOptimizer). None: on for bf16, as the FM9G script always passed --offload; off for fp32. The torch backend has no offload.",
+    )
 
     @model_validator(mode="after")
     def _backend_options(self) -> ModelConfig:
         if self.backend == "bmtrain" and self.fsdp:
-            raise ValueError("fsdp is a torch-backend option (bmtrain already shards with ZeRO-3): "
-                             "remove model.fsdp or use model.backend: torch")
+            raise ValueError(
+                "fsdp is a torch-backend option (bmtrain already shards with ZeRO-3): "
+                "remove model.fsdp or use model.backend: torch"
+            )
         if self.backend == "torch" and self.offload:
             raise ValueError("offload is a bmtrain option: remove model.offload, or use model.backend: bmtrain")
         return self
@@ -88,11 +117,21 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """The dataset mixture, the tokenizer and the dataloader."""
 
-    dataset_config: str | None = Field(None, description="Path to the mixture JSON list (guide format: dataset_name, task_name, abs_weight, path, transforms, allow_repeat, ...).")
-    tokenizer_path: str | None = Field(None, description="sentencepiece tokenizer.model (2B) or cpm vocab.txt (8B). None: train a sentencepiece model from the data into the run directory.")
-    tokenizer_vocab_size: int = Field(2000, ge=300, description="Vocabulary size when the tokenizer is trained from the data.")
+    dataset_config: str | None = Field(
+        None,
+        description="Path to the mixture JSON list (guide format: dataset_name, task_name, abs_weight, path, transforms, allow_repeat, ...).",
+    )
+    tokenizer_path: str | None = Field(
+        None,
+        description="sentencepiece tokenizer.model (2B) or cpm vocab.txt (8B). None: train a sentencepiece model from the data into the run directory.",
+    )
+    tokenizer_vocab_size: int = Field(
+        2000, ge=300, description="Vocabulary size when the tokenizer is trained from the data."
+    )
     max_length: int = Field(4096, ge=8, description="Tokens per packed sequence.")
-    oversize_rule: Literal["segment", "drop", "head"] = Field("segment", description="What to do with a sample longer than max_length.")
+    oversize_rule: Literal["segment", "drop", "head"] = Field(
+        "segment", description="What to do with a sample longer than max_length."
+    )
     sft: bool = Field(False, description="Chat format (<用户>…<AI>…) with loss on the answer only.")
     dataloader_num_threads: int = Field(1, ge=1, description="Reader threads per task per worker.")
     dataloader_prefetch: int = Field(1, ge=1, description="Slices buffered per reader.")
@@ -105,23 +144,46 @@ class TrainConfig(Section):
     """Every argument of the guide's parameter list, plus the optimiser knobs the FM9G
     shell script hard-coded (seed, clip_grad, weight_decay)."""
 
-    model_unique: str = Field("", description="Run name: checkpoints, logs and TensorBoard go under runs/<model_unique>/. Empty: the config file's name.")
-    resume_ckpt: str = Field("", description="Step to resume from ('' = the latest checkpoint of this run, if any; 'none' = start fresh).")
-    flash: Literal["auto", "cuda", "none"] = Field("auto", description="Attention kernel: cuda = flash-attn varlen (needs a GPU and flash-attn), none = torch SDPA, auto = cuda when available.")
-    local: bool = Field(False, description="Kept for compatibility with the guide; the original script's two branches were identical, so it changes nothing.")
+    model_unique: str = Field(
+        "",
+        description="Run name: checkpoints, logs and TensorBoard go under runs/<model_unique>/. Empty: the config file's name.",
+    )
+    resume_ckpt: str = Field(
+        "", description="Step to resume from ('' = the latest checkpoint of this run, if any; 'none' = start fresh)."
+    )
+    flash: Literal["auto", "cuda", "none"] = Field(
+        "auto",
+        description="Attention kernel: cuda = flash-attn varlen (needs a GPU and flash-attn), none = torch SDPA, auto = cuda when available.",
+    )
+    local: bool = Field(
+        False,
+        description="Kept for compatibility with the guide; the original script's two branches were identical, so it changes nothing.",
+    )
     dataloader: Literal["indexed"] = Field("indexed", description="Only the indexed dataloader exists.")
     save: bool = Field(True, description="Write checkpoints every save_iters and at the end.")
     load_grad: bool = Field(True, description="On resume, load optimizer states as well as weights.")
-    grad_ckpt_num: int = Field(0, ge=0, description="Number of per-rank optimizer files in a checkpoint written by a different world size; 0 = same world size.")
+    grad_ckpt_num: int = Field(
+        0,
+        ge=0,
+        description="Number of per-rank optimizer files in a checkpoint written by a different world size; 0 = same world size.",
+    )
     exp_group: str = Field("", description="Prefix of the TensorBoard directory (tensorboard/<exp_group><name>).")
-    ignore_cuda_oom: bool = Field(True, description="Skip a batch that runs out of GPU memory instead of dying (GPU only).")
+    ignore_cuda_oom: bool = Field(
+        True, description="Skip a batch that runs out of GPU memory instead of dying (GPU only)."
+    )
     tensorboard_all_tasks: bool = Field(True, description="Log Loss/train/<task> for every task.")
     stop_when_end: bool = Field(True, description="Stop at train_iters. False: run until the data is exhausted.")
-    only_run_dataloader: bool = Field(False, description="Only iterate the data (measure the loader); no forward/backward.")
+    only_run_dataloader: bool = Field(
+        False, description="Only iterate the data (measure the loader); no forward/backward."
+    )
     eps: float | None = Field(None, gt=0, description="RMSNorm epsilon; None: the model config's value.")
     inspect_iters: int = Field(100, ge=0, description="Every N steps log parameter/gradient statistics (0 = never).")
     strict_state_dict: bool = Field(True, description="Loading weights requires exactly matching keys.")
-    resume_no_optimze: int = Field(0, ge=0, description="(sic, the guide's spelling) Steps after a resume with lr 0 (cosine) or a re-warmup from 0 (WSD).")
+    resume_no_optimze: int = Field(
+        0,
+        ge=0,
+        description="(sic, the guide's spelling) Steps after a resume with lr 0 (cosine) or a re-warmup from 0 (WSD).",
+    )
     tp_size: int = Field(1, ge=1, description="Tensor-parallel size; only 1 is supported by the torch backend.")
     async_save: bool = Field(False, description="Write checkpoints in a background thread.")
     batch_size: int = Field(1, ge=1, description="Sequences of max_length packed per step per rank.")
@@ -131,9 +193,15 @@ class TrainConfig(Section):
     warmup_iters: float = Field(20, ge=0, description="Warmup steps; a value below 1 is a fraction of train_iters.")
     drop_iters: float = Field(0.1, ge=0, description="WSD decay length; a value below 1 is a fraction of train_iters.")
     only_load_model: bool = Field(False, description="With resume_ckpt: load weights only and start at step 0.")
-    lr_scheduler: Literal["cosine", "warmupstabledrop", "warmupstableexp"] = Field("cosine", description="LR schedule (case-insensitive).")
-    load_dataloader_ckpt: bool = Field(True, description="On resume, restore the dataloader position so no sample is seen twice.")
-    drop_begin: int = Field(-1, description="warmupstableexp: step where the exponential decay begins (-1 = after warmup).")
+    lr_scheduler: Literal["cosine", "warmupstabledrop", "warmupstableexp"] = Field(
+        "cosine", description="LR schedule (case-insensitive)."
+    )
+    load_dataloader_ckpt: bool = Field(
+        True, description="On resume, restore the dataloader position so no sample is seen twice."
+    )
+    drop_begin: int = Field(
+        -1, description="warmupstableexp: step where the exponential decay begins (-1 = after warmup)."
+    )
     drop_rate: float = Field(0.5, gt=0, description="warmupstableexp: lr factor per drop_iters steps.")
     use_checkpoint: bool = Field(False, description="Activation (gradient) checkpointing of every layer.")
     seed: int = Field(1234, description="Seed of model init, data order and dropout.")
@@ -141,10 +209,20 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     log_iters: int = Field(1, ge=1, description="Log metrics every N steps.")
-    step_sleep: float = Field(0.0, ge=0, description="Seconds to sleep after each step (tests use it to make fault injection land mid-run).")
-    max_session_steps: int = Field(0, ge=0, description="Checkpoint and exit (without DONE, like checkpoint-now) after this many steps of one trainer session; 0 = no limit. For time-boxed allocations and resume tests.")
+    step_sleep: float = Field(
+        0.0, ge=0, description="Seconds to sleep after each step (tests use it to make fault injection land mid-run)."
+    )
+    max_session_steps: int = Field(
+        0,
+        ge=0,
+        description="Checkpoint and exit (without DONE, like checkpoint-now) after this many steps of one trainer session; 0 = no limit. For time-boxed allocations and resume tests.",
+    )
     keep_checkpoints: int = Field(0, ge=0, description="Keep only the newest N complete checkpoints (0 = keep all).")
-    peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s of one device for the MFU figure; None: a table of known GPUs (H100/H200/A100/...), and no MFU on CPU.")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s of one device for the MFU figure; None: a table of known GPUs (H100/H200/A100/...), and no MFU on CPU.",
+    )
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
@@ -156,7 +234,9 @@ class TrainConfig(Section):
     @classmethod
     def _only_tp1(cls, value: int) -> int:
         if value != 1:
-            raise ValueError("tensor parallelism is not implemented; use tp_size: 1 (FSDP2 via model.fsdp shards large models instead)")
+            raise ValueError(
+                "tensor parallelism is not implemented; use tp_size: 1 (FSDP2 via model.fsdp shards large models instead)"
+            )
         return value
 
 
@@ -165,45 +245,83 @@ class RendezvousConfig(Section):
 
     max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts (a budget per generation).")
     join_timeout: int = Field(600, ge=10, description="Seconds torchrun waits for all nodes to join.")
-    endpoint_timeout: int = Field(900, ge=1, description="Seconds a worker waits for the master to publish its endpoint.")
-    keep_alive_interval: int = Field(1, ge=1, description="rdzv keep-alive interval (s); small values detect a lost node fast.")
+    endpoint_timeout: int = Field(
+        900, ge=1, description="Seconds a worker waits for the master to publish its endpoint."
+    )
+    keep_alive_interval: int = Field(
+        1, ge=1, description="rdzv keep-alive interval (s); small values detect a lost node fast."
+    )
     keep_alive_max_attempt: int = Field(3, ge=1, description="Missed keep-alives before a node counts as lost.")
     term_grace: float = Field(3.0, ge=0, description="Seconds between SIGTERM and SIGKILL of a stale torchrun.")
-    port: int = Field(0, ge=0, le=65535, description="Store port on the master; 0 = any free port (published in endpoint.json).")
+    port: int = Field(
+        0, ge=0, le=65535, description="Store port on the master; 0 = any free port (published in endpoint.json)."
+    )
 
 
 class SuperviseConfig(Section):
     """Retry budgets and watchdogs of the supervisor."""
 
-    infra_retries: int = Field(10, ge=0, description="Resubmissions for infrastructure failures (NODE_FAIL, PREEMPTED, TIMEOUT, ...).")
-    app_retries: int = Field(3, ge=0, description="Resubmissions for application failures (non-zero exit, comm errors).")
-    replacement_timeout: int = Field(600, ge=1, description="Seconds healthy nodes wait for a replacement before a full restart.")
-    hang_timeout: int = Field(900, ge=10, description="Seconds without step progress before the generation is restarted.")
-    stall_checkpoints: int = Field(3, ge=1, description="Stop when this many recoveries in a row did not advance the latest checkpoint.")
+    infra_retries: int = Field(
+        10, ge=0, description="Resubmissions for infrastructure failures (NODE_FAIL, PREEMPTED, TIMEOUT, ...)."
+    )
+    app_retries: int = Field(
+        3, ge=0, description="Resubmissions for application failures (non-zero exit, comm errors)."
+    )
+    replacement_timeout: int = Field(
+        600, ge=1, description="Seconds healthy nodes wait for a replacement before a full restart."
+    )
+    hang_timeout: int = Field(
+        900, ge=10, description="Seconds without step progress before the generation is restarted."
+    )
+    stall_checkpoints: int = Field(
+        3, ge=1, description="Stop when this many recoveries in a row did not advance the latest checkpoint."
+    )
     exclude_after: int = Field(2, ge=1, description="Exclude a node after this many failures on it.")
     exclude_for: int = Field(3600, ge=1, description="Seconds a node stays excluded.")
-    repair_local: bool = Field(False, description="Repair failed nodes with the local executor too (default: a local node failure stops the run with a clear message).")
-    poll_interval: float = Field(2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes).")
+    repair_local: bool = Field(
+        False,
+        description="Repair failed nodes with the local executor too (default: a local node failure stops the run with a clear message).",
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes)."
+    )
 
 
 class PipelineConfig(Section):
     """Stages run after training (fm9g.orchestrator.inference.pipeline), in the order
     convert -> infer -> serve, each only after the one before succeeded (afterok)."""
 
-    after_train: list[Literal["convert", "infer", "serve"]] = Field(default_factory=list, description="Stages to run once training completes; infer and serve convert the latest checkpoint first.")
-    eval_prompts: str | None = Field(None, description="jsonl prompt file ({\"prompt\": ...} per line) for the infer stage; required when after_train has infer.")
-    eval_output: str | None = Field(None, description="Where the infer stage writes its completions; default runs/<name>/infer/infer.jsonl.")
+    after_train: list[Literal["convert", "infer", "serve"]] = Field(
+        default_factory=list,
+        description="Stages to run once training completes; infer and serve convert the latest checkpoint first.",
+    )
+    eval_prompts: str | None = Field(
+        None,
+        description='jsonl prompt file ({"prompt": ...} per line) for the infer stage; required when after_train has infer.',
+    )
+    eval_output: str | None = Field(
+        None, description="Where the infer stage writes its completions; default runs/<name>/infer/infer.jsonl."
+    )
     eval_temperature: float = Field(0.0, ge=0, description="Sampling temperature of the eval prompts (0 = greedy).")
     eval_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass of the eval prompts.")
     eval_max_tokens: int = Field(128, ge=1, description="New tokens per eval completion.")
     eval_seed: int = Field(0, description="Sampling seed of the eval prompts (prompt i uses seed + i).")
-    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM on GPU nodes that have it, else transformers.")
-    serve_port: int = Field(0, ge=0, le=65535, description="Port of the serve stage's server; 0 = any free port (published in serve/endpoint.json).")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto: vLLM on GPU nodes that have it, else transformers."
+    )
+    serve_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the serve stage's server; 0 = any free port (published in serve/endpoint.json).",
+    )
 
     @model_validator(mode="after")
     def _prompts_for_infer(self) -> PipelineConfig:
         if "infer" in self.after_train and not self.eval_prompts:
-            raise ValueError("pipeline.after_train has infer but pipeline.eval_prompts is not set: point it at a jsonl prompt file (see examples/tiny/prompts.jsonl)")
+            raise ValueError(
+                "pipeline.after_train has infer but pipeline.eval_prompts is not set: point it at a jsonl prompt file (see examples/tiny/prompts.jsonl)"
+            )
         return self
 
 
@@ -224,7 +342,9 @@ class RunConfig(Section):
     def _warmup_fits(self) -> RunConfig:
         warmup = self.train.warmup_iters
         if warmup >= 1 and warmup > self.train.train_iters:
-            raise ValueError(f"train.warmup_iters ({warmup:g}) is longer than train.train_iters ({self.train.train_iters}); lower it or give a fraction below 1")
+            raise ValueError(
+                f"train.warmup_iters ({warmup:g}) is longer than train.train_iters ({self.train.train_iters}); lower it or give a fraction below 1"
+            )
         return self
 
     def run_name(self, source: Path | None) -> str:
@@ -235,8 +355,13 @@ class RunConfig(Section):
 # ---------------------------------------------------------------------------- loading
 
 # Fields whose relative paths are resolved against the config file's directory.
-_PATH_FIELDS = (("data", "dataset_config"), ("data", "tokenizer_path"), ("model", "config"),
-                ("pipeline", "eval_prompts"), ("pipeline", "eval_output"))
+_PATH_FIELDS = (
+    ("data", "dataset_config"),
+    ("data", "tokenizer_path"),
+    ("model", "config"),
+    ("pipeline", "eval_prompts"),
+    ("pipeline", "eval_output"),
+)
 
 
 def _all_field_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
@@ -281,7 +406,11 @@ def _describe(error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         hint = suggest(loc)
-        fix = f"did you mean '{hint}'?" if hint else "remove it (every field, with its default and description, is defined in fm9g/rundir/config.py; examples/ has working recipes)"
+        fix = (
+            f"did you mean '{hint}'?"
+            if hint
+            else "remove it (every field, with its default and description, is defined in fm9g/rundir/config.py; examples/ has working recipes)"
+        )
         return f"unknown key '{loc}': {fix}"
     got = error.get("input")
     shown = json.dumps(got, ensure_ascii=False, default=str) if not isinstance(got, dict) else "a mapping"
@@ -392,7 +521,13 @@ def _json_duplicate_line(text: str, key: str) -> tuple[int, int]:
         elif token in "]}":
             if stack:
                 stack.pop()
-        elif token == ":" and previous is not None and previous.group().startswith('"') and stack and stack[-1] is not None:
+        elif (
+            token == ":"
+            and previous is not None
+            and previous.group().startswith('"')
+            and stack
+            and stack[-1] is not None
+        ):
             name = json.loads(previous.group())
             line = text.count("\n", 0, previous.start()) + 1
             keys = stack[-1]
@@ -446,7 +581,9 @@ def read_file(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (cluster, model, data, train, ...), not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (cluster, model, data, train, ...), not {type(data).__name__}"
+        )
     return data
 
 

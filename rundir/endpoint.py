@@ -27,8 +27,13 @@ def read_endpoint(path: Path) -> Endpoint | None:
     """The published endpoint, or None when there is none (or it is being replaced)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return Endpoint(host=str(raw["host"]), port=int(raw["port"]), generation=int(raw["generation"]),
-                        job_id=str(raw["job_id"]), rdzv_id=str(raw["rdzv_id"]))
+        return Endpoint(
+            host=str(raw["host"]),
+            port=int(raw["port"]),
+            generation=int(raw["generation"]),
+            job_id=str(raw["job_id"]),
+            rdzv_id=str(raw["rdzv_id"]),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -15,10 +15,10 @@ ENV_GENERATION = "FM9G_GENERATION"
 # Exit codes of a node job, read back by the supervisor (sacct ExitCode / local rc).
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_ENDPOINT_TIMEOUT = 3    # a worker never saw the master's endpoint
-EXIT_NO_SPACE = 74           # a disk filled up (ENOSPC/EDQUOT): do not retry until space is freed
-EXIT_CONTINUE = 75           # checkpointed on request (preemption/walltime): continue the run
-EXIT_CONFIG = 78             # config/data error: retrying cannot help (do-not-retry class)
+EXIT_ENDPOINT_TIMEOUT = 3  # a worker never saw the master's endpoint
+EXIT_NO_SPACE = 74  # a disk filled up (ENOSPC/EDQUOT): do not retry until space is freed
+EXIT_CONTINUE = 75  # checkpointed on request (preemption/walltime): continue the run
+EXIT_CONFIG = 78  # config/data error: retrying cannot help (do-not-retry class)
 
 
 def slug(name: str) -> str:

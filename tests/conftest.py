@@ -22,8 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--regen-golden", action="store_true",
-                     help="rewrite tests/golden/* from the current renderer instead of comparing")
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        help="rewrite tests/golden/* from the current renderer instead of comparing",
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: `make unit` never probes
@@ -57,7 +60,9 @@ def golden(request: pytest.FixtureRequest) -> Callable[[Path, str], None]:
             return
         expected = path.read_text()
         if text != expected:
-            diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
+            diff = "".join(
+                difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered")
+            )
             pytest.fail(f"rendered script differs from {path} (rerun with --regen-golden if intended):\n{diff}")
 
     return check

@@ -39,15 +39,20 @@ def imported_packages(path: Path) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("layer", LAYERS)
 def test_imports_point_down_only(layer: str) -> None:
     allowed = set(LAYERS[: LAYERS.index(layer) + 1]) | {"templates"}
-    upward = [f"{path.relative_to(ROOT)}:{line} imports fm9g.{package}"
-              for path in sorted((ROOT / layer).rglob("*.py"))
-              for line, package in imported_packages(path) if package not in allowed]
+    upward = [
+        f"{path.relative_to(ROOT)}:{line} imports fm9g.{package}"
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        for line, package in imported_packages(path)
+        if package not in allowed
+    ]
     assert not upward, f"fm9g.{layer} may import only {sorted(allowed)}:\n" + "\n".join(upward)
 
 
 def test_node_agent_loads_no_login_side_code() -> None:
     """The agent starts on every node at every restart: no jinja2, no Slurm client."""
-    code = ("import sys, fm9g.launchers.node_agent; "
-            "print(sorted(m for m in sys.modules if m == 'jinja2' or m.startswith('fm9g.orchestrator')))")
+    code = (
+        "import sys, fm9g.launchers.node_agent; "
+        "print(sorted(m for m in sys.modules if m == 'jinja2' or m.startswith('fm9g.orchestrator')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

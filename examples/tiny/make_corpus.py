@@ -15,35 +15,77 @@ ZH_SUBJECTS = ["小明", "老师", "我的朋友", "这位工程师", "研究人
 ZH_VERBS = ["喜欢", "正在学习", "每天阅读", "认真研究", "经常讨论", "想要了解", "写了一篇关于", "画了一幅"]
 ZH_OBJECTS = ["数学", "历史", "天气", "大模型", "长江", "春天的花", "计算机", "音乐", "北京的胡同", "围棋", "茶叶"]
 ZH_TAILS = ["。", "，觉得很有意思。", "，并且做了笔记。", "，一直到晚上。", "，然后去散步了。"]
-ZH_FACTS = ["中国的首都是北京。", "长江是中国最长的河流。", "一年有十二个月。", "水在零度时会结冰。",
-            "太阳从东方升起。", "九格是一个大语言模型。", "熊猫喜欢吃竹子。", "月亮绕着地球转。"]
+ZH_FACTS = [
+    "中国的首都是北京。",
+    "长江是中国最长的河流。",
+    "一年有十二个月。",
+    "水在零度时会结冰。",
+    "太阳从东方升起。",
+    "九格是一个大语言模型。",
+    "熊猫喜欢吃竹子。",
+    "月亮绕着地球转。",
+]
 
-EN_SUBJECTS = ["The engineer", "My friend", "A small cat", "The teacher", "Every student", "The old farmer",
-               "A researcher", "The pilot", "Our neighbour", "The doctor"]
+EN_SUBJECTS = [
+    "The engineer",
+    "My friend",
+    "A small cat",
+    "The teacher",
+    "Every student",
+    "The old farmer",
+    "A researcher",
+    "The pilot",
+    "Our neighbour",
+    "The doctor",
+]
 EN_VERBS = ["likes", "is studying", "reads about", "writes about", "talks about", "dreams of", "paints", "teaches"]
-EN_OBJECTS = ["mathematics", "the weather", "large language models", "the river", "spring flowers", "computers",
-              "music", "old maps", "the game of go", "green tea"]
+EN_OBJECTS = [
+    "mathematics",
+    "the weather",
+    "large language models",
+    "the river",
+    "spring flowers",
+    "computers",
+    "music",
+    "old maps",
+    "the game of go",
+    "green tea",
+]
 EN_TAILS = [".", " every morning.", " after dinner.", " with great care.", " on quiet weekends."]
-EN_FACTS = ["The capital of France is Paris.", "Water freezes at zero degrees Celsius.", "A week has seven days.",
-            "The sun rises in the east.", "Cats like to sleep in warm places.", "Two plus two equals four."]
+EN_FACTS = [
+    "The capital of France is Paris.",
+    "Water freezes at zero degrees Celsius.",
+    "A week has seven days.",
+    "The sun rises in the east.",
+    "Cats like to sleep in warm places.",
+    "Two plus two equals four.",
+]
 
-QUESTIONS = [("中国的首都是哪里？", "中国的首都是北京。"), ("一年有几个月？", "一年有十二个月。"),
-             ("What is the capital of France?", "The capital of France is Paris."),
-             ("How many days are in a week?", "A week has seven days."),
-             ("熊猫喜欢吃什么？", "熊猫喜欢吃竹子。"), ("What do cats like?", "Cats like to sleep in warm places.")]
+QUESTIONS = [
+    ("中国的首都是哪里？", "中国的首都是北京。"),
+    ("一年有几个月？", "一年有十二个月。"),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("熊猫喜欢吃什么？", "熊猫喜欢吃竹子。"),
+    ("What do cats like?", "Cats like to sleep in warm places."),
+]
 
 
 def zh_line(rng: random.Random) -> str:
-    parts = [f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_VERBS)}{rng.choice(ZH_OBJECTS)}{rng.choice(ZH_TAILS)}"
-             for _ in range(rng.randint(2, 5))]
+    parts = [
+        f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_VERBS)}{rng.choice(ZH_OBJECTS)}{rng.choice(ZH_TAILS)}"
+        for _ in range(rng.randint(2, 5))
+    ]
     if rng.random() < 0.4:
         parts.append(rng.choice(ZH_FACTS))
     return "".join(parts)
 
 
 def en_line(rng: random.Random) -> str:
-    parts = [f"{rng.choice(EN_SUBJECTS)} {rng.choice(EN_VERBS)} {rng.choice(EN_OBJECTS)}{rng.choice(EN_TAILS)}"
-             for _ in range(rng.randint(2, 5))]
+    parts = [
+        f"{rng.choice(EN_SUBJECTS)} {rng.choice(EN_VERBS)} {rng.choice(EN_OBJECTS)}{rng.choice(EN_TAILS)}"
+        for _ in range(rng.randint(2, 5))
+    ]
     if rng.random() < 0.4:
         parts.append(rng.choice(EN_FACTS))
     return " ".join(parts)

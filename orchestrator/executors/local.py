@@ -90,17 +90,29 @@ class LocalExecutor:
         rc_file = log.with_name(log.name + ".rc")
         rc_file.unlink(missing_ok=True)
         job_env = dict(os.environ)
-        job_env.update({
-            "SLURM_JOB_NAME": tag, "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-            "SLURMD_NODENAME": "localhost", "SLURM_RESTART_COUNT": "0", "SLURM_SUBMIT_DIR": os.getcwd(),
-            # Local nodes all live on loopback; torchrun must not guess an external address.
-            "FM9G_HOST": "127.0.0.1",
-        })
+        job_env.update(
+            {
+                "SLURM_JOB_NAME": tag,
+                "SLURM_JOB_NUM_NODES": "1",
+                "SLURM_NNODES": "1",
+                "SLURM_NODEID": "0",
+                "SLURMD_NODENAME": "localhost",
+                "SLURM_RESTART_COUNT": "0",
+                "SLURM_SUBMIT_DIR": os.getcwd(),
+                # Local nodes all live on loopback; torchrun must not guess an external address.
+                "FM9G_HOST": "127.0.0.1",
+            }
+        )
         job_env.update(env or {})
         with open(log, "ab") as out:
-            child = subprocess.Popen(["bash", "-c", _WRAPPER, WRAPPER_NAME, str(script), str(rc_file), str(array or 0), *dependencies],
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=job_env, start_new_session=True)
+            child = subprocess.Popen(
+                ["bash", "-c", _WRAPPER, WRAPPER_NAME, str(script), str(rc_file), str(array or 0), *dependencies],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=job_env,
+                start_new_session=True,
+            )
         job_id = str(child.pid)  # the wrapper exports it as SLURM_JOB_ID, as Slurm would
         self._children[job_id] = child
         self._rc_files[job_id] = rc_file
@@ -148,10 +160,20 @@ class LocalExecutor:
             except ValueError:
                 return JobStatus(JobState.UNKNOWN)
             if code == DEPENDENCY_FAILED:
-                return JobStatus(JobState.CANCELLED, exit_code=code, node="localhost",
-                                 reason="DependencyNeverSatisfied", ended_at=rc_file.stat().st_mtime)
-            return JobStatus(JobState.COMPLETED if code == 0 else JobState.FAILED, exit_code=code, node="localhost",
-                             ended_at=rc_file.stat().st_mtime, started_at=self._started.get(job_id))
+                return JobStatus(
+                    JobState.CANCELLED,
+                    exit_code=code,
+                    node="localhost",
+                    reason="DependencyNeverSatisfied",
+                    ended_at=rc_file.stat().st_mtime,
+                )
+            return JobStatus(
+                JobState.COMPLETED if code == 0 else JobState.FAILED,
+                exit_code=code,
+                node="localhost",
+                ended_at=rc_file.stat().st_mtime,
+                started_at=self._started.get(job_id),
+            )
         if rc_file is None:
             return JobStatus(JobState.UNKNOWN)
         if self.owns(job_id) and _alive(int(job_id)):

@@ -28,9 +28,14 @@ def _from_squeue(row: SqueueRow, now: float) -> JobStatus:
 def _from_sacct(row: SacctRow) -> JobStatus:
     # A job killed by a signal reports 0:<signal>; a shell would call that 128+signal.
     code = row.exit_code if not row.signal else 128 + row.signal
-    return JobStatus(row.state, exit_code=code, node=row.node_list, restarts=row.restarts,
-                     started_at=row.start.timestamp() if row.start else None,
-                     ended_at=row.end.timestamp() if row.end else None)
+    return JobStatus(
+        row.state,
+        exit_code=code,
+        node=row.node_list,
+        restarts=row.restarts,
+        started_at=row.start.timestamp() if row.start else None,
+        ended_at=row.end.timestamp() if row.end else None,
+    )
 
 
 class SlurmExecutor:
@@ -85,11 +90,7 @@ class SlurmExecutor:
                     result[str(row.array_job_id)] = _from_squeue(row, now)
         # Jobs that left the queue, and ended jobs squeue still shows (it has no exit
         # code): one bounded sacct call for all of them.
-        gone = [
-            job_id
-            for job_id in ids
-            if not result.get(str(job_id)) or result[str(job_id)].state.is_terminal
-        ]
+        gone = [job_id for job_id in ids if not result.get(str(job_id)) or result[str(job_id)].state.is_terminal]
         if gone:
             try:
                 accounted = self.client.sacct(gone, self.since)
@@ -104,8 +105,9 @@ class SlurmExecutor:
                 elif row.state is JobState.REQUEUED:
                     # Cancelled while waiting to restart: sacct keeps REQUEUED as its last
                     # state for good, but the job is gone from the queue, so it has ended.
-                    result[str(job_id)] = JobStatus(JobState.CANCELLED, node=row.node_list, restarts=row.restarts,
-                                                    reason="cancelled while requeued")
+                    result[str(job_id)] = JobStatus(
+                        JobState.CANCELLED, node=row.node_list, restarts=row.restarts, reason="cancelled while requeued"
+                    )
                 else:
                     result[str(job_id)] = _from_sacct(row)
         return result

@@ -44,8 +44,13 @@ class StageContext:
             return "-"
 
     def renderer(self) -> ScriptRenderer:
-        return ScriptRenderer(run_name=self.run.name, run_dir=str(self.run.root), cluster=self.config.cluster,
-                              python=self.python, config_hash=self.config_hash())
+        return ScriptRenderer(
+            run_name=self.run.name,
+            run_dir=str(self.run.root),
+            cluster=self.config.cluster,
+            python=self.python,
+            config_hash=self.config_hash(),
+        )
 
     def tracker(self) -> JobTracker:
         return JobTracker(self.run, self.store, self.executor, self.renderer(), requeue=self.config.cluster.requeue)
@@ -77,8 +82,15 @@ def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
     current = ctx.store.job(row.id)
     if current is None or row.id in tracker.unseen:
         return UNKNOWN
-    return JobStatus(current.state, exit_code=current.exit_code, node=current.node, reason=current.reason,
-                     restarts=current.restarts, started_at=current.started_at, ended_at=current.ended_at)
+    return JobStatus(
+        current.state,
+        exit_code=current.exit_code,
+        node=current.node,
+        reason=current.reason,
+        restarts=current.restarts,
+        started_at=current.started_at,
+        ended_at=current.ended_at,
+    )
 
 
 class UnknownBound:
@@ -95,9 +107,11 @@ class UnknownBound:
         now = time.monotonic()
         self.since = self.since if self.since is not None else now
         if now - self.since > self.ctx.unknown_grace:
-            raise InferenceError(f"job {self.row.job_id} has not been visible to the {self.ctx.executor.name} "
-                                 f"executor for {self.ctx.unknown_grace:g}s; it may still exist: look for it "
-                                 f"(squeue, or the process table), then run this command again")
+            raise InferenceError(
+                f"job {self.row.job_id} has not been visible to the {self.ctx.executor.name} "
+                f"executor for {self.ctx.unknown_grace:g}s; it may still exist: look for it "
+                f"(squeue, or the process table), then run this command again"
+            )
 
 
 def wait(ctx: StageContext, row: JobRow) -> JobStatus:
@@ -106,8 +120,15 @@ def wait(ctx: StageContext, row: JobRow) -> JobStatus:
         [ended] = ctx.tracker().wait([row], interval=ctx.poll_interval, unknown_bound=ctx.unknown_grace)
     except UnknownTooLong as exc:
         raise InferenceError(str(exc)) from None
-    return JobStatus(ended.state, exit_code=ended.exit_code, node=ended.node, reason=ended.reason,
-                     restarts=ended.restarts, started_at=ended.started_at, ended_at=ended.ended_at)
+    return JobStatus(
+        ended.state,
+        exit_code=ended.exit_code,
+        node=ended.node,
+        reason=ended.reason,
+        restarts=ended.restarts,
+        started_at=ended.started_at,
+        ended_at=ended.ended_at,
+    )
 
 
 def log_tail(path: str | Path, lines: int = 15) -> str:
@@ -119,11 +140,19 @@ def log_tail(path: str | Path, lines: int = 15) -> str:
     return "\n".join("  " + line for line in text.splitlines()[-lines:])
 
 
-def open_context(run: RunDir, config: RunConfig, executor_kind: str, say: Say, python: str | None = None) -> StageContext:
+def open_context(
+    run: RunDir, config: RunConfig, executor_kind: str, say: Say, python: str | None = None
+) -> StageContext:
     """A StageContext on a fresh StateStore and executor; close its store when done."""
     from fm9g.orchestrator.executors import make_executor
 
     executor = make_executor(executor_kind)
-    return StageContext(run=run, config=config, store=StateStore(run.state_db), executor=executor, say=say,
-                        python=python or config.cluster.python or sys.executable,
-                        poll_interval=executor.tick_interval(config.supervise.poll_interval))
+    return StageContext(
+        run=run,
+        config=config,
+        store=StateStore(run.state_db),
+        executor=executor,
+        say=say,
+        python=python or config.cluster.python or sys.executable,
+        poll_interval=executor.tick_interval(config.supervise.poll_interval),
+    )

@@ -12,22 +12,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fm9g.rundir.config import RunConfig
 from fm9g.launchers.prompts import InferenceError, Sampling
 from fm9g.orchestrator.executors.base import Executor
 from fm9g.orchestrator.inference.jobs import Say, StageContext
 from fm9g.orchestrator.inference.serve_stage import serve_stage
 from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
+from fm9g.rundir import RunDir
+from fm9g.rundir.config import RunConfig
 
 ORDER = ("convert", "infer", "serve")
 
 
 def eval_sampling(config: RunConfig) -> Sampling:
     pipeline = config.pipeline
-    return Sampling(temperature=pipeline.eval_temperature, top_p=pipeline.eval_top_p,
-                    max_tokens=pipeline.eval_max_tokens, n=1, seed=pipeline.eval_seed)
+    return Sampling(
+        temperature=pipeline.eval_temperature,
+        top_p=pipeline.eval_top_p,
+        max_tokens=pipeline.eval_max_tokens,
+        n=1,
+        seed=pipeline.eval_seed,
+    )
 
 
 def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, executor: Executor, say: Say) -> int:
@@ -35,9 +40,15 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
     wanted = set(config.pipeline.after_train)
     if not wanted:
         return 0
-    ctx = StageContext(run=run, config=config, store=store, executor=executor, say=say,
-                       python=config.cluster.python or sys.executable,
-                       poll_interval=executor.tick_interval(config.supervise.poll_interval))
+    ctx = StageContext(
+        run=run,
+        config=config,
+        store=store,
+        executor=executor,
+        say=say,
+        python=config.cluster.python or sys.executable,
+        poll_interval=executor.tick_interval(config.supervise.poll_interval),
+    )
     pipeline = config.pipeline
     done: list[str] = []
     try:
@@ -46,8 +57,15 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
         if "infer" in wanted:
             assert pipeline.eval_prompts is not None  # the config validator guarantees it
             output = Path(pipeline.eval_output) if pipeline.eval_output else run.infer_output()
-            infer_stage(ctx, model=model, prompts=Path(pipeline.eval_prompts), output=output,
-                        sampling=eval_sampling(config), chat=config.data.sft, engine=pipeline.engine)
+            infer_stage(
+                ctx,
+                model=model,
+                prompts=Path(pipeline.eval_prompts),
+                output=output,
+                sampling=eval_sampling(config),
+                chat=config.data.sft,
+                engine=pipeline.engine,
+            )
             done.append("infer")
         if "serve" in wanted:
             serve_stage(ctx, model=model, port=pipeline.serve_port, engine=pipeline.engine)
@@ -55,7 +73,9 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
     except InferenceError as exc:
         left = [stage for stage in ORDER if stage in wanted | {"convert"} and stage not in done]
         say(f"error: {exc}")
-        say(f"post-training stages not done: {', '.join(left)}; re-run the failed one alone with "
-            f"`fm9g-launch {left[0]} {run.root} ...`")
+        say(
+            f"post-training stages not done: {', '.join(left)}; re-run the failed one alone with "
+            f"`fm9g-launch {left[0]} {run.root} ...`"
+        )
         return 1
     return 0

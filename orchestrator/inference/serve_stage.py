@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fm9g.rundir.atomic import read_json, write_text
 from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError
 from fm9g.orchestrator.inference.jobs import (
@@ -29,6 +28,7 @@ from fm9g.orchestrator.inference.jobs import (
     submit,
 )
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
+from fm9g.rundir.atomic import read_json, write_text
 
 STAGE = "serve"
 EXECUTOR_META = "serve:executor"
@@ -70,14 +70,18 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
         visibility.check(status)
         if status.state in TERMINAL_STATES:
             ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state} before it was ready")
-            raise InferenceError(f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
-                                 f"its server answered /health; log {row.log}:\n{log_tail(row.log)}")
+            raise InferenceError(
+                f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
+                f"its server answered /health; log {row.log}:\n{log_tail(row.log)}"
+            )
         endpoint = read_json(path)
         if endpoint and str(endpoint.get("job_id")) == str(row.job_id) and healthy(endpoint):
             return endpoint
         if timeout is not None and time.monotonic() - started > timeout:
-            raise InferenceError(f"serve job {row.job_id} is {status.state} but not ready after {timeout:g}s; it keeps "
-                                 f"running: watch {row.log}, or stop it with `fm9g-launch serve {ctx.run.root} --stop`")
+            raise InferenceError(
+                f"serve job {row.job_id} is {status.state} but not ready after {timeout:g}s; it keeps "
+                f"running: watch {row.log}, or stop it with `fm9g-launch serve {ctx.run.root} --stop`"
+            )
         time.sleep(ctx.poll_interval)
 
 
@@ -88,16 +92,25 @@ def _current_job(ctx: StageContext) -> JobRow | None:
         return None
     owner = ctx.store.meta(EXECUTOR_META)
     if owner not in (None, ctx.executor.name):
-        raise InferenceError(f"{ctx.run.root}: the {owner} executor may still be serving this run (job "
-                             f"{rows[-1].job_id}); stop it first: fm9g-launch serve {ctx.run.root} --stop")
+        raise InferenceError(
+            f"{ctx.run.root}: the {owner} executor may still be serving this run (job "
+            f"{rows[-1].job_id}); stop it first: fm9g-launch serve {ctx.run.root} --stop"
+        )
     row = rows[-1]
     adopt(ctx, row)
     status = refresh(ctx, row)
     return None if status.state in TERMINAL_STATES else row
 
 
-def serve_stage(ctx: StageContext, *, model: Path, port: int = 0, engine: EngineChoice = "auto",
-                wait: bool = True, timeout: float | None = None) -> dict[str, Any] | None:
+def serve_stage(
+    ctx: StageContext,
+    *,
+    model: Path,
+    port: int = 0,
+    engine: EngineChoice = "auto",
+    wait: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any] | None:
     """Start (or find) the run's server; with `wait`, return its endpoint once /health answers."""
     run, store = ctx.run, ctx.store
     model = model.resolve()
@@ -112,18 +125,30 @@ def serve_stage(ctx: StageContext, *, model: Path, port: int = 0, engine: Engine
         endpoint_path.unlink(missing_ok=True)  # a stale endpoint of a job that has ended
         ensure_api_key(run.api_key_file)
         store.set_stage(STAGE, "RUNNING", detail=f"starting: {model}")
-        values = {"model": str(model), "endpoint": str(endpoint_path), "api_key_file": str(run.api_key_file),
-                  "engine": engine, "port": port}
+        values = {
+            "model": str(model),
+            "endpoint": str(endpoint_path),
+            "api_key_file": str(run.api_key_file),
+            "engine": engine,
+            "port": port,
+        }
         row = submit(ctx, stage=STAGE, template="serve.sbatch.j2", values=values, why=f"serving {model}")
         store.set_meta(EXECUTOR_META, ctx.executor.name)  # --stop must cancel through the same executor
     if not wait:
         return None
     endpoint = wait_ready(ctx, row, timeout)
     store.set_stage(STAGE, "RUNNING", detail=endpoint["url"])
-    store.event("serve", f"ready at {endpoint['url']} (job {row.job_id}, {endpoint.get('engine')})", stage=STAGE,
-                job=row.id, **{k: endpoint.get(k) for k in ("host", "port", "engine")})
-    ctx.say(f"serve: ready at {endpoint['url']} (job {row.job_id}, engine {endpoint.get('engine')}); "
-            f"model id {endpoint.get('model')!r}; API key in {run.api_key_file}")
+    store.event(
+        "serve",
+        f"ready at {endpoint['url']} (job {row.job_id}, {endpoint.get('engine')})",
+        stage=STAGE,
+        job=row.id,
+        **{k: endpoint.get(k) for k in ("host", "port", "engine")},
+    )
+    ctx.say(
+        f"serve: ready at {endpoint['url']} (job {row.job_id}, engine {endpoint.get('engine')}); "
+        f"model id {endpoint.get('model')!r}; API key in {run.api_key_file}"
+    )
     return endpoint
 
 

@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fm9g.rundir import config as config_mod
-from fm9g.rundir.atomic import write_text
-from fm9g.rundir.config import RunConfig
 from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts
 from fm9g.orchestrator.inference.jobs import StageContext, log_tail, submit, wait
 from fm9g.rundir import RunDir
+from fm9g.rundir import config as config_mod
+from fm9g.rundir.atomic import write_text
+from fm9g.rundir.config import RunConfig
 
 # ------------------------------------------------------------------ RUN_OR_MODEL
 
@@ -38,8 +38,9 @@ def _model_run_name(model: Path) -> str:
     return f"{model.parent.name}-{model.name}" if model.name.isdigit() else model.name
 
 
-def resolve_target(path: Path, *, name: str | None = None, run_root: str | Path = "runs",
-                   overrides: list[str] | None = None) -> Target:
+def resolve_target(
+    path: Path, *, name: str | None = None, run_root: str | Path = "runs", overrides: list[str] | None = None
+) -> Target:
     """A run directory (runs/NAME, or NAME under ./runs) or a Hugging Face model folder.
 
     A model folder gets a run directory of its own (runs/<name>/, default: the folder's
@@ -68,8 +69,10 @@ def resolve_target(path: Path, *, name: str | None = None, run_root: str | Path 
         run.make()
         write_text(run.config, config_mod.dump(config))
         return Target(run, config, model)
-    raise InferenceError(f"{path}: neither a run directory (no config.yaml; runs live under ./runs/<name>) "
-                         "nor a Hugging Face model folder (no config.json)")
+    raise InferenceError(
+        f"{path}: neither a run directory (no config.yaml; runs live under ./runs/<name>) "
+        "nor a Hugging Face model folder (no config.json)"
+    )
 
 
 # ------------------------------------------------------------------ convert
@@ -87,13 +90,16 @@ def checkpoint_step(run: RunDir, step: int | None = None) -> int:
             raise InferenceError(f"{run.root}: {exc}") from None
     latest = checkpoints.latest()
     if latest is None:
-        raise InferenceError(f"{run.root}: no complete checkpoint under {run.checkpoints} to convert; train the run "
-                             "first (fm9g-launch pretrain ...), or pass a Hugging Face model folder instead of the run")
+        raise InferenceError(
+            f"{run.root}: no complete checkpoint under {run.checkpoints} to convert; train the run "
+            "first (fm9g-launch pretrain ...), or pass a Hugging Face model folder instead of the run"
+        )
     return int(latest.name)
 
 
-def convert_stage(ctx: StageContext, *, step: int | None = None, output: Path | None = None,
-                  stage: str = "convert") -> Path:
+def convert_stage(
+    ctx: StageContext, *, step: int | None = None, output: Path | None = None, stage: str = "convert"
+) -> Path:
     """Export checkpoint `step` (default: the latest) to an HF folder; skipped when that
     step was already converted to that folder.  Returns the folder."""
     run, store = ctx.run, ctx.store
@@ -106,14 +112,21 @@ def convert_stage(ctx: StageContext, *, step: int | None = None, output: Path | 
         ctx.say(f"convert: checkpoint step {step} is already converted to {target} (skipped)")
         return target
     store.set_stage(stage, "RUNNING", detail=f"step {step} -> {target}")
-    row = submit(ctx, stage=stage, template="convert.sbatch.j2", values={"step": step, "output": str(target)},
-                 why=f"checkpoint step {step} -> {target}")
+    row = submit(
+        ctx,
+        stage=stage,
+        template="convert.sbatch.j2",
+        values={"step": step, "output": str(target)},
+        why=f"checkpoint step {step} -> {target}",
+    )
     status = wait(ctx, row)
     if status.state != "COMPLETED" or not (target / "config.json").is_file():
         store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
-        raise InferenceError(f"convert job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
-                             f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run "
-                             f"`fm9g-launch convert {run.root}` again")
+        raise InferenceError(
+            f"convert job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
+            f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run "
+            f"`fm9g-launch convert {run.root}` again"
+        )
     converted[str(target)] = step
     store.set_meta("converted", converted)
     store.set_stage(stage, "COMPLETED", detail=f"step {step} -> {target}", progress=1.0)
@@ -127,13 +140,29 @@ def convert_stage(ctx: StageContext, *, step: int | None = None, output: Path | 
 def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, engine: str) -> str:
     """What makes two infer runs the same: model files, prompt bytes, sampling, format, engine."""
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model.iterdir()) if p.is_file()]
-    facts = {"model": str(model), "files": stamp, "prompts": hashlib.sha256(prompts.read_bytes()).hexdigest(),
-             "sampling": sampling.to_dict(), "chat": chat, "engine": engine}
+    facts = {
+        "model": str(model),
+        "files": stamp,
+        "prompts": hashlib.sha256(prompts.read_bytes()).hexdigest(),
+        "sampling": sampling.to_dict(),
+        "chat": chat,
+        "engine": engine,
+    }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-def infer_stage(ctx: StageContext, *, model: Path, prompts: Path, output: Path, sampling: Sampling, chat: bool,
-                engine: EngineChoice = "auto", force: bool = False, stage: str = "infer") -> Path:
+def infer_stage(
+    ctx: StageContext,
+    *,
+    model: Path,
+    prompts: Path,
+    output: Path,
+    sampling: Sampling,
+    chat: bool,
+    engine: EngineChoice = "auto",
+    force: bool = False,
+    stage: str = "infer",
+) -> Path:
     """Generate completions for a prompt file as a job; skipped when the same model,
     prompts and sampling already produced `output`.  Returns the output path."""
     store = ctx.store
@@ -152,14 +181,22 @@ def infer_stage(ctx: StageContext, *, model: Path, prompts: Path, output: Path, 
         ctx.say(f"infer: {output} already holds these completions (skipped; --force runs again)")
         return output
     store.set_stage(stage, "RUNNING", detail=f"{count} prompts -> {output}")
-    values = {"model": str(model), "prompts": str(prompts), "output": str(output), "chat": chat, "engine": engine,
-              "sampling": sampling}
+    values = {
+        "model": str(model),
+        "prompts": str(prompts),
+        "output": str(output),
+        "chat": chat,
+        "engine": engine,
+        "sampling": sampling,
+    }
     row = submit(ctx, stage=stage, template="infer.sbatch.j2", values=values, why=f"{count} prompts from {prompts}")
     status = wait(ctx, row)
     if status.state != "COMPLETED" or not output.is_file():
         store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
-        raise InferenceError(f"infer job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
-                             f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run `fm9g-launch infer` again")
+        raise InferenceError(
+            f"infer job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
+            f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run `fm9g-launch infer` again"
+        )
     done[str(output)] = fingerprint
     store.set_meta(f"{stage}:outputs", done)
     store.set_stage(stage, "COMPLETED", detail=f"{count} prompts -> {output}", progress=1.0)

@@ -162,9 +162,7 @@ def sacct_argv(job_ids: Iterable[int], since: datetime) -> list[str]:
     ]
 
 
-def scancel_argv(
-    job_ids: Iterable[int], signal: str | None = None, *, batch_only: bool = False
-) -> list[str]:
+def scancel_argv(job_ids: Iterable[int], signal: str | None = None, *, batch_only: bool = False) -> list[str]:
     """`scancel [--signal=SIG] [--batch] IDS...`."""
     argv = ["scancel"]
     if signal is not None:
@@ -275,8 +273,9 @@ class SlurmClient:
         result = self._poll(argv, self.timeout_s)
         if result.returncode != 0 and len(ids) == 1 and _INVALID_JOB_ID in result.stderr:
             return {}
-        rows = self._parsed_poll(argv, result, "squeue", parse.parse_squeue,
-                                 "treat the jobs as UNKNOWN and poll again later")
+        rows = self._parsed_poll(
+            argv, result, "squeue", parse.parse_squeue, "treat the jobs as UNKNOWN and poll again later"
+        )
         return {row.job_id: row for row in rows}
 
     def sacct(self, job_ids: Iterable[int], since: datetime) -> dict[int, SacctRow]:
@@ -299,9 +298,7 @@ class SlurmClient:
         rows = self._parsed_poll(argv, result, "sacct", parse.parse_sacct, hint)
         return {row.job_id: row for row in rows}
 
-    def cancel(
-        self, job_ids: Iterable[int], signal: str | None = None, *, batch_only: bool = False
-    ) -> None:
+    def cancel(self, job_ids: Iterable[int], signal: str | None = None, *, batch_only: bool = False) -> None:
         """scancel the jobs (or send them `signal`); ids that already ended are fine."""
         ids = sorted(set(job_ids))
         if not ids:
@@ -355,16 +352,13 @@ class SlurmClient:
         except FileNotFoundError:
             self.counter.record(command, ok=False)
             raise SlurmError(
-                f"{command} not found on PATH: run fm9g-launch on a login node of the "
-                "cluster, or use executor: local",
+                f"{command} not found on PATH: run fm9g-launch on a login node of the cluster, or use executor: local",
                 argv=argv,
             ) from None
         self.counter.record(command, ok=result.returncode == 0)
         return result
 
-    def _run_checked_timeout(
-        self, argv: Sequence[str], timeout_s: float
-    ) -> subprocess.CompletedProcess[str]:
+    def _run_checked_timeout(self, argv: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         try:
             return self._run(argv, timeout_s)
         except subprocess.TimeoutExpired:
@@ -375,12 +369,22 @@ class SlurmClient:
             ) from None
 
     @staticmethod
-    def _parsed_poll(argv: Sequence[str], result: subprocess.CompletedProcess[str], command: str,
-                     parser: Callable[[str], list[_Row]], hint: str) -> list[_Row]:
+    def _parsed_poll(
+        argv: Sequence[str],
+        result: subprocess.CompletedProcess[str],
+        command: str,
+        parser: Callable[[str], list[_Row]],
+        hint: str,
+    ) -> list[_Row]:
         """A poll's rows; a failed command or unreadable output is a PollError (UNKNOWN)."""
         if result.returncode != 0:
-            raise PollError(_failure(command, result, hint), argv=argv, returncode=result.returncode,
-                            stdout=result.stdout, stderr=result.stderr)
+            raise PollError(
+                _failure(command, result, hint),
+                argv=argv,
+                returncode=result.returncode,
+                stdout=result.stdout,
+                stderr=result.stderr,
+            )
         try:
             return parser(result.stdout)
         except parse.ParseError as exc:

@@ -112,9 +112,7 @@ class PartitionNodes:
     @property
     def usable(self) -> bool:
         """These nodes respond and take jobs (now or when their jobs end)."""
-        return (
-            not self.state.endswith("*") and self.state.rstrip("~#!%$@^-+") in _USABLE_NODE_STATES
-        )
+        return not self.state.endswith("*") and self.state.rstrip("~#!%$@^-+") in _USABLE_NODE_STATES
 
     @property
     def gpus(self) -> int:
@@ -217,9 +215,7 @@ def parse_sacct(text: str) -> list[SacctRow]:
     order: list[int] = []
     runs: dict[int, int] = {}
     for values in _records(text, len(SACCT_FIELDS), "sacct"):
-        raw_id, display_id, name, raw_state, exit_text, node_list, start, end, elapsed, comment = (
-            values
-        )
+        raw_id, display_id, name, raw_state, exit_text, node_list, start, end, elapsed, comment = values
         base, _, step = raw_id.partition(".")
         job_id = _int(base, "sacct JobIDRaw")
         if step:
@@ -291,9 +287,7 @@ def parse_sinfo_partitions(text: str) -> dict[str, Partition]:
             )
         )
     return {
-        name: Partition(
-            name=name, default=flags[name][0], available=flags[name][1], groups=tuple(groups)
-        )
+        name: Partition(name=name, default=flags[name][0], available=flags[name][1], groups=tuple(groups))
         for name, groups in lines.items()
     }
 

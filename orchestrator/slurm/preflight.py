@@ -63,8 +63,7 @@ def check(
 ) -> PreflightReport:
     """Check a run's request against the cluster; raise PreflightError listing every problem."""
     problems = [
-        f"{label}: {path} does not exist; fix the path (the compute nodes read it "
-        "from the shared filesystem)"
+        f"{label}: {path} does not exist; fix the path (the compute nodes read it from the shared filesystem)"
         for label, path in paths
         if not Path(path).exists()
     ]
@@ -79,9 +78,7 @@ def check(
     if unknown:
         # sbatch refuses the whole job for one unknown name ("Invalid node name
         # specified"); a node that was retired from the cluster is not worth that.
-        warnings.append(
-            f"excluded node(s) {', '.join(unknown)} do not exist on this cluster; ignoring them"
-        )
+        warnings.append(f"excluded node(s) {', '.join(unknown)} do not exist on this cluster; ignoring them")
     kept = tuple(name for name in exclude if name in known)
     excluded_here = chosen.node_names & set(kept)
 
@@ -101,10 +98,7 @@ def check(
 
     if gpus_per_node > 0:
         eligible = {
-            name
-            for group in chosen.groups
-            if group.gpus >= gpus_per_node
-            for name in expand_hostlist(group.node_list)
+            name for group in chosen.groups if group.gpus >= gpus_per_node for name in expand_hostlist(group.node_list)
         } - excluded_here
         if not eligible:
             have = max((group.gpus for group in chosen.groups), default=0)
@@ -120,9 +114,7 @@ def check(
             )
 
     if chosen.available != "up":
-        warnings.append(
-            f"{where} is {chosen.available}: jobs wait in the queue until an admin sets it up"
-        )
+        warnings.append(f"{where} is {chosen.available}: jobs wait in the queue until an admin sets it up")
     if problems:
         raise PreflightError(problems)
     return PreflightReport(partition=chosen.name, exclude=kept, warnings=tuple(warnings))
@@ -165,42 +157,26 @@ def run_paths(config: RunConfig) -> list[tuple[str, Path]]:
     return paths
 
 
-def _resolve_partition(
-    name: str | None, partitions: dict[str, Partition], problems: list[str]
-) -> Partition | None:
+def _resolve_partition(name: str | None, partitions: dict[str, Partition], problems: list[str]) -> Partition | None:
     if not partitions:
-        problems.append(
-            "sinfo lists no partitions you can use; ask the cluster's admins for access"
-        )
+        problems.append("sinfo lists no partitions you can use; ask the cluster's admins for access")
         return None
     if name is None:
         default = next((p for p in partitions.values() if p.default), None)
         if default is None:
             problems.append(
-                f"the cluster has no default partition; set cluster.partition to one of: "
-                f"{_listing(partitions)}"
+                f"the cluster has no default partition; set cluster.partition to one of: {_listing(partitions)}"
             )
         return default
     if name not in partitions:
-        problems.append(
-            f"partition {name!r} does not exist; set cluster.partition to one of: "
-            f"{_listing(partitions)}"
-        )
+        problems.append(f"partition {name!r} does not exist; set cluster.partition to one of: {_listing(partitions)}")
         return None
     return partitions[name]
 
 
 def _listing(partitions: dict[str, Partition]) -> str:
-    return ", ".join(
-        f"{p.name} ({'default, ' if p.default else ''}{p.node_count} nodes)"
-        for p in partitions.values()
-    )
+    return ", ".join(f"{p.name} ({'default, ' if p.default else ''}{p.node_count} nodes)" for p in partitions.values())
 
 
 def _usable_names(partition: Partition) -> set[str]:
-    return {
-        name
-        for group in partition.groups
-        if group.usable
-        for name in expand_hostlist(group.node_list)
-    }
+    return {name for group in partition.groups if group.usable for name in expand_hostlist(group.node_list)}

@@ -12,7 +12,7 @@ from fm9g.data.tokenizer import train_sentencepiece
 
 ZH = "中国的首都是北京。今天天气很好，我们去公园散步吧！人工智能正在改变世界，数据处理流程"
 EN = "the quick brown fox jumps over the lazy dog while data pipelines index every line"
-CODE = 'def f(x):\n    return x * 2  # double\n\nprint(f(3))\r\n\tif a: pass'
+CODE = "def f(x):\n    return x * 2  # double\n\nprint(f(3))\r\n\tif a: pass"
 EMOJI = "emoji 😀🚀 ok ✓"
 
 
@@ -72,7 +72,9 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     mount = tmp_path / "small_fs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     try:

@@ -133,8 +133,11 @@ def test_slurm_tasks_report_the_bad_line(tmp_path: Path, capsys: pytest.CaptureF
     lines[70] = b'{"input": ""}\n'
     src = _file(tmp_path, *lines)
     plan_path = plan_shards(src, 3, tmp_path / "work", output=tmp_path / "idx")
-    codes = [index_shard.main(["--plan", str(plan_path), "--task-id", str(k)]) for k in range(len(read_plan(plan_path)["shards"]))]
+    codes = [
+        index_shard.main(["--plan", str(plan_path), "--task-id", str(k)])
+        for k in range(len(read_plan(plan_path)["shards"]))
+    ]
     assert codes.count(1) == 1 and "missing_output" not in capsys.readouterr().err  # message, not the kind name
     assert index_merge.main(["--plan", str(plan_path)]) == 1
-    assert f"{src}:71: no \"output\" field" in capsys.readouterr().err
+    assert f'{src}:71: no "output" field' in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()

@@ -80,8 +80,20 @@ def _start_index(tmp_path: Path, tokenizer: Path) -> tuple[subprocess.Popen[byte
     output = tmp_path / "out" / "idx"
     # The tokenizer makes the shards slow enough to be mid-build; SIGSTOP then pins the parent
     # before it can merge, so the signal always lands during the build.
-    command = [sys.executable, "-m", "fm9g.orchestrator.cli", "index", str(source), "-o", str(output), "-j", "2",
-               "--tokenizer", str(tokenizer), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "fm9g.orchestrator.cli",
+        "index",
+        str(source),
+        "-o",
+        str(output),
+        "-j",
+        "2",
+        "--tokenizer",
+        str(tokenizer),
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang (SIGABRT below) shows every thread's stack
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _wait_until(lambda: len(_children(process.pid)) >= 2 or process.poll() is not None, "the index workers")
@@ -91,8 +103,9 @@ def _start_index(tmp_path: Path, tokenizer: Path) -> tuple[subprocess.Popen[byte
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_cleans_up_like_ctrl_c_and_prints_the_index_message(tmp_path: Path, sp_model: Path,
-                                                                    signum: signal.Signals) -> None:
+def test_sigterm_cleans_up_like_ctrl_c_and_prints_the_index_message(
+    tmp_path: Path, sp_model: Path, signum: signal.Signals
+) -> None:
     process, output, workers = _start_index(tmp_path, sp_model)
     os.kill(process.pid, signum)
     os.kill(process.pid, signal.SIGCONT)
@@ -107,8 +120,9 @@ def test_sigterm_cleans_up_like_ctrl_c_and_prints_the_index_message(tmp_path: Pa
         _wait_until(lambda pid=pid: not _alive(pid), f"worker {pid} to exit")
 
 
-def test_sigkill_of_the_parent_ends_the_workers_and_the_next_run_sweeps_its_folders(tmp_path: Path,
-                                                                                     sp_model: Path) -> None:
+def test_sigkill_of_the_parent_ends_the_workers_and_the_next_run_sweeps_its_folders(
+    tmp_path: Path, sp_model: Path
+) -> None:
     process, output, workers = _start_index(tmp_path, sp_model)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate(timeout=120)

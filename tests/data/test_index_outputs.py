@@ -52,8 +52,20 @@ def test_full_disk_while_indexing_names_the_filesystem_and_leaves_nothing(tmp_pa
 
 def test_full_disk_from_the_cli_is_one_error_line_not_a_traceback(tmp_path: Path, small_tmpfs: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [{"output": "y" * 1000 + str(i)} for i in range(3000)])
-    done = subprocess.run([sys.executable, "-m", "fm9g.orchestrator.cli", "index", str(source), "-o",
-                           str(small_tmpfs / "idx"), "--no-progress"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fm9g.orchestrator.cli",
+            "index",
+            str(source),
+            "-o",
+            str(small_tmpfs / "idx"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "is full" in done.stderr and str(small_tmpfs) in done.stderr
 
@@ -81,8 +93,20 @@ def test_raw_control_characters_are_kept_with_a_warning(tmp_path: Path) -> None:
 def test_cli_prints_the_control_character_warning(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_bytes(b'{"output": "a\x00b"}\n{"output": "fine"}\n')
-    done = subprocess.run([sys.executable, "-m", "fm9g.orchestrator.cli", "index", str(source), "-o",
-                           str(tmp_path / "idx"), "--no-progress"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fm9g.orchestrator.cli",
+            "index",
+            str(source),
+            "-o",
+            str(tmp_path / "idx"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "warning:" in done.stdout and "raw control characters" in done.stdout and f"{source}:1" in done.stdout
 

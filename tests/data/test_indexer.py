@@ -64,15 +64,29 @@ def test_round_trip_layout_and_meta(tmp_path: Path) -> None:
     for k, line in enumerate(lines):
         assert data[text[k] : text[k + 1]] == line + b"\n"
     assert set(meta) >= {
-        "language", "nlines", "nbytes", "length_distribute", "avg_token_per_line", "hdfs_path",
-        "data_sample", "token_count_method", "errors",
+        "language",
+        "nlines",
+        "nbytes",
+        "length_distribute",
+        "avg_token_per_line",
+        "hdfs_path",
+        "data_sample",
+        "token_count_method",
+        "errors",
     }
     assert meta["language"] == "zh" and meta["hdfs_path"] is None
     assert meta["token_count_method"] == "estimate-zh-0.7char"
     expected = [_estimate(line + b"\n", "zh") for line in lines]
     assert meta["avg_token_per_line"] == pytest.approx(sum(expected) / len(expected))
     assert list(meta["length_distribute"]) == [
-        "less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k"
+        "less_4k",
+        "4k-8k",
+        "8k-16k",
+        "16k-32k",
+        "32k-64k",
+        "64k-128k",
+        "128k-256k",
+        "more_256k",
     ]
     assert meta["errors"] == {} and result.skipped_lines == 0
     first = rows[0]["output"]
@@ -237,16 +251,23 @@ def test_module_entry_points_run_as_scripts(tmp_path: Path) -> None:
     for task in range(len(read_plan(plan_path)["shards"])):
         done = subprocess.run(
             [sys.executable, "-m", "fm9g.data.index_shard", "--plan", str(plan_path), "--task-id", str(task)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert done.returncode == 0, done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "fm9g.data.index_merge", "--plan", str(plan_path)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "fm9g.data.index_merge", "--plan", str(plan_path)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["nlines"] == 32
     done = subprocess.run(
         [sys.executable, "-m", "fm9g.data.txt2jsonl", str(tmp_path / "in" / "b.txt"), str(tmp_path / "b.jsonl")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0 and (tmp_path / "b.jsonl").read_text(encoding="utf-8").count("\n") == 2

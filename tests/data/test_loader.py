@@ -35,7 +35,10 @@ def _task(tmp: Path, name: str, rows: list[dict], **entry: Any) -> dict[str, Any
 def mixture(tmp_path: Path) -> list[dict[str, Any]]:
     lm = [{"input": "", "output": f"{i}:" + text} for i, text in enumerate(corpus_lines(60, seed=1))]
     qa = [{"input": f"问题{i}：" + t[:12], "output": f"答{i}" + t[:20]} for i, t in enumerate(corpus_lines(40, seed=2))]
-    return [_task(tmp_path, "lm", lm, abs_weight=0.6, ave_tokens_per_line=30), _task(tmp_path, "qa", qa, abs_weight=0.4)]
+    return [
+        _task(tmp_path, "lm", lm, abs_weight=0.6, ave_tokens_per_line=30),
+        _task(tmp_path, "qa", qa, abs_weight=0.4),
+    ]
 
 
 def _loader(entries: list[dict], tok: Path, tmp_path: Path, **kw: Any) -> PackedLoader:
@@ -45,9 +48,10 @@ def _loader(entries: list[dict], tok: Path, tmp_path: Path, **kw: Any) -> Packed
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
-    ) and a.keys() == b.keys()
+    return (
+        all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        and a.keys() == b.keys()
+    )
 
 
 def _segments(batch: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -181,7 +185,7 @@ def test_abs_weight_is_a_token_share(tmp_path: Path, sp_model: Path) -> None:
     samples = Counter()
     for _ in range(150):
         batch = next(loader)
-        for r, start, end, task in _segments(batch):
+        for _r, start, end, task in _segments(batch):
             tokens[task] += end - start
             samples[task] += 1
     share = tokens[0] / (tokens[0] + tokens[1])
@@ -207,7 +211,9 @@ def _run(loader: PackedLoader, n: int) -> list[dict[str, Any]]:
     return [next(loader) for _ in range(n)]
 
 
-def test_resume_equals_uninterrupted_with_other_worker_count(mixture: list[dict], sp_model: Path, tmp_path: Path) -> None:
+def test_resume_equals_uninterrupted_with_other_worker_count(
+    mixture: list[dict], sp_model: Path, tmp_path: Path
+) -> None:
     # a long document so that windows (pending lines) and row carry-overs are in the state
     mixture = mixture + [_task(tmp_path, "doc", [{"output": " ".join(corpus_lines(40))}], abs_weight=0.3)]
     reference = _loader(mixture, sp_model, tmp_path)
@@ -215,7 +221,9 @@ def test_resume_equals_uninterrupted_with_other_worker_count(mixture: list[dict]
     first = _loader(mixture, sp_model, tmp_path, num_workers=2)
     _run(first, 5)
     state = json.loads(json.dumps(first.state_dict()))  # survives JSON
-    assert state == json.loads(json.dumps(_loader_state_after(mixture, sp_model, tmp_path, 5)))  # workers do not run ahead
+    assert state == json.loads(
+        json.dumps(_loader_state_after(mixture, sp_model, tmp_path, 5))
+    )  # workers do not run ahead
     first.close()
     assert len(json.dumps(state)) < 4096
     for workers in (0, 2):

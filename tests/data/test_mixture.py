@@ -60,7 +60,9 @@ def test_guide_example_loads_and_resolves_paths(setup: Path) -> None:
     mixture = load_mixture(path)
     assert mixture.task_names == ["a", "b"] and len(mixture) == 2 and mixture.uses_abs_weight
     first, second = mixture.entries
-    assert Path(first.path) == setup / "indexed" and Path(first.transforms or "") == setup / "scripts" / "script_cpmc.py"
+    assert (
+        Path(first.path) == setup / "indexed" and Path(first.transforms or "") == setup / "scripts" / "script_cpmc.py"
+    )
     assert not needs_index(first) and needs_index(second)
     assert first.oversize_rule is None and first.incontext_weight == [1.0]
 
@@ -159,8 +161,11 @@ def test_invalid_json_file(setup: Path) -> None:
 
 def test_duplicate_key_in_a_mixture_entry_names_file_line_and_key(setup: Path) -> None:
     path = setup / "mixture.json"
-    path.write_text('[\n  {"dataset_name": "a", "task_name": "a", "path": "indexed",\n'
-                    '   "abs_weight": 0.5,\n   "path": "raw/b.jsonl"}\n]\n', encoding="utf-8")
+    path.write_text(
+        '[\n  {"dataset_name": "a", "task_name": "a", "path": "indexed",\n'
+        '   "abs_weight": 0.5,\n   "path": "raw/b.jsonl"}\n]\n',
+        encoding="utf-8",
+    )
     with pytest.raises(DataError) as info:
         load_mixture(path)
     assert f"{path}:4:" in str(info.value) and "'path'" in str(info.value) and "twice" in str(info.value)

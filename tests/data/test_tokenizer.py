@@ -44,7 +44,7 @@ def test_cpm_greedy_longest_match_and_byte_fallback(cpm_vocab: Path) -> None:
     assert isinstance(tok, CPMTokenizer) and isinstance(tok, Tokenizer)
     # the blank line in the file takes no id
     assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert tok.vocab_size == len([l for l in cpm_vocab.read_text(encoding="utf-8").split("\n") if l.strip()])
+    assert tok.vocab_size == len([line for line in cpm_vocab.read_text(encoding="utf-8").split("\n") if line.strip()])
     ids = tok.encode("中国北京")
     assert [tok.decode([i]) for i in ids] == ["中国", "北京"]
     assert [tok.decode([i]) for i in tok.encode("quick")] == ["quick"]  # longest, not "qu"

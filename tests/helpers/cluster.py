@@ -19,8 +19,9 @@ def cluster_up() -> bool:
     if shutil.which("scontrol") is None:
         return False
     try:
-        result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                                check=False)
+        result = subprocess.run(
+            ["scontrol", "ping"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0 and "UP" in result.stdout

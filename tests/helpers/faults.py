@@ -17,9 +17,22 @@ CLUSTER = REPO / "tests" / "cluster"
 # The run every scenario uses; the reference run is the same without a fault.  Two
 # nodes keep the suite short on 2 cores and leave the test bed's other nodes spare, so a
 # crashed node's replacement lands elsewhere, as on a real cluster.
-RUN_ARGS = ("--nodes", "2", "--set", "train.train_iters=36", "--set", "train.save_iters=4",
-            "--set", "train.warmup_iters=4", "--set", "train.step_sleep=0.25",
-            "--set", "rendezvous.join_timeout=120", "--set", "supervise.hang_timeout=240")
+RUN_ARGS = (
+    "--nodes",
+    "2",
+    "--set",
+    "train.train_iters=36",
+    "--set",
+    "train.save_iters=4",
+    "--set",
+    "train.warmup_iters=4",
+    "--set",
+    "train.step_sleep=0.25",
+    "--set",
+    "rendezvous.join_timeout=120",
+    "--set",
+    "supervise.hang_timeout=240",
+)
 
 
 def start_run(root: Path, name: str, *extra: str, reuse: Path | None = None) -> subprocess.Popen[str]:
@@ -28,10 +41,15 @@ def start_run(root: Path, name: str, *extra: str, reuse: Path | None = None) -> 
     tokenizer it takes (skipping those stages keeps each scenario short)."""
     shared: tuple[str, ...] = ()
     if reuse is not None:
-        shared = ("--set", f"data.dataset_config={reuse / 'mixture.json'}",
-                  "--set", f"data.tokenizer_path={reuse / 'tokenizer' / 'tokenizer.model'}")
-    return start_tiny(root, name, *RUN_ARGS, *shared, *extra, executor="slurm",
-                      log=root / f"{name}.supervisor.log", new_session=True)
+        shared = (
+            "--set",
+            f"data.dataset_config={reuse / 'mixture.json'}",
+            "--set",
+            f"data.tokenizer_path={reuse / 'tokenizer' / 'tokenizer.model'}",
+        )
+    return start_tiny(
+        root, name, *RUN_ARGS, *shared, *extra, executor="slurm", log=root / f"{name}.supervisor.log", new_session=True
+    )
 
 
 def job_of(run: Path, role: str) -> LiveJob:

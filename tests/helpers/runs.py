@@ -32,8 +32,9 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fm9g.orchestrator.cli", *args]
 
 
-def pretrain_argv(root: Path, name: str, *extra: str, executor: str | None = None,
-                  poll_interval: float | None = 0.5) -> list[str]:
+def pretrain_argv(
+    root: Path, name: str, *extra: str, executor: str | None = None, poll_interval: float | None = 0.5
+) -> list[str]:
     """`fm9g-launch pretrain` of the tiny example as run `name` under `root`: no progress
     bar, every step logged, a short supervisor tick (None keeps the config's).  `extra`
     comes last, so its `--set` options win over these."""
@@ -46,16 +47,25 @@ def pretrain_argv(root: Path, name: str, *extra: str, executor: str | None = Non
     return [*argv, *extra]
 
 
-def run_tiny(root: Path, name: str, *extra: str, executor: str | None = None, cwd: Path | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_tiny(
+    root: Path, name: str, *extra: str, executor: str | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the tiny pretraining to its end and return its exit status and output."""
-    return subprocess.run(pretrain_argv(root, name, *extra, executor=executor), cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        pretrain_argv(root, name, *extra, executor=executor), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def start_tiny(root: Path, name: str, *extra: str, executor: str | None = None, cwd: Path | None = None,
-               log: Path | None = None, poll_interval: float | None = 0.5,
-               new_session: bool = False) -> subprocess.Popen[str]:
+def start_tiny(
+    root: Path,
+    name: str,
+    *extra: str,
+    executor: str | None = None,
+    cwd: Path | None = None,
+    log: Path | None = None,
+    poll_interval: float | None = 0.5,
+    new_session: bool = False,
+) -> subprocess.Popen[str]:
     """Start the tiny pretraining in the background.  Its output goes to the file `log`,
     or else to a pipe (read it with `communicate`).  `new_session` puts it in its own
     process group, so a test can kill the supervisor's whole group (os.killpg)."""
@@ -63,9 +73,14 @@ def start_tiny(root: Path, name: str, *extra: str, executor: str | None = None, 
     if log is not None:
         out = open(log, "w")  # noqa: SIM115 - the child holds it; ours is closed below
     try:
-        return subprocess.Popen(pretrain_argv(root, name, *extra, executor=executor, poll_interval=poll_interval),
-                                cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=new_session)
+        return subprocess.Popen(
+            pretrain_argv(root, name, *extra, executor=executor, poll_interval=poll_interval),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=new_session,
+        )
     finally:
         if log is not None:
             out.close()  # type: ignore[union-attr]
@@ -172,8 +187,16 @@ def submissions(run: Path, stage: str = "train") -> list[Submission]:
             row = store.job(event.job) if event.job is not None else None
             assert row is not None, f"submitted event {event.id} names no job row"
             if row.stage == stage:
-                found.append(Submission(row.role, row.node_rank, row.attempt, row.generation, str(row.job_id),
-                                        str(event.data.get("why", ""))))
+                found.append(
+                    Submission(
+                        row.role,
+                        row.node_rank,
+                        row.attempt,
+                        row.generation,
+                        str(row.job_id),
+                        str(event.data.get("why", "")),
+                    )
+                )
         return found
 
 
@@ -186,8 +209,11 @@ def failures(run: Path, stage: str = "train") -> list[NodeFailure]:
             assert row is not None, f"failure event {event.id} names no job row"
             if row.stage != stage:
                 continue
-            found.append(NodeFailure(row.role, row.node_rank, str(event.data["klass"]), str(event.data.get("node", "")),
-                                     str(row.job_id)))
+            found.append(
+                NodeFailure(
+                    row.role, row.node_rank, str(event.data["klass"]), str(event.data.get("node", "")), str(row.job_id)
+                )
+            )
         return found
 
 

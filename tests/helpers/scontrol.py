@@ -117,8 +117,11 @@ def requeue(client: SlurmClient, job_id: int) -> None:
     result = _scontrol(client, requeue_argv(job_id))
     if result.returncode != 0:
         # Slurm refuses to requeue a PENDING job ("Job is pending execution").
-        hint = ("the job has not started yet, so there is nothing to requeue"
-                if "pending execution" in result.stderr else "check the job with `scontrol show job`")
+        hint = (
+            "the job has not started yet, so there is nothing to requeue"
+            if "pending execution" in result.stderr
+            else "check the job with `scontrol show job`"
+        )
         raise _error(result, requeue_argv(job_id), hint)
 
 
@@ -140,5 +143,10 @@ def _scontrol(client: SlurmClient, argv: list[str]) -> subprocess.CompletedProce
 def _error(result: subprocess.CompletedProcess[str], argv: list[str], hint: str) -> SlurmError:
     lines = (result.stderr or result.stdout).strip().splitlines()
     said = lines[-1] if lines else "no output"
-    return SlurmError(f"{' '.join(argv[:2])} failed (exit {result.returncode}): {said}; {hint}", argv=argv,
-                      returncode=result.returncode, stdout=result.stdout, stderr=result.stderr)
+    return SlurmError(
+        f"{' '.join(argv[:2])} failed (exit {result.returncode}): {said}; {hint}",
+        argv=argv,
+        returncode=result.returncode,
+        stdout=result.stdout,
+        stderr=result.stderr,
+    )

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from fm9g.rundir import config as config_mod
+
 from fm9g.rundir import RunDir
+from fm9g.rundir import config as config_mod
 
 QUESTION = "你好"
 ANSWER = "你好，我是九格。"
@@ -37,6 +38,7 @@ class TrainedRun:
 
 def _train_checkpoint(run: RunDir) -> None:
     import torch
+
     from fm9g.data.tokenizer import load_tokenizer, train_sentencepiece
     from fm9g.model.args import load_model_config
     from fm9g.model.checkpoint import Checkpointer
@@ -59,13 +61,25 @@ def _train_checkpoint(run: RunDir) -> None:
         optimizer.step()
     assert loss.item() < 0.1, f"the fixture model did not learn its exchanges (loss {loss.item():.3f})"
     checkpoints = Checkpointer(run.checkpoints, rank=0, world_size=1, barrier=lambda: None)
-    checkpoints.save(STEP, model=model.state_dict(), optimizer=None, data=None, trainer=None,
-                     log={"iteration": STEP}, config=args.to_json(), tokenizer=tokenizer)
+    checkpoints.save(
+        STEP,
+        model=model.state_dict(),
+        optimizer=None,
+        data=None,
+        trainer=None,
+        log={"iteration": STEP},
+        config=args.to_json(),
+        tokenizer=tokenizer,
+    )
 
 
 def write_run_config(run: RunDir, **overrides: object) -> None:
-    raw: dict = {"run_root": str(run.root.parent), "executor": "local", "data": {"sft": True},
-                 "train": {"model_unique": run.name}}
+    raw: dict = {
+        "run_root": str(run.root.parent),
+        "executor": "local",
+        "data": {"sft": True},
+        "train": {"model_unique": run.name},
+    }
     for dotted, value in overrides.items():
         config_mod.apply_overrides(raw, [f"{dotted.replace('__', '.')}={json.dumps(value)}"])
     run.make()
@@ -141,8 +155,9 @@ def check_server(run: RunDir) -> dict:
     assert model == endpoint["model"]
     completion = client.completions.create(model=model, prompt="<用户>你好<AI>", max_tokens=16, temperature=0)
     assert completion.choices[0].text.startswith(ANSWER)
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}],
-                                          max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "你好"}], max_tokens=16, temperature=0
+    )
     assert chat.choices[0].message.content.startswith(ANSWER)
     base = f"http://{endpoint['host']}:{endpoint['port']}"
     assert http_status(f"{base}/v1/models") == 401

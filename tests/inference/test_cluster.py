@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fm9g.orchestrator.cli import main
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import StateStore
+from fm9g.rundir import RunDir
 
 from .conftest import ANSWER, TrainedRun, check_server
 
@@ -25,10 +25,23 @@ def cli(*argv: object) -> int:
 
 def slurm_state(job_id: str) -> str:
     """The job's state as sacct (or squeue, while it is in slurmctld's memory) reports it."""
-    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%T", f"--jobs={job_id}"],
-                         capture_output=True, text=True, timeout=30, check=False).stdout.strip()
-    return out or subprocess.run(["sacct", "--noheader", "--parsable2", "--format=State", "-X", f"--jobs={job_id}"],
-                                 capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+    out = subprocess.run(
+        ["squeue", "--noheader", "--states=all", "--format=%T", f"--jobs={job_id}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.strip()
+    return (
+        out
+        or subprocess.run(
+            ["sacct", "--noheader", "--parsable2", "--format=State", "-X", f"--jobs={job_id}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
+    )
 
 
 @pytest.fixture
@@ -42,8 +55,23 @@ def test_infer_and_serve_on_slurm(slurm_run: TrainedRun, tmp_path: Path) -> None
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "你好"}\n', encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    assert cli("infer", run.root, "--executor", "slurm", "--prompts", prompts, "--output", out,
-               "--temperature", "0", "--max-tokens", "16") == 0
+    assert (
+        cli(
+            "infer",
+            run.root,
+            "--executor",
+            "slurm",
+            "--prompts",
+            prompts,
+            "--output",
+            out,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["text"] == ANSWER
 
     assert cli("serve", run.root, "--executor", "slurm") == 0

@@ -28,7 +28,9 @@ def test_sampling_is_seeded_per_prompt(hf_model: Path) -> None:
     sampling = Sampling(temperature=1.5, top_p=1.0, max_tokens=6, n=3, seed=11)
     first = generate_transformers(hf_model, ["天气", "the quick"], sampling)
     # The same prompt at another position, alone, with seed + index matching: same completions.
-    again = generate_transformers(hf_model, ["the quick"], Sampling(temperature=1.5, top_p=1.0, max_tokens=6, n=3, seed=12))
+    again = generate_transformers(
+        hf_model, ["the quick"], Sampling(temperature=1.5, top_p=1.0, max_tokens=6, n=3, seed=12)
+    )
     assert len(first) == 2 and all(len(outputs) == 3 for outputs in first)
     assert first[1] == again[0]
     assert all(o["finish_reason"] == "length" or o["tokens"] <= 6 for o in first[0])
@@ -38,8 +40,21 @@ def test_infer_main_writes_every_prompt_in_order(hf_model: Path, tmp_path: Path)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "你好"}\n{"input": "中国的首都是哪里"}\n\n{"prompt": "the quick brown fox"}\n')
     output = tmp_path / "deep" / "out.jsonl"
-    argv = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(output), "--chat",
-            "--engine", "transformers", "--temperature", "0", "--max-tokens", "24"]
+    argv = [
+        "--model",
+        str(hf_model),
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(output),
+        "--chat",
+        "--engine",
+        "transformers",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]
     assert infer.main(argv) == 0
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 4]

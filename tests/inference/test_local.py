@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fm9g.orchestrator.cli import main
 from fm9g.orchestrator.executors.local import LocalExecutor
-from fm9g.rundir import RunDir
 from fm9g.orchestrator.state import TERMINAL_STATES, StateStore
+from fm9g.rundir import RunDir
 
 from .conftest import ANSWER, TrainedRun, check_server, write_run_config
 
@@ -49,8 +50,18 @@ def stage_status(run: RunDir, name: str) -> str | None:
 def test_convert_then_infer(trained_run: TrainedRun, tmp_path: Path) -> None:
     run = trained_run.run
     out = tmp_path / "out" / "completions.jsonl"
-    argv = ["infer", run.root, "--prompts", prompts_file(tmp_path), "--output", out, "--temperature", "0",
-            "--max-tokens", "24"]
+    argv = [
+        "infer",
+        run.root,
+        "--prompts",
+        prompts_file(tmp_path),
+        "--output",
+        out,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]
     assert cli(*argv) == 0
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     # data.sft is on in the run's config: the chat format was applied, the learned answers come back.
@@ -86,10 +97,17 @@ def test_missing_step(trained_run: TrainedRun, capsys: pytest.CaptureFixture[str
     assert jobs(trained_run.run) == []
 
 
-@pytest.mark.parametrize("text,where", [("", ": no prompts"), ('{"prompt": "ok"}\n{"prompt": oops}\n', ":2:"),
-                                        ('{"prompt": "ok"}\n{"text": "x"}\n', ":2: no 'prompt'")])
-def test_bad_prompt_file(trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                         text: str, where: str) -> None:
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ("", ": no prompts"),
+        ('{"prompt": "ok"}\n{"prompt": oops}\n', ":2:"),
+        ('{"prompt": "ok"}\n{"text": "x"}\n', ":2: no 'prompt'"),
+    ],
+)
+def test_bad_prompt_file(
+    trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, where: str
+) -> None:
     prompts = prompts_file(tmp_path, text)
     code = cli("infer", trained_run.run.root, "--prompts", prompts, "--output", tmp_path / "o.jsonl")
     assert code == 2
@@ -107,8 +125,21 @@ def test_not_a_run_nor_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_infer_on_a_model_folder(hf_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o.jsonl"
-    code = cli("infer", hf_model, "--prompts", prompts_file(tmp_path, '{"prompt": "你好"}\n'), "--output", out,
-               "--chat", "--temperature", "0", "--max-tokens", "16", "--name", "tiny-model")
+    code = cli(
+        "infer",
+        hf_model,
+        "--prompts",
+        prompts_file(tmp_path, '{"prompt": "你好"}\n'),
+        "--output",
+        out,
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--name",
+        "tiny-model",
+    )
     assert code == 0
     assert json.loads(out.read_text())["text"] == ANSWER
     run = RunDir.of(tmp_path / "runs" / "tiny-model")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.rundir import config as config_mod
 from fm9g.orchestrator.executors.local import LocalExecutor
 from fm9g.orchestrator.inference.pipeline import run_post_train_stages
 from fm9g.orchestrator.state import StateStore
+from fm9g.rundir import config as config_mod
 
 from .conftest import ANSWER, TrainedRun
 

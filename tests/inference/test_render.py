@@ -7,27 +7,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from fm9g.launchers.prompts import Sampling
 from fm9g.orchestrator.inference.jobs import stage_spec
 from fm9g.orchestrator.render import ScriptRenderer
 from fm9g.rundir.config import ClusterConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
+HOSTILE = "evil $(touch PWNED) \"q\" 's' `id`; rm -rf ~ & echo"
 
 VALUES = {
     "convert": {"step": 60, "output": "/shared/runs/demo/hf/60"},
-    "infer": {"model": "/shared/runs/demo/hf/60", "prompts": "/shared/p.jsonl", "output": "/shared/out.jsonl",
-              "chat": True, "engine": "auto", "sampling": Sampling(temperature=0.7, top_p=0.9, max_tokens=64, n=2, seed=5)},
-    "serve": {"model": "/shared/runs/demo/hf/60", "endpoint": "/shared/runs/demo/serve/endpoint.json",
-              "api_key_file": "/shared/runs/demo/serve/api_key", "engine": "auto", "port": 0},
+    "infer": {
+        "model": "/shared/runs/demo/hf/60",
+        "prompts": "/shared/p.jsonl",
+        "output": "/shared/out.jsonl",
+        "chat": True,
+        "engine": "auto",
+        "sampling": Sampling(temperature=0.7, top_p=0.9, max_tokens=64, n=2, seed=5),
+    },
+    "serve": {
+        "model": "/shared/runs/demo/hf/60",
+        "endpoint": "/shared/runs/demo/serve/endpoint.json",
+        "api_key_file": "/shared/runs/demo/serve/api_key",
+        "engine": "auto",
+        "port": 0,
+    },
 }
 
 
 def render(stage: str, *, run_dir: str = "/shared/runs/demo", values: dict | None = None) -> str:
     cluster = ClusterConfig(partition="gpu", gpus_per_node=1, time="1:00:00", setup=["module load cuda/12.1"])
-    renderer = ScriptRenderer(run_name=Path(run_dir).name, run_dir=run_dir, cluster=cluster,
-                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+    renderer = ScriptRenderer(
+        run_name=Path(run_dir).name,
+        run_dir=run_dir,
+        cluster=cluster,
+        python="/opt/venv/bin/python",
+        config_hash="0123456789ab",
+    )
     return renderer.render(stage_spec(stage, f"{stage}.sbatch.j2", values or VALUES[stage]), attempt=1)
 
 
@@ -38,8 +55,10 @@ def test_golden(stage: str, golden: Callable[[Path, str], None]) -> None:
 
 @pytest.mark.parametrize("stage", sorted(VALUES))
 def test_hostile_paths_stay_one_word(stage: str, tmp_path: Path) -> None:
-    values = {key: (f"{tmp_path}/{HOSTILE}/x" if isinstance(value, str) and value.startswith("/") else value)
-              for key, value in VALUES[stage].items()}
+    values = {
+        key: (f"{tmp_path}/{HOSTILE}/x" if isinstance(value, str) and value.startswith("/") else value)
+        for key, value in VALUES[stage].items()
+    }
     text = render(stage, run_dir=f"{tmp_path}/{HOSTILE}", values=values)
     assert subprocess.run(["bash", "-n"], input=text, text=True, check=False).returncode == 0
     # Run everything but the final exec: nothing in a value may execute.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fm9g.launchers.infer import VLLM_MISSING, vllm_usable
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not vllm_usable(), reason=VLLM_MISSING)]

@@ -45,8 +45,7 @@ def test_full_disk_is_a_recorded_failure_and_resume_finishes(small_fs: Path) -> 
     assert stage is not None and stage.status.value == "FAILED" and "full" in stage.detail
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-    again = subprocess.run(runs.cli("resume", str(run), "--no-progress"), capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(runs.cli("resume", str(run), "--no-progress"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert runs.checkpoint_step(run) == 12
     stage = runs.stage(run, "train")

@@ -62,8 +62,11 @@ def check_curve(root: Path, name: str, reference: dict[int, float]) -> None:
 
 def mid_run(root: Path, name: str, after_step: int = 10) -> Path:
     run = root / name
-    runs.wait_for(lambda: runs.checkpoint_step(run) >= after_step and len(runs.live_jobs(run)) == 2,
-                  600, f"{name} to pass step {after_step} on 2 running nodes")
+    runs.wait_for(
+        lambda: runs.checkpoint_step(run) >= after_step and len(runs.live_jobs(run)) == 2,
+        600,
+        f"{name} to pass step {after_step} on 2 running nodes",
+    )
     return run
 
 
@@ -123,8 +126,7 @@ def test_supervisor_killed_then_resume(root: Path, reference: dict[int, float]) 
     os.killpg(proc.pid, signal.SIGKILL)  # the login session dies; the jobs do not
     proc.wait()
     submitted = runs.submissions(run)
-    resumed = subprocess.run(runs.cli("resume", str(run), "--no-progress"), capture_output=True, text=True,
-                             timeout=900)
+    resumed = subprocess.run(runs.cli("resume", str(run), "--no-progress"), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # The resumed supervisor adopted the live node jobs: it submitted nothing new.
     assert runs.submissions(run) == submitted
@@ -146,8 +148,15 @@ def test_failing_rank_stops_after_its_budget(root: Path, reference: dict[int, fl
     broken = root / "broken-python"
     broken.write_text("#!/bin/sh\necho 'this interpreter always fails' >&2\nexit 1\n")
     broken.chmod(0o755)
-    proc = faults.start_run(root, "broken", "--set", f"cluster.python={broken}", "--set", "supervise.app_retries=2",
-                            reuse=root / "reference")
+    proc = faults.start_run(
+        root,
+        "broken",
+        "--set",
+        f"cluster.python={broken}",
+        "--set",
+        "supervise.app_retries=2",
+        reuse=root / "reference",
+    )
     code = proc.wait(timeout=900)
     run = root / "broken"
     assert code == 1, (root / "broken.supervisor.log").read_text()[-3000:]

@@ -18,8 +18,16 @@ from tests.helpers import faults, runs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-SLOW_JOBS = ("--set", "cluster.setup=['sleep 12']", "--set", "train.train_iters=4", "--set", "train.save_iters=2",
-             "--set", "train.warmup_iters=1")
+SLOW_JOBS = (
+    "--set",
+    "cluster.setup=['sleep 12']",
+    "--set",
+    "train.train_iters=4",
+    "--set",
+    "train.save_iters=2",
+    "--set",
+    "train.warmup_iters=1",
+)
 
 
 @pytest.fixture
@@ -44,8 +52,9 @@ def submitted_index_rows(run: Path) -> list[dict] | None:
 
 
 def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%F %T", "--states=all", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%F %T", "--states=all", "-j", ",".join(job_ids)], capture_output=True, text=True
+    ).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
@@ -55,7 +64,11 @@ def test_status_lists_index_jobs_and_cancel_cancels_them(root: Path) -> None:
     try:
         rows = runs.wait_for(lambda: submitted_index_rows(run), 120, "four index jobs in status --json")
         assert sorted((row["stage"], row["role"]) for row in rows) == [
-            ("index:en", "merge"), ("index:en", "shard"), ("index:zh", "merge"), ("index:zh", "shard")]
+            ("index:en", "merge"),
+            ("index:en", "shard"),
+            ("index:zh", "merge"),
+            ("index:zh", "shard"),
+        ]
         ids = [str(row["job_id"]) for row in rows]
         assert all(job_id.isdigit() for job_id in ids)  # Slurm job ids
         assert set(squeue_states(ids)) >= set(ids)  # they really are in the queue
@@ -64,8 +77,11 @@ def test_status_lists_index_jobs_and_cancel_cancels_them(root: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    runs.wait_for(lambda: not any(state in ("PENDING", "RUNNING") for state in squeue_states(ids).values()),
-                  60, "the index jobs to leave the queue")
+    runs.wait_for(
+        lambda: not any(state in ("PENDING", "RUNNING") for state in squeue_states(ids).values()),
+        60,
+        "the index jobs to leave the queue",
+    )
     with runs.state(run) as store:
         assert all(row.state.is_terminal for row in store.jobs())
         assert store.events("cancel")

@@ -50,8 +50,10 @@ def test_dry_run_renders_and_starts_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "t"
     scripts = sorted((run / "dry-run" / "scripts").iterdir())
-    assert [p.name for p in scripts if p.name.startswith("train-")] == ["train-master0-a1.sbatch",
-                                                                          "train-worker1-a1.sbatch"]
+    assert [p.name for p in scripts if p.name.startswith("train-")] == [
+        "train-master0-a1.sbatch",
+        "train-worker1-a1.sbatch",
+    ]
     assert (run / "dry-run" / "config.yaml").exists()
     assert not (run / "state.db").exists() and not (run / "scripts").exists()
     for path in scripts:
@@ -92,7 +94,7 @@ def test_killed_node_fails_clearly_then_rerun_resumes_the_step_count(tmp_path: P
     # The same command restarts the failed stage (both nodes, attempt 2) from the checkpoint.
     assert len(runs.events(run, "restart")) == 1
     assert [(s.node_rank, s.attempt) for s in runs.submissions(run)][2:] == [(0, 2), (1, 2)]
-    after = [m["step"] for m in runs.metrics(run)][len(seen_before):]
+    after = [m["step"] for m in runs.metrics(run)][len(seen_before) :]
     assert after == list(range(step + 1, 41))
     stage = runs.stage(run)
     assert stage is not None and stage.status is StageStatus.COMPLETED

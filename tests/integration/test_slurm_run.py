@@ -46,8 +46,12 @@ def test_four_nodes_train_to_completion(shared_tmp: Path) -> None:
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_step"] == 20
-    status = subprocess.run([sys.executable, "-m", "fm9g.orchestrator.cli", "status", str(run), "--json"],
-                            capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "fm9g.orchestrator.cli", "status", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     facts = json.loads(status.stdout)["runs"][0]
     nodes = {job["node"] for job in facts["jobs"] if job["stage"] == "train"}
     assert len(nodes) == 4 and all(node.startswith("node") for node in nodes)
@@ -66,18 +70,32 @@ def test_dry_run_submits_nothing(shared_tmp: Path) -> None:
 
 
 def test_hostile_run_name(shared_tmp: Path) -> None:
-    name = 'x $(touch PWNED) `id` "q\' ;'
-    result = launch(shared_tmp, name, "--nodes", "2", "--set", "train.train_iters=6", "--set", "train.save_iters=3", "--set", "train.warmup_iters=2")
+    name = "x $(touch PWNED) `id` \"q' ;"
+    result = launch(
+        shared_tmp,
+        name,
+        "--nodes",
+        "2",
+        "--set",
+        "train.train_iters=6",
+        "--set",
+        "train.save_iters=3",
+        "--set",
+        "train.warmup_iters=2",
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert (shared_tmp / name / "control" / "DONE").exists()
     assert not list(shared_tmp.rglob("PWNED")) and not (Path.home() / "PWNED").exists()
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("cluster.partition=nosuchpartition", "nosuchpartition"),
-    ("cluster.nodes=9", "9"),
-    ("cluster.gpus_per_node=8", "gpu"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("cluster.partition=nosuchpartition", "nosuchpartition"),
+        ("cluster.nodes=9", "9"),
+        ("cluster.gpus_per_node=8", "gpu"),
+    ],
+)
 def test_rejected_before_submission(shared_tmp: Path, override: str, expected: str) -> None:
     before = squeue_ids()
     result = launch(shared_tmp, "bad", "--set", override, timeout=120)
@@ -88,12 +106,37 @@ def test_rejected_before_submission(shared_tmp: Path, override: str, expected: s
 
 
 def test_master_lands_on_another_node(shared_tmp: Path) -> None:
-    blocker = subprocess.run(["sbatch", "--parsable", "-N1", "-w", "node1", "-o", "/dev/null", "--wrap=sleep 600"],
-                             capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    blocker = (
+        subprocess.run(
+            ["sbatch", "--parsable", "-N1", "-w", "node1", "-o", "/dev/null", "--wrap=sleep 600"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     try:
-        runs.wait_for(lambda: "R" in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%t"], capture_output=True,
-                                                     text=True).stdout, 60, "the blocker to start on node1")
-        result = launch(shared_tmp, "moved", "--nodes", "2", "--set", "train.train_iters=6", "--set", "train.save_iters=3", "--set", "train.warmup_iters=2")
+        runs.wait_for(
+            lambda: (
+                "R"
+                in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%t"], capture_output=True, text=True).stdout
+            ),
+            60,
+            "the blocker to start on node1",
+        )
+        result = launch(
+            shared_tmp,
+            "moved",
+            "--nodes",
+            "2",
+            "--set",
+            "train.train_iters=6",
+            "--set",
+            "train.save_iters=3",
+            "--set",
+            "train.warmup_iters=2",
+        )
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         endpoint = json.loads((shared_tmp / "moved" / "rendezvous" / "endpoint.json").read_text())
         assert endpoint["host"] != "node1" and endpoint["host"].startswith("node")

@@ -25,8 +25,9 @@ def supervisor(tmp_path: Path, nodes: int) -> TrainPolicy:
     config, _ = cfg.load(None, [f"cluster.nodes={nodes}", "executor=slurm"])
     write_text(run.config, cfg.dump(config))
     store = StateStore(run.state_db)
-    renderer = ScriptRenderer(run_name=run.name, run_dir=str(run.root), cluster=config.cluster, python="python3",
-                              config_hash="0" * 12)
+    renderer = ScriptRenderer(
+        run_name=run.name, run_dir=str(run.root), cluster=config.cluster, python="python3", config_hash="0" * 12
+    )
     return TrainPolicy(run, config, store, JobTracker(run, store, SlurmExecutor(), renderer))
 
 

@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fm9g.model.checkpoint import MARKER, Checkpointer, CheckpointError
 
 
 def save(ckpt: Checkpointer, step: int, value: float = 1.0, blocking: bool = True) -> Path:
-    return ckpt.save(step, model={"w": torch.full((2,), value)}, optimizer={"rank": ckpt.rank},
-                     data={"position": step * 10 + ckpt.rank}, trainer={"step": step}, log={"iteration": step},
-                     config={"dim_model": 4}, blocking=blocking)
+    return ckpt.save(
+        step,
+        model={"w": torch.full((2,), value)},
+        optimizer={"rank": ckpt.rank},
+        data={"position": step * 10 + ckpt.rank},
+        trainer={"step": step},
+        log={"iteration": step},
+        config={"dim_model": 4},
+        blocking=blocking,
+    )
 
 
 def two_ranks(root: Path, action) -> list[Checkpointer]:
@@ -45,10 +53,19 @@ def test_fm9g_layout_written_by_two_ranks(tmp_path: Path) -> None:
     two_ranks(root, lambda c: save(c, 5))
     step = root / "5"
     names = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
-    assert names == sorted([
-        "fm9g_live_checkpoint-5.pt", "fm9g_live_checkpoint-5.rank-0.opt", "fm9g_live_checkpoint-5.rank-1.opt",
-        "fm9g_live_checkpoint-5.log_ckpt", "dataset_ckpt/dataset_0.data", "dataset_ckpt/dataset_1.data",
-        "trainer_state.pt", "config.json", MARKER])
+    assert names == sorted(
+        [
+            "fm9g_live_checkpoint-5.pt",
+            "fm9g_live_checkpoint-5.rank-0.opt",
+            "fm9g_live_checkpoint-5.rank-1.opt",
+            "fm9g_live_checkpoint-5.log_ckpt",
+            "dataset_ckpt/dataset_0.data",
+            "dataset_ckpt/dataset_1.data",
+            "trainer_state.pt",
+            "config.json",
+            MARKER,
+        ]
+    )
     assert (root / "latest").read_text().strip() == "5"
     assert json.loads((step / MARKER).read_text())["world_size"] == 2
     assert not list(root.glob(".tmp-*"))
@@ -71,6 +88,7 @@ def test_rename_waits_for_every_rank(tmp_path: Path) -> None:
 
             def slow(tmp, step, payload, tokenizer):
                 import time
+
                 time.sleep(0.3)
                 seen["visible_before_rank1_wrote"] = (root / "3").exists()
                 original(tmp, step, payload, tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import (
     FlashAttention,
@@ -51,23 +52,42 @@ def test_state_dict_keys_are_fm9g_checkpoint_keys() -> None:
     keys = set(build_model(tiny(num_layers=1, tie_lm_head=False), "meta").state_dict())
     prefix = "encoder.layers.0."
     assert keys == {
-        "input_embedding.weight", "encoder.output_layernorm.weight", "lm_head.weight",
+        "input_embedding.weight",
+        "encoder.output_layernorm.weight",
+        "lm_head.weight",
         prefix + "self_att.layernorm_before_attention.weight",
         prefix + "self_att.self_attention.project_q.weight",
         prefix + "self_att.self_attention.project_k.weight",
         prefix + "self_att.self_attention.project_v.weight",
         prefix + "self_att.self_attention.attention_out.weight",
         prefix + "ffn.layernorm_before_ffn.weight",
-        prefix + "ffn.ffn.w_in.w_0.weight", prefix + "ffn.ffn.w_in.w_1.weight",
+        prefix + "ffn.ffn.w_in.w_0.weight",
+        prefix + "ffn.ffn.w_in.w_1.weight",
         prefix + "ffn.ffn.w_out.weight",
     }
 
 
 def test_hf_aliases_and_unsupported_fields(tmp_path) -> None:
-    args = ModelArgs.model_validate({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                     "intermediate_size": 64, "num_hidden_layers": 3, "rms_norm_eps": 1e-6,
-                                     "hidden_act": "silu", "dim_head": 8})
-    assert (args.dim_model, args.num_heads, args.num_kv_heads, args.dim_ff, args.num_layers, args.eps) == (32, 4, 2, 64, 3, 1e-6)
+    args = ModelArgs.model_validate(
+        {
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "dim_head": 8,
+        }
+    )
+    assert (args.dim_model, args.num_heads, args.num_kv_heads, args.dim_ff, args.num_layers, args.eps) == (
+        32,
+        4,
+        2,
+        64,
+        3,
+        1e-6,
+    )
     bad = tmp_path / "moe.json"
     bad.write_text('{"moe_num_experts": 4}')
     with pytest.raises(ModelConfigError, match="moe_num_experts"):
@@ -93,6 +113,7 @@ def test_muP_scalings_change_the_output() -> None:
 
 def _tables(model, ids):
     from fm9g.model.dragonfly import rotary_tables
+
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     return rotary_tables(positions, model.args.dim_head, model.args.base)
 
@@ -116,8 +137,8 @@ def test_sdpa_packed_matches_each_sample_alone() -> None:
     for row, lengths in enumerate(rows):
         start = 0
         for n in lengths:
-            alone = model(ids[row:row + 1, start:start + n])
-            torch.testing.assert_close(packed[row:row + 1, start:start + n], alone, atol=1e-5, rtol=1e-5)
+            alone = model(ids[row : row + 1, start : start + n])
+            torch.testing.assert_close(packed[row : row + 1, start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
     # Without the segment mask the second sample would see the first one.
     leaky = model(ids, pos)
@@ -128,7 +149,13 @@ def test_mask_and_cu_seqlens_helpers() -> None:
     _, _, seg = _packed_batch([[2, 3], [5]])
     mask = packed_causal_mask(seg)
     assert mask.shape == (2, 1, 5, 5)
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ]
     cu, longest = cu_seqlens_from_segments(seg)
     assert cu.tolist() == [0, 2, 5, 10] and longest == 5 and cu.dtype == torch.int32
 

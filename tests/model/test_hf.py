@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fm9g.model.args import ModelArgs, load_model_config
 from fm9g.model.convert import export_hf, import_hf
 from fm9g.model.dragonfly import build_model
@@ -57,6 +58,7 @@ def test_export_import_export_is_identity(style: str, tmp_path: Path) -> None:
     one, two = import_hf(first)[0], import_hf(second)[0]
     assert all(torch.equal(one[k], two[k]) for k in one)
     from safetensors.torch import load_file
+
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fm9g.model.args import load_model_config
 from fm9g.model.dragonfly import build_model
 from fm9g.model.optim import build_optimizer, is_hidden_matrix
@@ -45,13 +46,22 @@ def test_wsd_formula_and_fractions() -> None:
 
 
 def test_wse_formula() -> None:
-    s = build_scheduler(optimizer(), "warmupstableexp", lr=1.0, train_iters=100, warmup_iters=4,
-                        drop_iters=10, drop_begin=20, drop_rate=0.5)
+    s = build_scheduler(
+        optimizer(),
+        "warmupstableexp",
+        lr=1.0,
+        train_iters=100,
+        warmup_iters=4,
+        drop_iters=10,
+        drop_begin=20,
+        drop_rate=0.5,
+    )
     got = lrs(s, 40)
     assert got[2] == pytest.approx(0.5) and got[20] == 1.0
     assert got[30] == pytest.approx(0.5) and got[40] == pytest.approx(0.25)
-    default_begin = build_scheduler(optimizer(), "warmupstableexp", lr=1.0, train_iters=100, warmup_iters=4,
-                                    drop_iters=10, start_step=14)
+    default_begin = build_scheduler(
+        optimizer(), "warmupstableexp", lr=1.0, train_iters=100, warmup_iters=4, drop_iters=10, start_step=14
+    )
     assert default_begin.current_lr == pytest.approx(0.5)  # drop_begin -1 = right after warmup
 
 
@@ -62,12 +72,21 @@ def test_groups_keep_their_ratio() -> None:
 
 
 def test_resume_no_optimze() -> None:
-    cos = build_scheduler(optimizer(), "cosine", lr=1.0, train_iters=100, warmup_iters=10, start_step=50,
-                          resume_no_optimze=3)
+    cos = build_scheduler(
+        optimizer(), "cosine", lr=1.0, train_iters=100, warmup_iters=10, start_step=50, resume_no_optimze=3
+    )
     got = lrs(cos, 4)
     assert got[:3] == [0.0, 0.0, 0.0] and got[3] > 0.5
-    wsd = build_scheduler(optimizer(), "warmupstabledrop", lr=1.0, train_iters=100, warmup_iters=10,
-                          drop_iters=0.1, start_step=50, resume_no_optimze=4)
+    wsd = build_scheduler(
+        optimizer(),
+        "warmupstabledrop",
+        lr=1.0,
+        train_iters=100,
+        warmup_iters=10,
+        drop_iters=0.1,
+        start_step=50,
+        resume_no_optimze=4,
+    )
     assert lrs(wsd, 5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
@@ -93,7 +112,13 @@ def test_muP_param_groups() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in others["params"]} == (
         {"input_embedding.weight", "encoder.output_layernorm.weight"}
-        | {f"encoder.layers.{i}.{n}" for i in range(args.num_layers)
-           for n in ("self_att.layernorm_before_attention.weight", "ffn.layernorm_before_ffn.weight")})
+        | {
+            f"encoder.layers.{i}.{n}"
+            for i in range(args.num_layers)
+            for n in ("self_att.layernorm_before_attention.weight", "ffn.layernorm_before_ffn.weight")
+        }
+    )
     assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.1 for g in opt.param_groups)
-    assert not is_hidden_matrix("module.lm_head.weight") and is_hidden_matrix("module.encoder.layers.0.ffn.ffn.w_out.weight")
+    assert not is_hidden_matrix("module.lm_head.weight") and is_hidden_matrix(
+        "module.encoder.layers.0.ffn.ffn.w_out.weight"
+    )

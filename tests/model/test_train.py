@@ -39,8 +39,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         small = root / f"{task}{source.suffix}"
         small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")
         build_index(small, root / f"{task}_index", language="en" if task == "en" else "zh", durable=False)
-        entries.append({"dataset_name": task, "task_name": task, "abs_weight": 0.5, "path": str(root / f"{task}_index"),
-                        "allow_repeat": True, "ave_tokens_per_line": 60})
+        entries.append(
+            {
+                "dataset_name": task,
+                "task_name": task,
+                "abs_weight": 0.5,
+                "path": str(root / f"{task}_index"),
+                "allow_repeat": True,
+                "ave_tokens_per_line": 60,
+            }
+        )
     mixture = root / "mixture.json"
     mixture.write_text(json.dumps(entries))
     tokenizer = train_sentencepiece([root / "en.jsonl", root / "zh.txt"], root / "tokenizer.model", 500)
@@ -50,13 +58,28 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_run(path: Path, corpus: dict[str, Path], model: dict[str, Any] | None = None, **train_args: Any) -> RunDir:
     """A run directory with a resolved config.yaml for the tiny model."""
     run = RunDir.of(path).make()
-    train_section = {"train_iters": 12, "save_iters": 4, "batch_size": 2, "lr": 0.01, "warmup_iters": 2,
-                     "inspect_iters": 0, "seed": 7, **train_args}
-    config = config_mod.RunConfig.model_validate({
-        "model": {"config": "tiny", **(model or {})},
-        "data": {"dataset_config": str(corpus["mixture"]), "tokenizer_path": str(corpus["tokenizer"]),
-                 "max_length": 64, "dataloader_num_workers": 0},
-        "train": train_section})
+    train_section = {
+        "train_iters": 12,
+        "save_iters": 4,
+        "batch_size": 2,
+        "lr": 0.01,
+        "warmup_iters": 2,
+        "inspect_iters": 0,
+        "seed": 7,
+        **train_args,
+    }
+    config = config_mod.RunConfig.model_validate(
+        {
+            "model": {"config": "tiny", **(model or {})},
+            "data": {
+                "dataset_config": str(corpus["mixture"]),
+                "tokenizer_path": str(corpus["tokenizer"]),
+                "max_length": 64,
+                "dataloader_num_workers": 0,
+            },
+            "train": train_section,
+        }
+    )
     run.config.write_text(config_mod.dump(config))
     return run
 
@@ -82,8 +105,8 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
         data = file.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -129,7 +152,8 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path: Path, corpus: dict[str, Path]) 
     assert all(abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 for step in a)
     # The FSDP checkpoint holds the full model under the FM9G keys, like DDP's.
     assert set(torch.load(fsdp.checkpoints / "4" / "fm9g_live_checkpoint-4.pt")) == set(
-        torch.load(ddp.checkpoints / "4" / "fm9g_live_checkpoint-4.pt"))
+        torch.load(ddp.checkpoints / "4" / "fm9g_live_checkpoint-4.pt")
+    )
 
 
 def test_sharded_optimizer_state_is_refused_by_another_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
@@ -141,8 +165,9 @@ def test_sharded_optimizer_state_is_refused_by_another_layout(tmp_path: Path, co
     reason = json.loads((fsdp.control / "fatal.json").read_text())["reason"]
     assert "written by torch-ddp with 1 ranks" in reason and "train.load_grad: false" in reason
     # The fix the message names: weights, schedule position and data continue; Adam restarts.
-    weights = make_run(tmp_path / "fsdp_weights", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2,
-                       load_grad=False)
+    weights = make_run(
+        tmp_path / "fsdp_weights", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2, load_grad=False
+    )
     assert train.run(weights.root) == 0
     assert sorted(metrics(weights)) == [3, 4]
 
@@ -152,8 +177,14 @@ def test_tensorboard_heartbeat_and_layout(tmp_path: Path, corpus: dict[str, Path
     assert train.run(run.root) == 0
     summary = json.loads(run.summary.read_text())
     scalars = read_scalars(Path(summary["tensorboard"]))
-    for tag in ("Loss/train", "Optimizer/lr", "Optimizer/grad_norm", "Throughput/tokens_per_s",
-                "Throughput/tflops", "Throughput/mfu"):
+    for tag in (
+        "Loss/train",
+        "Optimizer/lr",
+        "Optimizer/grad_norm",
+        "Throughput/tokens_per_s",
+        "Throughput/tflops",
+        "Throughput/mfu",
+    ):
         assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
     for task in ("en", "zh"):  # a task shows up in the steps whose batches held it
         assert scalars[f"Loss/train/{task}"] and {s for s, _ in scalars[f"Loss/train/{task}"]} <= {1, 2, 3, 4}
@@ -163,8 +194,15 @@ def test_tensorboard_heartbeat_and_layout(tmp_path: Path, corpus: dict[str, Path
     assert beat["step"] == 4 and beat["pid"] == os.getpid() and beat["generation"] == 0
     step_dir = run.checkpoints / "4"
     assert {p.name for p in step_dir.iterdir()} >= {
-        "fm9g_live_checkpoint-4.pt", "fm9g_live_checkpoint-4.rank-0.opt", "fm9g_live_checkpoint-4.log_ckpt",
-        "dataset_ckpt", "trainer_state.pt", "config.json", "COMPLETE", "tokenizer"}
+        "fm9g_live_checkpoint-4.pt",
+        "fm9g_live_checkpoint-4.rank-0.opt",
+        "fm9g_live_checkpoint-4.log_ckpt",
+        "dataset_ckpt",
+        "trainer_state.pt",
+        "config.json",
+        "COMPLETE",
+        "tokenizer",
+    }
     assert json.loads((step_dir / "fm9g_live_checkpoint-4.log_ckpt").read_text())["iteration"] == 4
     keys = set(torch.load(step_dir / "fm9g_live_checkpoint-4.pt"))
     assert "encoder.layers.0.self_att.self_attention.project_q.weight" in keys and "input_embedding.weight" in keys
@@ -200,8 +238,9 @@ def test_checkpoint_now_saves_and_exits_without_done(tmp_path: Path, corpus: dic
 def test_only_load_model_starts_at_step_zero(tmp_path: Path, corpus: dict[str, Path]) -> None:
     base = make_run(tmp_path / "base", corpus, train_iters=8, save_iters=8)
     assert train.run(base.root) == 0
-    tuned = make_run(tmp_path / "tuned", corpus, train_iters=2, resume_ckpt=str(base.checkpoints / "8"),
-                     only_load_model=True)
+    tuned = make_run(
+        tmp_path / "tuned", corpus, train_iters=2, resume_ckpt=str(base.checkpoints / "8"), only_load_model=True
+    )
     assert train.run(tuned.root) == 0
     summary = json.loads(tuned.summary.read_text())
     assert (summary["start_step"], summary["final_step"]) == (0, 2)
@@ -226,15 +265,38 @@ def test_config_errors_are_fatal(tmp_path: Path, corpus: dict[str, Path]) -> Non
 def test_torchrun_two_processes(tmp_path: Path, corpus: dict[str, Path]) -> None:
     run = make_run(tmp_path / "ddp", corpus, train_iters=4, save_iters=2)
     env = {**os.environ, protocol.ENV_NODE_RANK: "0", protocol.ENV_GENERATION: "3", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "fm9g.model.train", "--run-dir", str(run.root)],
-                            check=False, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "fm9g.model.train",
+            "--run-dir",
+            str(run.root),
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size=2" in result.stdout
     assert run.done_flag.exists() and sorted(metrics(run)) == [1, 2, 3, 4]
     assert json.loads(run.heartbeat(0).read_text())["generation"] == 3
-    files = {p.name for p in (run.checkpoints / "4").iterdir()} | {p.name for p in (run.checkpoints / "4" / "dataset_ckpt").iterdir()}
-    assert {"fm9g_live_checkpoint-4.rank-0.opt", "fm9g_live_checkpoint-4.rank-1.opt", "dataset_0.data", "dataset_1.data"} <= files
+    files = {p.name for p in (run.checkpoints / "4").iterdir()} | {
+        p.name for p in (run.checkpoints / "4" / "dataset_ckpt").iterdir()
+    }
+    assert {
+        "fm9g_live_checkpoint-4.rank-0.opt",
+        "fm9g_live_checkpoint-4.rank-1.opt",
+        "dataset_0.data",
+        "dataset_1.data",
+    } <= files
 
 
 def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
@@ -247,7 +309,9 @@ def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
     assert train.run(run.root) == 0
     folder = convert(run.root)
     assert folder == run.root / "hf" / "2"
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model"} <= {
+        p.name for p in folder.iterdir()
+    }
     step_dir = run.checkpoints / "2"
     ours = build_model(ModelArgs.model_validate(json.loads((step_dir / "config.json").read_text())), seed=0).eval()
     ours.load_state_dict(torch.load(step_dir / "fm9g_live_checkpoint-2.pt"))
@@ -260,8 +324,16 @@ def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
 def test_options_accumulation_recompute_async_save_and_pruning(tmp_path: Path, corpus: dict[str, Path]) -> None:
     plain = make_run(tmp_path / "plain", corpus, train_iters=4, grad_accum=2)
     assert train.run(plain.root) == 0
-    run = make_run(tmp_path / "opts", corpus, train_iters=4, save_iters=1, grad_accum=2, use_checkpoint=True,
-                   async_save=True, keep_checkpoints=2)
+    run = make_run(
+        tmp_path / "opts",
+        corpus,
+        train_iters=4,
+        save_iters=1,
+        grad_accum=2,
+        use_checkpoint=True,
+        async_save=True,
+        keep_checkpoints=2,
+    )
     assert train.run(run.root) == 0
     # Recomputing activations changes no number; async saves all became visible; only 2 are kept.
     assert all(abs(metrics(plain)[s]["loss"] - metrics(run)[s]["loss"]) <= 1e-6 for s in (1, 2, 3, 4))
@@ -290,10 +362,25 @@ def _bmtrain_missing() -> str | None:
 
 
 def _torchrun(run: RunDir, nproc: int) -> str:
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                             str(nproc), "-m", "fm9g.model.train", "--run-dir", str(run.root)],
-                            check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "fm9g.model.train",
+            "--run-dir",
+            str(run.root),
+        ],
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -306,11 +393,18 @@ def test_bmtrain_backend_trains_matches_torch_and_resumes(tmp_path: Path, corpus
     fp32 = {"dtype": "fp32"}
     reference = make_run(tmp_path / "torch", corpus, model=fp32, train_iters=6, save_iters=3)
     _torchrun(reference, nproc)
-    straight = make_run(tmp_path / "bmt", corpus, model={**fp32, "backend": "bmtrain", "offload": False},
-                        train_iters=6, save_iters=3)
+    straight = make_run(
+        tmp_path / "bmt", corpus, model={**fp32, "backend": "bmtrain", "offload": False}, train_iters=6, save_iters=3
+    )
     _torchrun(straight, nproc)
-    split = make_run(tmp_path / "bmt_split", corpus, model={**fp32, "backend": "bmtrain", "offload": False},
-                     train_iters=6, save_iters=3, max_session_steps=3)
+    split = make_run(
+        tmp_path / "bmt_split",
+        corpus,
+        model={**fp32, "backend": "bmtrain", "offload": False},
+        train_iters=6,
+        save_iters=3,
+        max_session_steps=3,
+    )
     _torchrun(split, nproc)
     assert not split.done_flag.exists()
     set_train(split, max_session_steps=0)
@@ -330,15 +424,23 @@ def test_bmtrain_backend_trains_matches_torch_and_resumes(tmp_path: Path, corpus
     theirs = torch.load(reference.checkpoints / "6" / "fm9g_live_checkpoint-6.pt")
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert {p.name for p in (straight.checkpoints / "6").iterdir()} >= {
-        f"fm9g_live_checkpoint-6.rank-{r}.opt" for r in range(nproc)}
+        f"fm9g_live_checkpoint-6.rank-{r}.opt" for r in range(nproc)
+    }
 
 
 @pytest.mark.gpu
 @pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.skipif(_bmtrain_missing() is not None, reason=str(_bmtrain_missing()))
 def test_bmtrain_bf16_offload_like_the_fm9g_script(tmp_path: Path, corpus: dict[str, Path]) -> None:
-    run = make_run(tmp_path / "bmt_bf16", corpus, model={"backend": "bmtrain"}, train_iters=8, save_iters=8,
-                   use_checkpoint=True, grad_accum=2)
+    run = make_run(
+        tmp_path / "bmt_bf16",
+        corpus,
+        model={"backend": "bmtrain"},
+        train_iters=8,
+        save_iters=8,
+        use_checkpoint=True,
+        grad_accum=2,
+    )
     out = _torchrun(run, 1)
     assert "bf16=True, backend bmtrain-zero3-offload" in out
     records = metrics(run)
@@ -354,7 +456,9 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 512 KiB tmpfs: room for a run directory, not for the tiny model's checkpoint (about 1.5 MB)."""
     mount = tmp_path / "small_fs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     try:
@@ -364,8 +468,9 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_full_disk_while_saving_a_checkpoint_is_a_recorded_failure(small_tmpfs: Path, corpus: dict[str, Path],
-                                                                   async_save: bool) -> None:
+def test_full_disk_while_saving_a_checkpoint_is_a_recorded_failure(
+    small_tmpfs: Path, corpus: dict[str, Path], async_save: bool
+) -> None:
     from fm9g.orchestrator.failures import FailureClass, classify
     from fm9g.orchestrator.slurm.states import JobState
 
@@ -381,8 +486,9 @@ def test_full_disk_while_saving_a_checkpoint_is_a_recorded_failure(small_tmpfs: 
     assert f"fm9g-launch resume {run.name}" in failure.reason
 
 
-def test_full_disk_while_writing_metrics_exits_with_the_no_space_code(small_tmpfs: Path, corpus: dict[str, Path],
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_disk_while_writing_metrics_exits_with_the_no_space_code(
+    small_tmpfs: Path, corpus: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     run = make_run(small_tmpfs / "run", corpus, train_iters=4, save=False)
     filler = small_tmpfs / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill every last page: metrics, heartbeats, fatal.json fail

@@ -47,8 +47,9 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
 
 def test_overrides_win_and_parse_scalars(tmp_path: Path) -> None:
     path = write(tmp_path, "run.yaml", "train:\n  lr: 0.1\n")
-    config, name = cfg.load(path, ["train.lr=3e-4", "cluster.nodes=4", "train.use_checkpoint=true",
-                                   "cluster.exclude=[node1, node2]"])
+    config, name = cfg.load(
+        path, ["train.lr=3e-4", "cluster.nodes=4", "train.use_checkpoint=true", "cluster.exclude=[node1, node2]"]
+    )
     assert config.train.lr == pytest.approx(3e-4)
     assert config.cluster.nodes == 4 and config.train.use_checkpoint is True
     assert config.cluster.exclude == ["node1", "node2"]
@@ -66,13 +67,49 @@ def test_guide_scheduler_spelling_is_accepted() -> None:
 
 
 def test_every_guide_argument_is_a_field() -> None:
-    guide = ["model_unique", "resume_ckpt", "flash", "local", "dataloader", "save", "load_grad", "grad_ckpt_num",
-             "exp_group", "ignore_cuda_oom", "tensorboard_all_tasks", "stop_when_end", "only_run_dataloader", "eps",
-             "inspect_iters", "strict_state_dict", "resume_no_optimze", "tp_size", "async_save", "batch_size",
-             "save_iters", "train_iters", "lr", "warmup_iters", "drop_iters", "only_load_model", "lr_scheduler",
-             "load_dataloader_ckpt", "drop_begin", "drop_rate", "use_checkpoint"]
-    data_args = ["max_length", "tokenizer_path", "dataset_config", "dataloader_num_threads", "dataloader_prefetch",
-                 "dataloader_prefetch_factor", "dataloader_num_workers", "parallel_load_datastate"]
+    guide = [
+        "model_unique",
+        "resume_ckpt",
+        "flash",
+        "local",
+        "dataloader",
+        "save",
+        "load_grad",
+        "grad_ckpt_num",
+        "exp_group",
+        "ignore_cuda_oom",
+        "tensorboard_all_tasks",
+        "stop_when_end",
+        "only_run_dataloader",
+        "eps",
+        "inspect_iters",
+        "strict_state_dict",
+        "resume_no_optimze",
+        "tp_size",
+        "async_save",
+        "batch_size",
+        "save_iters",
+        "train_iters",
+        "lr",
+        "warmup_iters",
+        "drop_iters",
+        "only_load_model",
+        "lr_scheduler",
+        "load_dataloader_ckpt",
+        "drop_begin",
+        "drop_rate",
+        "use_checkpoint",
+    ]
+    data_args = [
+        "max_length",
+        "tokenizer_path",
+        "dataset_config",
+        "dataloader_num_threads",
+        "dataloader_prefetch",
+        "dataloader_prefetch_factor",
+        "dataloader_num_workers",
+        "parallel_load_datastate",
+    ]
     assert not [a for a in guide if a not in cfg.TrainConfig.model_fields]
     assert not [a for a in data_args if a not in cfg.DataConfig.model_fields]
     assert "config" in cfg.ModelConfig.model_fields
@@ -131,7 +168,9 @@ def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
 
 
 def test_json_duplicate_key_names_file_line_and_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "run.json", '{\n  "train": {"lr": 0.1},\n  "model": {"config": "tiny"},\n  "train": {"seed": 7}\n}\n')
+    path = write(
+        tmp_path, "run.json", '{\n  "train": {"lr": 0.1},\n  "model": {"config": "tiny"},\n  "train": {"seed": 7}\n}\n'
+    )
     with pytest.raises(ConfigError) as info:
         cfg.load(path)
     assert f"{path}:4:" in str(info.value) and "'train'" in str(info.value) and "first at line 2" in str(info.value)

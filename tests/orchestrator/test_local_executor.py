@@ -11,8 +11,12 @@ from tests.helpers.runs import wait_for
 
 def wait_state(executor: LocalExecutor, job_id: str, states: set[str], limit: float = 20.0) -> str:
     """The job's state once it is one of `states`."""
-    return wait_for(lambda: (state := executor.poll([job_id])[job_id].state) in states and state, limit,
-                    f"job {job_id} to reach {sorted(states)}", interval=0.05)
+    return wait_for(
+        lambda: (state := executor.poll([job_id])[job_id].state) in states and state,
+        limit,
+        f"job {job_id} to reach {sorted(states)}",
+        interval=0.05,
+    )
 
 
 def gone(pid: int) -> bool:
@@ -32,7 +36,9 @@ def script(tmp_path: Path, body: str) -> Path:
 def test_exit_codes_and_slurm_environment(tmp_path: Path) -> None:
     executor = LocalExecutor()
     log = tmp_path / "logs" / "job.out"
-    job = executor.submit(script(tmp_path, 'echo "node=$SLURMD_NODENAME job=$SLURM_JOB_NAME"; exit 7'), log=log, tag="fm9g:t")
+    job = executor.submit(
+        script(tmp_path, 'echo "node=$SLURMD_NODENAME job=$SLURM_JOB_NAME"; exit 7'), log=log, tag="fm9g:t"
+    )
     assert wait_state(executor, job, {"FAILED"}) == "FAILED"
     assert executor.poll([job])[job].exit_code == 7
     assert "node=localhost job=fm9g:t" in log.read_text()

@@ -15,7 +15,6 @@ from fm9g.orchestrator.cli import main
 from fm9g.orchestrator.plan import StageKind, plan_run
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
-from fm9g.rundir.config import ConfigError
 from tests.helpers.runs import TINY, events, pretrain_argv, state
 
 EXAMPLE = TINY.parent
@@ -30,8 +29,21 @@ def tiny_copy(tmp_path: Path, mixture: list[dict] | None = None) -> Path:
 
 
 def cli_args(config: Path, root: Path, name: str, *extra: str) -> list[str]:
-    return ["pretrain", "--config", str(config), "--name", name, "--no-progress", "--set", f"run_root={root}",
-            "--set", "train.train_iters=12", "--set", "train.save_iters=6", *extra]
+    return [
+        "pretrain",
+        "--config",
+        str(config),
+        "--name",
+        name,
+        "--no-progress",
+        "--set",
+        f"run_root={root}",
+        "--set",
+        "train.train_iters=12",
+        "--set",
+        "train.save_iters=6",
+        *extra,
+    ]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -44,8 +56,13 @@ def test_plan_lists_every_stage_with_its_jobs_and_dependencies(tmp_path: Path) -
     run = RunDir.of(tmp_path / "p")
     plan = plan_run(config, run)
     kinds = [(stage.name, stage.kind) for stage in plan.stages]
-    assert kinds == [("index:zh", StageKind.INDEX), ("index:en", StageKind.INDEX),
-                     ("tokenizer", StageKind.TOKENIZER), ("train", StageKind.TRAIN), ("convert", StageKind.CONVERT)]
+    assert kinds == [
+        ("index:zh", StageKind.INDEX),
+        ("index:en", StageKind.INDEX),
+        ("tokenizer", StageKind.TOKENIZER),
+        ("train", StageKind.TRAIN),
+        ("convert", StageKind.CONVERT),
+    ]
     assert plan.stage("tokenizer").depends_on == ("index:zh", "index:en")
     assert plan.stage("train").depends_on == ("index:zh", "index:en", "tokenizer")
     assert [job.role for job in plan.stage("index:zh").jobs] == ["shard", "merge"]
@@ -55,7 +72,8 @@ def test_plan_lists_every_stage_with_its_jobs_and_dependencies(tmp_path: Path) -
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_missing_mixture_is_the_same_error_with_or_without_dry_run(
-        tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tiny_copy(tmp_path)
     (config.parent / "mixture.json").unlink()
     code = main(cli_args(config, tmp_path / "runs", "m", *(["--dry-run"] if dry_run else [])))
@@ -66,7 +84,8 @@ def test_missing_mixture_is_the_same_error_with_or_without_dry_run(
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_negative_weight_is_refused_before_anything_runs(
-        tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     mixture = json.loads((EXAMPLE / "mixture.json").read_text())
     mixture[0]["abs_weight"] = -1
     config = tiny_copy(tmp_path, mixture)

@@ -8,27 +8,44 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.rundir.config import ClusterConfig, ConfigError
-from fm9g.orchestrator.plan import index_specs, node_spec, tokenizer_spec, IndexSource
-from fm9g.orchestrator.render import ScriptRenderer, slug
+from fm9g.orchestrator.plan import IndexSource, index_specs, node_spec, tokenizer_spec
+from fm9g.orchestrator.render import ScriptRenderer
 from fm9g.rundir import RunDir
+from fm9g.rundir.config import ClusterConfig, ConfigError
+from fm9g.rundir.protocol import slug
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-HOSTILE = 'evil $(touch PWNED) "q" \'s\' `id`; rm -rf ~ & echo'
+HOSTILE = "evil $(touch PWNED) \"q\" 's' `id`; rm -rf ~ & echo"
 
 
-def render_node(rank: int = 0, cluster: ClusterConfig | None = None, name: str = "demo",
-                run_dir: str = "/shared/runs/demo") -> str:
-    renderer = ScriptRenderer(run_name=name, run_dir=run_dir, cluster=cluster or ClusterConfig(),
-                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+def render_node(
+    rank: int = 0, cluster: ClusterConfig | None = None, name: str = "demo", run_dir: str = "/shared/runs/demo"
+) -> str:
+    renderer = ScriptRenderer(
+        run_name=name,
+        run_dir=run_dir,
+        cluster=cluster or ClusterConfig(),
+        python="/opt/venv/bin/python",
+        config_hash="0123456789ab",
+    )
     return renderer.render(node_spec(rank, generation=0), attempt=1)
 
 
 def full_cluster() -> ClusterConfig:
-    return ClusterConfig(partition="gpu", nodes=4, gpus_per_node=8, cpus_per_task=64, time="2-00:00:00",
-                         account="proj1", qos="high", constraint="a100", exclude=["g3001", "g3002"],
-                         extra_sbatch=["--reservation=llm"], mem="500G",
-                         setup=["module load cuda/12.1", "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN"])
+    return ClusterConfig(
+        partition="gpu",
+        nodes=4,
+        gpus_per_node=8,
+        cpus_per_task=64,
+        time="2-00:00:00",
+        account="proj1",
+        qos="high",
+        constraint="a100",
+        exclude=["g3001", "g3002"],
+        extra_sbatch=["--reservation=llm"],
+        mem="500G",
+        setup=["module load cuda/12.1", "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN"],
+    )
 
 
 @pytest.mark.parametrize("role,rank", [("master", 0), ("worker", 1)])
@@ -38,8 +55,13 @@ def test_golden_scripts(role: str, rank: int, golden: Callable[[Path, str], None
 
 def test_golden_index_and_tokenizer_scripts(golden: Callable[[Path, str], None]) -> None:
     run = RunDir(Path("/shared/runs/demo"))
-    renderer = ScriptRenderer(run_name=run.name, run_dir=str(run.root), cluster=full_cluster(),
-                              python="/opt/venv/bin/python", config_hash="0123456789ab")
+    renderer = ScriptRenderer(
+        run_name=run.name,
+        run_dir=str(run.root),
+        cluster=full_cluster(),
+        python="/opt/venv/bin/python",
+        config_hash="0123456789ab",
+    )
     source = IndexSource("wiki", Path("/data/wiki"), run.indexed / "wiki", run.indexed / ".work" / "wiki", "zh")
     shard, merge = index_specs(source, shards=8)
     golden(GOLDEN / "index-shard.sbatch", renderer.render(shard, 1))
@@ -53,9 +75,21 @@ def test_golden_index_and_tokenizer_scripts(golden: Callable[[Path, str], None])
 
 def test_every_option_reaches_the_script() -> None:
     text = render_node(0, full_cluster())
-    for flag in ("--partition=gpu", "--account=proj1", "--qos=high", "--gres=gpu:8", "--constraint=a100",
-                 "--exclude=g3001,g3002", "--time=2-00:00:00", "--cpus-per-task=64", "--mem=500G",
-                 "--reservation=llm", "--open-mode=append", "--signal=B:USR1@120", "--no-requeue"):
+    for flag in (
+        "--partition=gpu",
+        "--account=proj1",
+        "--qos=high",
+        "--gres=gpu:8",
+        "--constraint=a100",
+        "--exclude=g3001,g3002",
+        "--time=2-00:00:00",
+        "--cpus-per-task=64",
+        "--mem=500G",
+        "--reservation=llm",
+        "--open-mode=append",
+        "--signal=B:USR1@120",
+        "--no-requeue",
+    ):
         assert f"#SBATCH {flag}\n" in text
     assert "module load cuda/12.1\n" in text and "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in text
     sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]

@@ -10,8 +10,17 @@ from fm9g.orchestrator.state import StateStore
 
 def test_intent_then_submission(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.db")
-    row = store.record_intent(stage="train", role="master", node_rank=0, attempt=1, generation=0,
-                              tag="fm9g:x:train:master:0:1", script="/s", script_hash="abc", log="/l")
+    row = store.record_intent(
+        stage="train",
+        role="master",
+        node_rank=0,
+        attempt=1,
+        generation=0,
+        tag="fm9g:x:train:master:0:1",
+        script="/s",
+        script_hash="abc",
+        log="/l",
+    )
     (job,) = store.jobs("train")
     assert job.state == "SUBMITTING" and job.job_id is None and job.live
     store.mark_submitted(row, "1234")

@@ -44,11 +44,7 @@ def eventually(probe: Callable[[], T | None | bool], what: str, polls: int = 120
 def write_script(directory: Path, name: str, body: str) -> Path:
     script = directory / f"{name}.sh"
     script.write_text(
-        "#!/bin/bash\n"
-        f"#SBATCH --output={directory}/%j.out\n"
-        "#SBATCH --open-mode=append\n"
-        "#SBATCH --nodes=1\n"
-        f"{body}\n"
+        f"#!/bin/bash\n#SBATCH --output={directory}/%j.out\n#SBATCH --open-mode=append\n#SBATCH --nodes=1\n{body}\n"
     )
     return script
 
@@ -109,9 +105,7 @@ def test_failed_job_reports_its_exit_code(
     assert (record.state, record.exit_code) == (JobState.FAILED, 7)
 
 
-def test_cancel_a_running_job(
-    slurm: SlurmClient, tmp_path: Path, since: datetime, cleanup: list[int]
-) -> None:
+def test_cancel_a_running_job(slurm: SlurmClient, tmp_path: Path, since: datetime, cleanup: list[int]) -> None:
     job_id = slurm.submit(write_script(tmp_path, "long", "sleep 300"))
     cleanup.append(job_id)
     eventually(lambda: slurm.squeue([job_id])[job_id].state is JobState.RUNNING, "RUNNING")
@@ -129,9 +123,7 @@ def test_cancel_a_running_job(
     slurm.cancel([job_id])  # cancelling an ended job again is not an error
 
 
-def test_squeue_is_one_call_for_many_jobs(
-    slurm: SlurmClient, tmp_path: Path, cleanup: list[int]
-) -> None:
+def test_squeue_is_one_call_for_many_jobs(slurm: SlurmClient, tmp_path: Path, cleanup: list[int]) -> None:
     script = write_script(tmp_path, "held", "true")
     job_ids = [slurm.submit(script, extra_args=["--hold"]) for _ in range(3)]
     cleanup.extend(job_ids)
@@ -139,9 +131,7 @@ def test_squeue_is_one_call_for_many_jobs(
     rows = slurm.squeue(job_ids)
     assert slurm.counter.calls["squeue"] == before + 1
     assert set(rows) == set(job_ids)
-    assert all(
-        row.state is JobState.PENDING and row.reason == "JobHeldUser" for row in rows.values()
-    )
+    assert all(row.state is JobState.PENDING and row.reason == "JobHeldUser" for row in rows.values())
     # A pending job cannot be requeued; the error says so.
     with pytest.raises(SlurmError, match="nothing to requeue"):
         scontrol.requeue(slurm, job_ids[0])
@@ -155,18 +145,14 @@ def test_unknown_job_ids_are_absent_not_errors(slurm: SlurmClient) -> None:
     assert scontrol.show_job(slurm, unknown) is None
 
 
-def test_requeue_keeps_the_job_id(
-    slurm: SlurmClient, tmp_path: Path, since: datetime, cleanup: list[int]
-) -> None:
+def test_requeue_keeps_the_job_id(slurm: SlurmClient, tmp_path: Path, since: datetime, cleanup: list[int]) -> None:
     job_id = slurm.submit(write_script(tmp_path, "requeue", "sleep 300"), extra_args=["--requeue"])
     cleanup.append(job_id)
     eventually(lambda: slurm.squeue([job_id])[job_id].state is JobState.RUNNING, "RUNNING")
     first = scontrol.show_job(slurm, job_id)
     assert first is not None and first.batch_host.startswith("node") and first.restarts == 0
     scontrol.requeue(slurm, job_id)
-    again = eventually(
-        lambda: (j := scontrol.show_job(slurm, job_id)) and j.restarts == 1 and j, "Restarts=1"
-    )
+    again = eventually(lambda: (j := scontrol.show_job(slurm, job_id)) and j.restarts == 1 and j, "Restarts=1")
     assert again.job_id == job_id and again.state.is_active
     # Wait for the second run: slurmdbd 22.05 writes a requeued job's new record only
     # when it starts again, so a job cancelled during the cred_expire wait keeps
@@ -182,9 +168,7 @@ def test_requeue_keeps_the_job_id(
 
 def test_sbatch_refusal_is_a_submit_error_with_advice(slurm: SlurmClient, tmp_path: Path) -> None:
     with pytest.raises(SubmitError) as error:
-        slurm.submit(
-            write_script(tmp_path, "bad", "true"), extra_args=["--partition=no-such-partition"]
-        )
+        slurm.submit(write_script(tmp_path, "bad", "true"), extra_args=["--partition=no-such-partition"])
     assert error.value.returncode == 1
     assert "invalid partition" in error.value.stderr
     assert "sinfo -s" in str(error.value)

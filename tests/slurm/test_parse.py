@@ -38,9 +38,7 @@ def test_sbatch_recorded(recorded: Recorded) -> None:
     assert parse.parse_sbatch(recorded("sbatch_parsable.txt")) > 0
 
 
-@pytest.mark.parametrize(
-    "text, job_id", [("123\n", 123), ("4567;fm9gtest\n", 4567), ("sbatch: notice\n89\n", 89)]
-)
+@pytest.mark.parametrize("text, job_id", [("123\n", 123), ("4567;fm9gtest\n", 4567), ("sbatch: notice\n89\n", 89)])
 def test_sbatch_forms(text: str, job_id: int) -> None:
     assert parse.parse_sbatch(text) == job_id
 

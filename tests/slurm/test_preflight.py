@@ -75,6 +75,4 @@ def test_missing_paths_are_all_reported_together(tmp_path: Path) -> None:
 
 def test_drained_node_is_a_warning_not_an_error() -> None:
     report = check(None, 4, 0, [], MIXED)
-    assert report.warnings == (
-        "only 3 of 4 nodes in partition 'debug' are up; the run waits until 4 are",
-    )
+    assert report.warnings == ("only 3 of 4 nodes in partition 'debug' are up; the run waits until 4 are",)

@@ -24,9 +24,7 @@ def test_nonexistent_partition_is_refused_with_the_list(slurm: SlurmClient) -> N
 
 
 @pytest.mark.parametrize("partition, nodes", [("small", 3), (None, 41)])
-def test_more_nodes_than_the_partition_has(
-    slurm: SlurmClient, partition: str | None, nodes: int
-) -> None:
+def test_more_nodes_than_the_partition_has(slurm: SlurmClient, partition: str | None, nodes: int) -> None:
     # sbatch itself would accept this job and leave it pending forever
     # (Reason=PartitionNodeLimit); preflight refuses it.
     with pytest.raises(PreflightError, match=f"asks for {nodes} nodes but partition"):
@@ -34,9 +32,7 @@ def test_more_nodes_than_the_partition_has(
 
 
 def test_gpu_request_is_refused_on_a_cluster_without_gpus(slurm: SlurmClient) -> None:
-    with pytest.raises(
-        PreflightError, match="GPUs per node but the nodes of partition 'debug' have no GPUs"
-    ):
+    with pytest.raises(PreflightError, match="GPUs per node but the nodes of partition 'debug' have no GPUs"):
         check(None, 1, 1, [], slurm)
 
 
@@ -45,9 +41,7 @@ def test_a_run_that_fits(slurm: SlurmClient, tmp_path: Path) -> None:
     mixture.write_text("[]")
     report = check("small", 2, 0, [("data.dataset_config", mixture)], slurm, exclude=["node99"])
     assert report.partition == "small" and report.exclude == ()
-    assert report.warnings == (
-        "excluded node(s) node99 do not exist on this cluster; ignoring them",
-    )
+    assert report.warnings == ("excluded node(s) node99 do not exist on this cluster; ignoring them",)
 
 
 def test_check_run_reads_the_run_config(slurm: SlurmClient, tmp_path: Path) -> None:

@@ -26,9 +26,23 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fm9g.orchestrator.executors.local import LocalExecutor
 
     root = tmp_path_factory.mktemp("real")
-    proc = runs.start_tiny(root, "real", "--nodes", "2", "--set", f"train.train_iters={ITERS}",
-                           "--set", "train.save_iters=4", "--set", "train.warmup_iters=2", "--set", "train.step_sleep=0.3",
-                           "--set", "supervise.repair_local=true", poll_interval=0.3)
+    proc = runs.start_tiny(
+        root,
+        "real",
+        "--nodes",
+        "2",
+        "--set",
+        f"train.train_iters={ITERS}",
+        "--set",
+        "train.save_iters=4",
+        "--set",
+        "train.warmup_iters=2",
+        "--set",
+        "train.step_sleep=0.3",
+        "--set",
+        "supervise.repair_local=true",
+        poll_interval=0.3,
+    )
     run = root / "real"
     runs.wait_for(lambda: runs.checkpoint_step(run) >= 8 or proc.poll() is not None, 300, "the run to reach step 8")
     assert proc.poll() is None, "the run ended before step 8"
@@ -52,8 +66,11 @@ async def test_real_run_shows_nodes_progress_and_the_repair(real_run: Path) -> N
         screen = app.screen
         assert isinstance(screen, MainScreen)
         table = screen.query_one(JobTable)
-        jobs = [str(table.get_cell(row.key, "job")).strip() for row in table.ordered_rows
-                if str(row.key.value).startswith("job:")]
+        jobs = [
+            str(table.get_cell(row.key, "job")).strip()
+            for row in table.ordered_rows
+            if str(row.key.value).startswith("job:")
+        ]
         assert any("master" in job for job in jobs)
         assert sum("r1 worker" in job for job in jobs) == 2  # the killed attempt and its replacement
         panel = screen.query_one(TrainingPanel)
@@ -70,8 +87,9 @@ async def test_real_run_log_follow_and_filter(real_run: Path) -> None:
         await settle(pilot)
         table = app.screen.query_one(JobTable)
         # put the cursor on the master's row: its log is the real master log
-        master_row = next(i for i, row in enumerate(table.ordered_rows)
-                          if "master" in str(table.get_cell(row.key, "job")))
+        master_row = next(
+            i for i, row in enumerate(table.ordered_rows) if "master" in str(table.get_cell(row.key, "job"))
+        )
         for _ in range(master_row - table.cursor_row):
             await pilot.press("down")
         await settle(pilot)
@@ -87,5 +105,7 @@ async def test_real_run_log_follow_and_filter(real_run: Path) -> None:
             await settle(pilot, 1)
         await pilot.press("slash", *"worker")
         await settle(pilot)
-        shown = [str(table.get_cell(row.key, "job")) for row in table.ordered_rows if str(row.key.value).startswith("job:")]
+        shown = [
+            str(table.get_cell(row.key, "job")) for row in table.ordered_rows if str(row.key.value).startswith("job:")
+        ]
         assert shown and all("worker" in job for job in shown)

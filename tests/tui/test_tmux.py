@@ -34,17 +34,37 @@ def command_line(run: Path) -> str:
 def test_tui_in_tmux_shows_the_run(demo_run: DemoRun) -> None:
     socket = f"fm9g-test-{uuid.uuid4().hex[:8]}"  # a private server: other tmux sessions are never touched
     tmux = [str(TMUX), "-L", socket, "-f", "/dev/null"]
-    subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "30", "-s", "tui",
-                    f"TERM=xterm-256color {command_line(demo_run.run.root)}"], check=True, timeout=30)
+    subprocess.run(
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            "-s",
+            "tui",
+            f"TERM=xterm-256color {command_line(demo_run.run.root)}",
+        ],
+        check=True,
+        timeout=30,
+    )
     train_iters = yaml.safe_load(demo_run.run.config.read_text())["train"]["train_iters"]
-    wanted = [demo_run.run.name, "index", "train", f"step {runs.last_step(demo_run.run.root)}/{train_iters}",
-              "a2 r2 worker"]
+    wanted = [
+        demo_run.run.name,
+        "index",
+        "train",
+        f"step {runs.last_step(demo_run.run.root)}/{train_iters}",
+        "a2 r2 worker",
+    ]
     screen = ""
     try:
         deadline = time.monotonic() + 60  # a bound on waiting for the first paint, not a timing assertion
         while time.monotonic() < deadline:
-            screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True,
-                                    timeout=10).stdout
+            screen = subprocess.run(
+                [*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, timeout=10
+            ).stdout
             if all(text in screen for text in wanted):
                 break
             time.sleep(0.3)
