@@ -82,14 +82,19 @@ def refresh(ctx: StageContext, row: JobRow) -> JobStatus:
     current = ctx.store.job(row.id)
     if current is None or row.id in tracker.unseen:
         return UNKNOWN
+    return status_of(current)
+
+
+def status_of(row: JobRow) -> JobStatus:
+    """What the state DB last recorded for a job, as a poll result."""
     return JobStatus(
-        current.state,
-        exit_code=current.exit_code,
-        node=current.node,
-        reason=current.reason,
-        restarts=current.restarts,
-        started_at=current.started_at,
-        ended_at=current.ended_at,
+        row.state,
+        exit_code=row.exit_code,
+        node=row.node,
+        reason=row.reason,
+        restarts=row.restarts,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
     )
 
 
@@ -120,15 +125,7 @@ def wait(ctx: StageContext, row: JobRow) -> JobStatus:
         [ended] = ctx.tracker().wait([row], interval=ctx.poll_interval, unknown_bound=ctx.unknown_grace)
     except UnknownTooLong as exc:
         raise InferenceError(str(exc)) from None
-    return JobStatus(
-        ended.state,
-        exit_code=ended.exit_code,
-        node=ended.node,
-        reason=ended.reason,
-        restarts=ended.restarts,
-        started_at=ended.started_at,
-        ended_at=ended.ended_at,
-    )
+    return status_of(ended)
 
 
 def log_tail(path: str | Path, lines: int = 15) -> str:

@@ -129,10 +129,17 @@ def signal_walltime(run: Path) -> str:
     return f"USR1 to the batch shell of master job {job.job_id}"
 
 
-def restart_slurmctld() -> str:
+def restart_slurmctld(sig: signal.Signals = signal.SIGKILL) -> str:
+    """Stop slurmctld and start it again; polls fail meanwhile, and the supervisor must
+    treat them as unknown.  SIGKILL is a crash: slurmctld forgets jobs it had not saved
+    yet.  SIGTERM is an operator's restart: it saves its state first."""
     state = Path(os.environ.get("FM9G_CLUSTER_STATE", "/var/lib/fm9g-testcluster"))
     pid = int((state / "pids" / "slurmctld.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    time.sleep(3)  # polls fail meanwhile: the supervisor must treat them as unknown
+    os.kill(pid, sig)
+    for _ in range(300):  # until it is gone (a SIGTERM'd controller saves state first)
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(3)
     subprocess.run(["bash", str(CLUSTER / "up.sh")], check=True, capture_output=True)
-    return f"killed slurmctld {pid} and started it again"
+    return f"stopped slurmctld {pid} ({sig.name}) and started it again"

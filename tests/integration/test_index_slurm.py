@@ -7,6 +7,7 @@ looked at, cancelled, or to live through a controller restart."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -92,8 +93,14 @@ def test_slurmctld_restart_during_indexing_does_not_crash_the_run(root: Path) ->
     proc = runs.start_tiny(root, "blip", *SLOW_JOBS, executor="slurm", log=root / "blip.log")
     run = root / "blip"
     try:
-        runs.wait_for(lambda: submitted_index_rows(run), 120, "the index jobs")
-        faults.restart_slurmctld()
+        # An operator's restart (SIGTERM: slurmctld saves its state, then is down for a few
+        # seconds); a SIGKILL, a crash, would also lose the jobs it had not saved yet.
+        runs.wait_for(
+            lambda: [r for r in index_rows(run) if r["role"] == "shard" and r["state"] == "RUNNING"] or None,
+            120,
+            "the shard jobs to run",
+        )
+        faults.restart_slurmctld(signal.SIGTERM)
         assert proc.wait(timeout=900) == 0, (root / "blip.log").read_text()[-4000:]
     finally:
         if proc.poll() is None:
