@@ -46,7 +46,7 @@ def dispatch(args: argparse.Namespace) -> int:
             )
         else:
             print(
-                "fm9g-launch: interrupted; the jobs keep running — `fm9g-launch resume RUN` re-adopts them",
+                "fm9g-launch: interrupted; jobs already submitted keep running (`fm9g-launch status` lists them)",
                 file=sys.stderr,
             )
         return code

@@ -41,6 +41,13 @@ def log_tail(path: str | Path, size: int = 8192) -> str:
         return ""
 
 
+def log_excerpt(path: str | Path, lines: int = 15) -> str:
+    """The last lines of a job's log, indented, for an error message (read from the end)."""
+    if not Path(path).exists():
+        return "  (no log yet)"
+    return "\n".join("  " + line for line in log_tail(path).splitlines()[-lines:])
+
+
 class UnknownTooLong(RuntimeError):
     """A job stayed invisible to the executor past the bound; it may still exist."""
 

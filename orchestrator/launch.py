@@ -50,6 +50,8 @@ def say(message: str) -> None:
 
 
 def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str]:
+    if options.nodes is not None and options.nodes < 1:
+        raise ConfigError(f"--nodes {options.nodes}: a run needs at least one node")
     overrides = list(options.overrides)
     if options.nodes is not None:
         overrides.append(f"cluster.nodes={options.nodes}")
@@ -284,6 +286,13 @@ def supervise(plan: Plan, progress: bool = True) -> int:
 
     try:
         return _supervise(plan, progress)
+    except KeyboardInterrupt:
+        where = shlex.quote(str(plan.run.root))
+        say(
+            f"interrupted; the run's submitted jobs keep running: `fm9g-launch resume {where}` watches them "
+            f"again, `fm9g-launch cancel {where}` stops them"
+        )
+        return 130
     except Exception as exc:  # only a full disk is handled here; everything else re-raises
         if not disk_full(exc):
             raise

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from fm9g.orchestrator.jobs import JobTracker, UnknownTooLong
+from fm9g.orchestrator.jobs import JobTracker, UnknownTooLong, log_excerpt
 from fm9g.orchestrator.plan import TOKENIZER, IndexSource, Plan, index_specs, tokenizer_spec
 from fm9g.orchestrator.slurm.states import JobState
 from fm9g.orchestrator.state import JobRow, StageStatus
@@ -101,13 +102,30 @@ def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = 
                 reason = f"indexing {sources[stage].source} failed ({states}); see the logs in {logs}"
                 store.set_stage(stage, StageStatus.FAILED, detail=reason)
                 store.event("stage_end", f"{stage} failed: {reason}", stage=stage)
-                failed.append(f"{stage}: {reason}")
+                failed.append(f"{stage}: {reason}\n{failure_excerpt(ended)}")
         if failed:
             raise StageFailed(
-                "; ".join(failed) + "; fix the data, then run the same command again (finished shards are kept)"
+                "\n".join(failed) + "\nfix the data, then run the same command again (finished shards are kept)"
             )
     if any(stage.name == TOKENIZER and not stage.skip for stage in plan.stages):
         train_tokenizer(plan, tracker, say, interval)
+
+
+def failure_excerpt(rows: list[JobRow]) -> str:
+    """The end of the first failed job's log (an array's first failed task log on Slurm),
+    so the reason shows without opening a file."""
+    # A FAILED job holds the cause; a job cancelled for its dependency's failure does not.
+    failed = next((row for row in rows if row.state is JobState.FAILED), None) or next(
+        (row for row in rows if row.state is not JobState.COMPLETED), None
+    )
+    if failed is None:
+        return ""
+    log = Path(failed.log)
+    tasks = sorted(log.parent.glob(f"{log.stem}-*{log.suffix}"))  # Slurm arrays: one log per task
+    for path in [log, *tasks]:
+        if path.exists() and path.stat().st_size:
+            return f"  {path}:\n{log_excerpt(path, lines=5)}"
+    return ""
 
 
 def train_tokenizer(plan: Plan, tracker: JobTracker, say: Say, interval: float) -> None:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fm9g.orchestrator.state import JobRow, JobState, StageRow, StateStore
+from fm9g.orchestrator.state import JobRow, JobState, StageRow, StageStatus, StateStore
 from fm9g.rundir import RunDir
 
 # An exit record is written on a compute node, `submitted_at` on the login node: allow
@@ -44,7 +44,7 @@ class JobEnd:
 
 @dataclass(frozen=True)
 class Changes:
-    """What state.db lags behind the files: job ends, and train stages that finished."""
+    """What state.db lags behind the files: job ends, and stages that finished."""
 
     ends: tuple[JobEnd, ...]
     completed: tuple[StageRow, ...]
@@ -134,17 +134,29 @@ def job_end(run: RunDir, row: JobRow) -> JobEnd | None:
 
 
 def find_changes(run: RunDir, store: StateStore) -> Changes:
-    """What the files say that state.db does not yet; reads only (any store will do)."""
+    """What the files say that state.db does not yet; reads only (any store will do).
+
+    A stage completes when its latest attempt's jobs all ended: the train stage once
+    control/DONE exists, a one-shot stage (index, tokenizer, convert, infer) once every
+    job COMPLETED.  A server's end is not a completion, and failures stay for the next
+    supervisor to decide on."""
     ends = tuple(end for end in (job_end(run, row) for row in store.jobs(live_only=True)) if end is not None)
+    final = {end.row.id: end.state for end in ends}
     completed: list[StageRow] = []
-    if run.done_flag.exists():
-        ended_rows = {end.row.id for end in ends}
-        for stage in store.stages():
-            if stage.kind != "train" or stage.status.ended:
-                continue
-            rows = store.jobs(stage.name)
-            if rows and all(not row.live or row.id in ended_rows for row in rows):
-                completed.append(stage)
+    for stage in store.stages():
+        if stage.status.ended or stage.kind == "serve":
+            continue
+        rows = store.jobs(stage.name)
+        if not rows:
+            continue
+        latest = max(row.attempt for row in rows)
+        states = [final.get(row.id, row.state) for row in rows if row.attempt == latest]
+        if stage.kind == "train":
+            done = run.done_flag.exists() and all(state.is_terminal for state in states)
+        else:
+            done = all(state is JobState.COMPLETED for state in states)
+        if done:
+            completed.append(stage)
     return Changes(ends=ends, completed=tuple(completed))
 
 
@@ -176,8 +188,9 @@ def apply_changes(run: RunDir, store: StateStore, changes: Changes) -> list[str]
         )
         done.append(message)
     for stage in changes.completed:
-        message = f"stage {stage.name} completed while no supervisor watched: control/DONE exists and every job ended"
-        store.set_stage(stage.name, "COMPLETED", detail="completed (reconciled from control/DONE)", progress=1.0)
+        why = "control/DONE exists and every job ended" if stage.kind == "train" else "every job completed"
+        message = f"stage {stage.name} completed while no supervisor watched: {why}"
+        store.set_stage(stage.name, StageStatus.COMPLETED, detail=f"completed (reconciled: {why})", progress=1.0)
         store.event(EVENT, message, stage=stage.name, previous=stage.status.value)
         done.append(message)
     return done

@@ -81,8 +81,9 @@ def print_tables(runs: list[RunDir]) -> None:
                 state,
                 format_elapsed(job["elapsed"]),
             )
-        for stage in facts["stages"]:
-            if stage["kind"] != "train":
+        with_jobs = {job["stage"] for job in facts["jobs"]}
+        for stage in facts["stages"]:  # stages with no job of their own (skipped, not started)
+            if stage["name"] not in with_jobs:
                 table.add_row(stage["name"], "-", "-", "-", "-", "-", stage["status"], "-")
         if table.row_count:
             console.print(table)

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fm9g.launchers.prompts import InferenceError
@@ -126,15 +125,6 @@ def wait(ctx: StageContext, row: JobRow) -> JobStatus:
     except UnknownTooLong as exc:
         raise InferenceError(str(exc)) from None
     return status_of(ended)
-
-
-def log_tail(path: str | Path, lines: int = 15) -> str:
-    """The last lines of a job log, indented, for an error message."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "  (no log yet)"
-    return "\n".join("  " + line for line in text.splitlines()[-lines:])
 
 
 def open_context(

@@ -23,10 +23,10 @@ from fm9g.orchestrator.inference.jobs import (
     StageContext,
     UnknownBound,
     adopt,
-    log_tail,
     refresh,
     submit,
 )
+from fm9g.orchestrator.jobs import log_excerpt
 from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
 from fm9g.rundir.atomic import read_json, write_text
 
@@ -72,7 +72,7 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
             ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state} before it was ready")
             raise InferenceError(
                 f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
-                f"its server answered /health; log {row.log}:\n{log_tail(row.log)}"
+                f"its server answered /health; log {row.log}:\n{log_excerpt(row.log)}"
             )
         endpoint = read_json(path)
         if endpoint and str(endpoint.get("job_id")) == str(row.job_id) and healthy(endpoint):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts
-from fm9g.orchestrator.inference.jobs import StageContext, log_tail, submit, wait
+from fm9g.orchestrator.inference.jobs import StageContext, submit, wait
+from fm9g.orchestrator.jobs import log_excerpt
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
 from fm9g.rundir.atomic import write_text
@@ -124,7 +125,7 @@ def convert_stage(
         store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
         raise InferenceError(
             f"convert job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
-            f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run "
+            f"log {row.log}:\n{log_excerpt(row.log)}\nfix the cause and run "
             f"`fm9g-launch convert {run.root}` again"
         )
     converted[str(target)] = step
@@ -195,7 +196,7 @@ def infer_stage(
         store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
         raise InferenceError(
             f"infer job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
-            f"log {row.log}:\n{log_tail(row.log)}\nfix the cause and run `fm9g-launch infer` again"
+            f"log {row.log}:\n{log_excerpt(row.log)}\nfix the cause and run `fm9g-launch infer` again"
         )
     done[str(output)] = fingerprint
     store.set_meta(f"{stage}:outputs", done)

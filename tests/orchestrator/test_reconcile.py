@@ -164,3 +164,34 @@ def test_a_viewer_that_finds_nothing_to_do_writes_nothing(tmp_path: Path) -> Non
     before = run.state_db.stat().st_mtime_ns
     assert reconcile_run(run) == []
     assert run.state_db.stat().st_mtime_ns == before and not run.lock.exists()
+
+
+def test_an_index_stage_whose_jobs_completed_unwatched_completes(tmp_path: Path, store_of) -> None:
+    """Ctrl-C during indexing: the shard and merge jobs finish alone; the stage row follows."""
+    run, _ = make_run(tmp_path)
+    store = store_of(run)
+    store.upsert_stage("index:wiki", "index")
+    store.set_stage("index:wiki", "RUNNING")
+    ids = []
+    for role in ("shard", "merge"):
+        log = run.stage_logs("index-wiki") / f"index-wiki-{role}0-a1.out"
+        row = store.record_intent(
+            stage="index:wiki",
+            role=role,
+            node_rank=0,
+            attempt=1,
+            generation=0,
+            tag=f"t:{role}",
+            script="s.sh",
+            script_hash="0" * 12,
+            log=str(log),
+        )
+        store.mark_submitted(row, str(7000 + len(ids)))
+        store.update_job(row, state=JobState.RUNNING, started_at=time.time())
+        write_text(log.with_name(log.name + ".rc"), "0\n")  # the local executor's exit-code file
+        ids.append(row)
+    reconcile(run, store)
+    assert store.stage("index:wiki").status is StageStatus.COMPLETED
+    assert all(store.job(row).state is JobState.COMPLETED for row in ids)
+    assert any(event.stage == "index:wiki" for event in store.events("reconciled"))
+    assert store.stage("train").status is StageStatus.RUNNING  # no DONE: training did not finish
