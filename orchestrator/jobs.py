@@ -52,6 +52,29 @@ class UnknownTooLong(RuntimeError):
     """A job stayed invisible to the executor past the bound; it may still exist."""
 
 
+class UnseenClock:
+    """How long jobs have stayed invisible (UNKNOWN, failed polls) in a row; past `bound`
+    seconds a wait stops trusting that they still exist and says so."""
+
+    def __init__(self, bound: float, executor: str) -> None:
+        self.bound, self.executor = bound, executor
+        self.since: float | None = None
+
+    def check(self, unseen_job_ids: Sequence[str]) -> None:
+        """Note one poll's invisible jobs; raises UnknownTooLong once they stayed so too long."""
+        if not unseen_job_ids:
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since > self.bound:
+            raise UnknownTooLong(
+                f"job(s) {', '.join(unseen_job_ids)} not visible to the {self.executor} executor for "
+                f"{self.bound:g}s; they may still exist: look for them (squeue, or the process table), "
+                f"then run the command again"
+            )
+
+
 @dataclass(frozen=True)
 class Transition:
     """One job row before and after a poll changed it."""
@@ -157,6 +180,10 @@ class JobTracker:
         return row
 
     # ------------------------------------------------------------------ following
+    def next_attempt(self, stage: str) -> int:
+        """The attempt number a new submission of `stage` gets."""
+        return max((row.attempt for row in self.store.jobs(stage)), default=0) + 1
+
     def live_rows(self, stage: str | None = None) -> list[JobRow]:
         return [row for row in self.store.jobs(stage, live_only=True) if row.job_id]
 
@@ -255,7 +282,7 @@ class JobTracker:
         (UNKNOWN, failed polls) for longer than `unknown_bound` seconds raises UnknownTooLong."""
         ids = [row.id for row in rows]
         stage = rows[0].stage if rows and all(row.stage == rows[0].stage for row in rows) else None
-        unseen_since: float | None = None
+        clock = UnseenClock(unknown_bound, self.executor.name)
         while True:
             current = [self.store.job(row_id) for row_id in ids]
             if all(row is not None and row.state.is_terminal for row in current):
@@ -263,14 +290,5 @@ class JobTracker:
             self.poll(stage)
             if on_tick is not None:
                 on_tick()
-            if self.unseen & set(ids):
-                unseen_since = unseen_since if unseen_since is not None else time.monotonic()
-                if time.monotonic() - unseen_since > unknown_bound:
-                    missing = ", ".join(str(r.job_id) for r in current if r and r.id in self.unseen)
-                    raise UnknownTooLong(
-                        f"job(s) {missing} not visible to the {self.executor.name} executor for {unknown_bound:g}s; "
-                        f"they may still exist: look for them (squeue, or the process table), then run the command again"
-                    )
-            else:
-                unseen_since = None
+            clock.check([str(row.job_id) for row in current if row and row.id in self.unseen])
             sleep(interval)

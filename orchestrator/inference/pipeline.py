@@ -9,12 +9,11 @@ convert|infer|serve RUN`.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from fm9g.launchers.prompts import InferenceError, Sampling
 from fm9g.orchestrator.executors.base import Executor
-from fm9g.orchestrator.inference.jobs import Say, StageContext
+from fm9g.orchestrator.inference.jobs import Say, stage_context
 from fm9g.orchestrator.inference.serve_stage import serve_stage
 from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 from fm9g.orchestrator.state import StateStore
@@ -40,15 +39,7 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
     wanted = set(config.pipeline.after_train)
     if not wanted:
         return 0
-    ctx = StageContext(
-        run=run,
-        config=config,
-        store=store,
-        executor=executor,
-        say=say,
-        python=config.cluster.python or sys.executable,
-        poll_interval=executor.tick_interval(config.supervise.poll_interval),
-    )
+    ctx = stage_context(run, config, store, executor, say)
     pipeline = config.pipeline
     done: list[str] = []
     try:

@@ -19,15 +19,9 @@ from typing import Any
 
 from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError
-from fm9g.orchestrator.inference.jobs import (
-    StageContext,
-    UnknownBound,
-    adopt,
-    refresh,
-    submit,
-)
-from fm9g.orchestrator.jobs import log_excerpt
-from fm9g.orchestrator.state import TERMINAL_STATES, JobRow
+from fm9g.orchestrator.inference.jobs import StageContext, refresh, seen, submit
+from fm9g.orchestrator.jobs import UnknownTooLong, UnseenClock, log_excerpt
+from fm9g.orchestrator.state import JobRow
 from fm9g.rundir.atomic import read_json, write_text
 
 STAGE = "serve"
@@ -64,14 +58,19 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
     """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
     path = ctx.run.serve_endpoint
     started = time.monotonic()
-    visibility = UnknownBound(ctx, row)
+    clock = UnseenClock(ctx.unknown_grace, ctx.executor.name)
     while True:
-        status = refresh(ctx, row)
-        visibility.check(status)
-        if status.state in TERMINAL_STATES:
-            ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state} before it was ready")
+        refresh(ctx, STAGE)
+        current = seen(ctx, row)
+        try:
+            clock.check([] if current is not None else [str(row.job_id)])
+        except UnknownTooLong as exc:
+            raise InferenceError(str(exc)) from None
+        status = current or row
+        if status.state.is_terminal:
+            ctx.store.set_stage(STAGE, "FAILED", detail=f"job {row.job_id} {status.state.value} before it was ready")
             raise InferenceError(
-                f"serve job {row.job_id} ended {status.state} (exit code {status.exit_code}) before "
+                f"serve job {row.job_id} ended {status.state.value} (exit code {status.exit_code}) before "
                 f"its server answered /health; log {row.log}:\n{log_excerpt(row.log)}"
             )
         endpoint = read_json(path)
@@ -79,7 +78,7 @@ def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> 
             return endpoint
         if timeout is not None and time.monotonic() - started > timeout:
             raise InferenceError(
-                f"serve job {row.job_id} is {status.state} but not ready after {timeout:g}s; it keeps "
+                f"serve job {row.job_id} is {status.state.value} but not ready after {timeout:g}s; it keeps "
                 f"running: watch {row.log}, or stop it with `fm9g-launch serve {ctx.run.root} --stop`"
             )
         time.sleep(ctx.poll_interval)
@@ -97,9 +96,10 @@ def _current_job(ctx: StageContext) -> JobRow | None:
             f"{rows[-1].job_id}); stop it first: fm9g-launch serve {ctx.run.root} --stop"
         )
     row = rows[-1]
-    adopt(ctx, row)
-    status = refresh(ctx, row)
-    return None if status.state in TERMINAL_STATES else row
+    ctx.tracker.adopt([row])
+    refresh(ctx, STAGE)
+    current = seen(ctx, row)
+    return None if current is not None and current.state.is_terminal else row
 
 
 def serve_stage(
@@ -156,13 +156,10 @@ def stop_serve(ctx: StageContext, grace: float = 60.0) -> list[str]:
     """Cancel the run's serve jobs and remove the endpoint; returns the job ids cancelled."""
     run, store = ctx.run, ctx.store
     endpoint_path = run.serve_endpoint
-    rows = []
-    for row in store.jobs(STAGE):
-        if row.job_id and row.live:
-            adopt(ctx, row)
-            # Asked afresh: a local job id is a pid, and an ended job's pid may belong to someone else now.
-            if refresh(ctx, row).state not in TERMINAL_STATES:
-                rows.append(row)
+    ctx.tracker.adopt(ctx.tracker.live_rows(STAGE))
+    # Asked afresh: a local job id is a pid, and an ended job's pid may belong to someone else now.
+    refresh(ctx, STAGE)
+    rows = ctx.tracker.live_rows(STAGE)
     ids = [str(row.job_id) for row in rows]
     if ids:
         ctx.executor.cancel(ids)
@@ -170,7 +167,8 @@ def stop_serve(ctx: StageContext, grace: float = 60.0) -> list[str]:
     deadline = time.monotonic() + grace
     pending = list(rows)
     while pending and time.monotonic() < deadline:
-        pending = [row for row in pending if refresh(ctx, row).state not in TERMINAL_STATES]
+        refresh(ctx, STAGE)
+        pending = [row for row in pending if not (store.job(row.id) or row).state.is_terminal]
         if pending:
             time.sleep(ctx.poll_interval)
     endpoint_path.unlink(missing_ok=True)

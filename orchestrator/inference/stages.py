@@ -16,6 +16,7 @@ from fm9g.launchers.infer import EngineChoice, check_model_dir
 from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts
 from fm9g.orchestrator.inference.jobs import StageContext, submit, wait
 from fm9g.orchestrator.jobs import log_excerpt
+from fm9g.orchestrator.state import JobState
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
 from fm9g.rundir.atomic import write_text
@@ -120,11 +121,11 @@ def convert_stage(
         values={"step": step, "output": str(target)},
         why=f"checkpoint step {step} -> {target}",
     )
-    status = wait(ctx, row)
-    if status.state != "COMPLETED" or not (target / "config.json").is_file():
-        store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
+    ended = wait(ctx, row)
+    if ended.state is not JobState.COMPLETED or not (target / "config.json").is_file():
+        store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {ended.state.value}")
         raise InferenceError(
-            f"convert job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
+            f"convert job {row.job_id} ended {ended.state.value} (exit code {ended.exit_code}); "
             f"log {row.log}:\n{log_excerpt(row.log)}\nfix the cause and run "
             f"`fm9g-launch convert {run.root}` again"
         )
@@ -191,11 +192,11 @@ def infer_stage(
         "sampling": sampling,
     }
     row = submit(ctx, stage=stage, template="infer.sbatch.j2", values=values, why=f"{count} prompts from {prompts}")
-    status = wait(ctx, row)
-    if status.state != "COMPLETED" or not output.is_file():
-        store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {status.state}")
+    ended = wait(ctx, row)
+    if ended.state is not JobState.COMPLETED or not output.is_file():
+        store.set_stage(stage, "FAILED", detail=f"job {row.job_id} {ended.state.value}")
         raise InferenceError(
-            f"infer job {row.job_id} ended {status.state} (exit code {status.exit_code}); "
+            f"infer job {row.job_id} ended {ended.state.value} (exit code {ended.exit_code}); "
             f"log {row.log}:\n{log_excerpt(row.log)}\nfix the cause and run `fm9g-launch infer` again"
         )
     done[str(output)] = fingerprint
