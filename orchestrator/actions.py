@@ -6,11 +6,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from fm9g.orchestrator.executors import make_executor
+from fm9g.orchestrator.jobs import cancel_jobs
 from fm9g.orchestrator.reconcile import unsupervised
-from fm9g.orchestrator.state import JobState, StageStatus, StateStore
+from fm9g.orchestrator.state import StageStatus, StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import write_text
 
@@ -86,10 +86,8 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> CancelResult:
                 )
                 return CancelResult(CancelPath.SUPERVISOR, ids)
             executor = make_executor(_executor_kind(run, store))
-            for row in targets:
-                executor.adopt(str(row.job_id), Path(row.log))
-            if ids:
-                executor.cancel(list(ids))
+            # Recorded here only without a supervisor: one that runs sees the job end and decides.
+            cancel_jobs(store, executor, targets, "cancelled by the user", record=free)
             why = "no supervisor holds the run's lock" if free else "one job: the supervisor sees it end and decides"
             store.event(
                 "cancel",
@@ -98,21 +96,15 @@ def cancel_run(run: RunDir, job_id: str | None = None) -> CancelResult:
                 job_ids=list(ids),
                 supervised=not free,
             )
-            if free:
-                _record_cancelled(store, targets, whole_run=job_id is None)
+            if free and job_id is None:
+                _end_stages_without_live_jobs(store)
             return CancelResult(CancelPath.EXECUTOR, ids)
     finally:
         store.close()
 
 
-def _record_cancelled(store: StateStore, rows: list, whole_run: bool) -> None:
-    """No supervisor will poll these jobs: write down that they were cancelled, and end
-    the stages that have no live job left."""
-    now = time.time()
-    for row in rows:
-        store.update_job(row.id, state=JobState.CANCELLED, reason="cancelled by the user", ended_at=now)
-    if not whole_run:
-        return
+def _end_stages_without_live_jobs(store: StateStore) -> None:
+    """No supervisor watches the run: end the stages that have no live job left."""
     live_stages = {row.stage for row in store.jobs(live_only=True)}
     for stage in store.stages():
         if not stage.status.ended and stage.name not in live_stages:

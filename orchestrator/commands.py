@@ -4,8 +4,10 @@ Errors of every layer become one line on stderr with a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fm9g.rundir.config import ConfigError
@@ -97,7 +99,6 @@ def run_index(args: argparse.Namespace) -> int:
     import threading
 
     from fm9g.data.indexer import build_index
-    from fm9g.orchestrator.prepare import progress_bar
 
     if args.output.resolve() == args.path.resolve() or (
         args.path.is_dir() and args.output.resolve() == args.path.resolve()
@@ -108,7 +109,7 @@ def run_index(args: argparse.Namespace) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
-        with progress_bar(f"index {args.path.name}", args.progress) as bar:
+        with byte_progress_bar(f"index {args.path.name}", args.progress) as bar:
             result = build_index(
                 args.path,
                 args.output,
@@ -341,3 +342,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if endpoint:
         print(endpoint["url"])
     return 0
+
+
+@contextlib.contextmanager
+def byte_progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich byte progress bar for `fm9g-launch index`, or a silent callback."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    from fm9g.data.progress import byte_progress
+
+    with byte_progress(description) as update:
+        yield update

@@ -48,6 +48,29 @@ def log_excerpt(path: str | Path, lines: int = 15) -> str:
     return "\n".join("  " + line for line in log_tail(path).splitlines()[-lines:])
 
 
+def cancel_jobs(
+    store: StateStore,
+    executor: Executor,
+    rows: Sequence[JobRow],
+    reason: str,
+    *,
+    record: bool = True,
+    clock: Clock = time.time,
+) -> list[str]:
+    """Adopt and cancel the live jobs of `rows`; with `record`, mark their rows CANCELLED
+    (left unmarked when a supervisor will see them end and decide).  Returns the job ids."""
+    live = [row for row in rows if row.job_id and not row.state.is_terminal]
+    for row in live:
+        executor.adopt(str(row.job_id), Path(row.log))
+    ids = [str(row.job_id) for row in live]
+    if ids:
+        executor.cancel(ids)
+    if record:
+        for row in live:
+            store.update_job(row.id, state=JobState.CANCELLED, reason=reason, ended_at=clock())
+    return ids
+
+
 class UnknownTooLong(RuntimeError):
     """A job stayed invisible to the executor past the bound; it may still exist."""
 
@@ -133,7 +156,7 @@ class JobTracker:
         """Submit one attempt of `spec`, recorded before it is made (a crash in between
         leaves a SUBMITTING row that `resume` resolves by the job's tag)."""
         script, text = self.write_script(spec, attempt, cluster)
-        log = self.run.stage_logs(spec.stage.replace(":", "-")) / spec.log_name(attempt)
+        log = self.run.stage_logs(spec.stage) / spec.log_name(attempt)
         tag = spec.tag(self.run.name, attempt)
         row_id = self.store.record_intent(
             stage=spec.stage,
@@ -261,13 +284,7 @@ class JobTracker:
 
     def cancel(self, rows: Sequence[JobRow], reason: str) -> list[str]:
         """Cancel live jobs and mark their rows ended; returns the job ids."""
-        ids = [row.job_id for row in rows if row.job_id and not row.state.is_terminal]
-        if ids:
-            self.executor.cancel(ids)
-        for row in rows:
-            if not row.state.is_terminal:
-                self.store.update_job(row.id, state=JobState.CANCELLED, reason=reason, ended_at=self.clock())
-        return ids
+        return cancel_jobs(self.store, self.executor, rows, reason, clock=self.clock)
 
     def wait(
         self,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fm9g.orchestrator.plan import Plan, plan_run
+from fm9g.orchestrator.plan import TRAIN, Plan, plan_run
 from fm9g.orchestrator.state import StageStatus, StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
@@ -80,21 +80,6 @@ class SupervisorLock:
     def __init__(self, run: RunDir) -> None:
         self.path = run.lock
         self.handle: IO[str] | None = None
-
-    @staticmethod
-    def held(run: RunDir) -> bool:
-        """True while some supervisor holds `run`'s lock (probed without taking it)."""
-        try:
-            handle = open(run.lock)
-        except FileNotFoundError:
-            return False
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,15 +188,13 @@ def write_dry_run(plan: Plan) -> int:
     """Print the plan and write its config and scripts under runs/<name>/dry-run/ (nothing
     the run reads): the same bytes a real run of this config submits first."""
     out = plan.run.dry_run
-    renderer = plan.renderer()
+    listing = plan.describe()
     write_text(out / "config.yaml", plan.config_text)
-    write_text(out / "plan.txt", plan.describe())
-    paths = []
-    for stage in plan.stages:
-        for job in stage.jobs if not stage.skip else ():
-            paths.append(write_text(out / "scripts" / job.script_name(1), renderer.render(job, 1), mode=0o755))
-    print(plan.describe(), end="")
-    say(f"dry run: {len(paths)} script(s) and the resolved config in {out} (nothing submitted)")
+    write_text(out / "plan.txt", listing)
+    for name, text in plan.scripts.items():
+        write_text(out / "scripts" / name, text, mode=0o755)
+    print(listing, end="")
+    say(f"dry run: {len(plan.scripts)} script(s) and the resolved config in {out} (nothing submitted)")
     return 0
 
 
@@ -352,10 +335,14 @@ def _supervise(plan: Plan, progress: bool) -> int:
         run_data_stages(plan, tracker, say, progress=progress)
         supervisor = TrainPolicy(run, config, store, tracker, say=say)
         # A finished training stage is not run again (post-training stages may still be due).
-        outcome = "COMPLETED" if run.done_flag.exists() else supervisor.run_until_done()
-        if outcome == "COMPLETED":
-            if store.stage("train") is not None and store.stage("train").status is not StageStatus.COMPLETED:
-                store.set_stage("train", StageStatus.COMPLETED, detail=supervisor.summary_line(), progress=1.0)
+        if run.done_flag.exists():
+            outcome = StageStatus.COMPLETED
+            train = store.stage(TRAIN)
+            if train is not None and train.status is not StageStatus.COMPLETED:
+                store.set_stage(TRAIN, StageStatus.COMPLETED, detail=supervisor.summary_line(), progress=1.0)
+        else:
+            outcome = supervisor.run_until_done()
+        if outcome is StageStatus.COMPLETED:
             say(describe_summary(run))
             if config.pipeline.after_train:
                 from fm9g.orchestrator.inference.pipeline import run_post_train_stages

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fm9g.orchestrator.render import JobSpec, ScriptRenderer, config_hash
@@ -51,6 +51,7 @@ class IndexSource:
     output: Path
     work: Path
     language: str
+    shards: int  # asked of plan_shards; its PLAN.json may round to a few more
 
     @property
     def shard_plan(self) -> Path:
@@ -76,6 +77,9 @@ class Plan:
     mixture: list[dict[str, object]]  # the mixture the trainer reads: raw paths replaced by their indexes
     stages: tuple[StagePlan, ...]
     index_sources: tuple[IndexSource, ...] = field(default_factory=tuple)
+    # The first attempt's script of every job that will run, by file name: rendered once
+    # while planning (a bad #SBATCH value fails there), written as is by a dry run.
+    scripts: dict[str, str] = field(default_factory=dict)
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
@@ -201,13 +205,14 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
                     output,
                     run.indexed / ".work" / task.task_name,
                     guess_language(Path(task.path)),
+                    shard_count(Path(task.path)),
                 )
                 sources.append(source)
                 stages.append(
                     StagePlan(
                         name,
                         StageKind.INDEX,
-                        jobs=index_specs(source, shard_count(source.source)),
+                        jobs=index_specs(source, source.shards),
                         note=f"{source.source} -> {output}",
                     )
                 )
@@ -257,7 +262,7 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
         index_sources=tuple(sources),
     )
     renderer = plan.renderer()
-    for stage in plan.stages:  # every script renders (a bad #SBATCH value fails here, not in sbatch)
-        for job in stage.jobs:
-            renderer.render(job, 1)
-    return plan
+    scripts = {
+        job.script_name(1): renderer.render(job, 1) for stage in plan.stages if not stage.skip for job in stage.jobs
+    }
+    return replace(plan, scripts=scripts)

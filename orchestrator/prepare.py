@@ -38,11 +38,8 @@ def next_attempt(tracker: JobTracker, stage: str) -> int:
 def submit_index(tracker: JobTracker, source: IndexSource, datasets_at_once: int) -> list[JobRow]:
     """Write the shard plan and submit the shard array and its merge."""
     from fm9g.data.index_plan import plan_shards
-    from fm9g.orchestrator.plan import shard_count
 
-    plan_path = plan_shards(
-        source.source, shard_count(source.source), source.work, output=source.output, language=source.language
-    )
+    plan_path = plan_shards(source.source, source.shards, source.work, output=source.output, language=source.language)
     assert plan_path == source.shard_plan, (plan_path, source.shard_plan)
     shards = len(read_json(plan_path)["shards"])
     shard, merge = index_specs(source, shards)
@@ -76,11 +73,13 @@ def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = 
         store.set_stage(stage, StageStatus.RUNNING, detail=f"{source.source} -> {source.output}")
     if rows:
         sources = {f"index:{s.task_name}": s for s in plan.index_sources}
+        totals = {stage: shard_total(sources[stage]) for stage in rows}  # PLAN.json is fixed once written
         with shard_progress(progress, list(rows)) as show:
 
             def report() -> None:
                 for stage in rows:
-                    done, total = shards_done(sources[stage])
+                    total = totals[stage]
+                    done = shards_done(sources[stage], total)
                     store.set_stage_progress(
                         stage, done / total * 0.95 if total else 0.0, detail=f"{done}/{total} shards"
                     )
@@ -97,7 +96,7 @@ def run_data_stages(plan: Plan, tracker: JobTracker, say: Say, progress: bool = 
                 store.set_stage(stage, StageStatus.COMPLETED, detail=f"{meta.get('nlines')} lines", progress=1.0)
                 say(f"{stage}: indexed {meta.get('nlines')} lines into {output}")
             else:
-                logs = tracker.run.stage_logs(stage.replace(":", "-"))
+                logs = tracker.run.stage_logs(stage)
                 states = ", ".join(f"{row.role} job {row.job_id} {row.state.value}" for row in ended)
                 reason = f"indexing {sources[stage].source} failed ({states}); see the logs in {logs}"
                 store.set_stage(stage, StageStatus.FAILED, detail=reason)
@@ -178,12 +177,15 @@ def wait(tracker: JobTracker, rows: list[JobRow], interval: float, report: Calla
         raise StageFailed(str(exc)) from None
 
 
-def shards_done(source: IndexSource) -> tuple[int, int]:
-    plan = read_json(source.shard_plan) or {}
-    total = len(plan.get("shards", []))
+def shard_total(source: IndexSource) -> int:
+    """How many shard tasks the dataset's PLAN.json holds."""
+    return len((read_json(source.shard_plan) or {}).get("shards", []))
+
+
+def shards_done(source: IndexSource, total: int) -> int:
+    """Shard tasks that wrote their result so far."""
     shards = source.work / "shards"
-    done = len(list(shards.glob("*/result.json"))) if shards.exists() else 0
-    return min(done, total), total
+    return min(total, len(list(shards.glob("*/result.json")))) if shards.exists() else 0
 
 
 @contextlib.contextmanager
@@ -207,15 +209,3 @@ def shard_progress(enabled: bool, stages: list[str]) -> Iterator[Callable[[str, 
             bar.update(tasks[stage], completed=done, total=total or None)
 
         yield show
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich byte progress bar for `fm9g-launch index`, or a silent callback."""
-    if not enabled:
-        yield lambda done, total: None
-        return
-    from fm9g.data.progress import byte_progress
-
-    with byte_progress(description) as update:
-        yield update

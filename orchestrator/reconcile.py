@@ -14,15 +14,16 @@ with `holding_lock=True` once it holds the lock itself.
 from __future__ import annotations
 
 import fcntl
-import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fm9g.orchestrator.executors.local import end_state
 from fm9g.orchestrator.state import JobRow, JobState, StageRow, StageStatus, StateStore
 from fm9g.rundir import RunDir
+from fm9g.rundir.protocol import read_exit_code
 
 # An exit record is written on a compute node, `submitted_at` on the login node: allow
 # this much clock skew before calling a record older than its job a stale one (a local
@@ -84,29 +85,6 @@ def supervised(run: RunDir) -> bool:
         return not free
 
 
-def _exit_code(path: Path) -> tuple[int, float] | None:
-    """(code, end time) from an exit record or an `.rc` file; None when absent or unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        mtime = path.stat().st_mtime
-    except OSError:
-        return None
-    if path.suffix == ".rc":
-        try:
-            return int(text.strip()), mtime
-        except ValueError:
-            return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return None
-    code = record.get("code") if isinstance(record, dict) else None
-    if isinstance(code, bool) or not isinstance(code, int):
-        return None
-    when = record.get("time")
-    return code, float(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else mtime
-
-
 def job_end(run: RunDir, row: JobRow) -> JobEnd | None:
     """How a live row's job ended, from its exit record (preferred: the node agent's own
     code) or its local `.rc` file; None while neither exists."""
@@ -117,7 +95,7 @@ def job_end(run: RunDir, row: JobRow) -> JobEnd | None:
         log = run.root / log
     sources = [run.exit_record(str(row.job_id))] + ([log.with_name(log.name + ".rc")] if log is not None else [])
     for source in sources:
-        found = _exit_code(source)
+        found = read_exit_code(source)
         if found is None:
             continue
         code, ended_at = found
@@ -125,7 +103,7 @@ def job_end(run: RunDir, row: JobRow) -> JobEnd | None:
             continue  # left by an earlier job with the same id
         return JobEnd(
             row=row,
-            state=JobState.COMPLETED if code == 0 else JobState.FAILED,
+            state=end_state(code),
             exit_code=code,
             ended_at=ended_at,
             source=source,
@@ -202,10 +180,10 @@ def reconcile(run: RunDir, store: StateStore, *, holding_lock: bool = False) -> 
     Writes nothing while a supervisor holds the run's lock.  A caller that holds the
     lock itself (a supervisor starting on `resume`) passes holding_lock=True: flock
     locks belong to an open file, so probing from the same process would see it held."""
-    if not find_changes(run, store):
-        return []
     if holding_lock:
         return apply_changes(run, store, find_changes(run, store))
+    if not find_changes(run, store):
+        return []  # nothing to write: the lock is not even probed
     with unsupervised(run) as free:
         if not free:
             return []
@@ -232,7 +210,9 @@ def reconcile_run(run: RunDir) -> list[str]:
     except (sqlite3.Error, OSError):
         return []
     try:
-        return reconcile(run, store)
+        with unsupervised(run) as free:
+            # Read again under the lock: a supervisor may have written since the look above.
+            return apply_changes(run, store, find_changes(run, store)) if free else []
     except sqlite3.OperationalError:  # read-only file or directory: the owner's viewer will do it
         return []
     finally:

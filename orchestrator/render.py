@@ -11,6 +11,7 @@ Two kinds of value reach a script and each has its own guard:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shlex
@@ -154,7 +155,9 @@ class ScriptRenderer:
         )
 
 
+@functools.cache
 def _environment() -> jinja2.Environment:
+    """One strict environment per process (templates compile once)."""
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(_load_template),
         undefined=jinja2.StrictUndefined,

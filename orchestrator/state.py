@@ -109,12 +109,6 @@ class JobRow:
     def live(self) -> bool:
         return self.state not in TERMINAL_STATES
 
-    @property
-    def elapsed(self) -> float | None:
-        if self.started_at is None:
-            return None
-        return (self.ended_at or time.time()) - self.started_at
-
 
 @dataclass(frozen=True)
 class StageRow:

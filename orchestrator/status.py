@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 
+from fm9g.orchestrator.recovery import RecoveryPhase
 from fm9g.orchestrator.tui.format import format_elapsed, format_loss, format_lr
 from fm9g.orchestrator.views import collect, find_runs
 from fm9g.rundir import RunDir
@@ -95,7 +96,7 @@ def print_failures(runs: list[RunDir]) -> None:
     from rich.table import Table
 
     console = Console()
-    phases = ("detected", "resubmitted", "allocated", "rendezvous", "first_step")
+    phases = [phase.value for phase in RecoveryPhase]
     for run in runs:
         facts = collect(run)
         table = Table(title=f"{facts['name']}: recoveries", box=None)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.jobs import JobTracker, log_tail
 from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec
-from fm9g.orchestrator.recovery import RecoveryTimeline, read_heartbeats
+from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
 from fm9g.orchestrator.state import JobRow, JobState, StageStatus, StateStore
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import read_json
@@ -215,10 +215,14 @@ class TrainPolicy:
             if rank not in live:
                 self.submit_node(rank, attempt=attempt, generation=generation, why=why)
 
+    def live_latest(self) -> list[JobRow]:
+        """Each node's newest job row, where that job is submitted and has not ended."""
+        return [row for row in self.latest_rows().values() if row.live and row.job_id]
+
     def refresh_live_rows(self, attempts: int = 5) -> None:
         """Before trusting the database's idea of what runs (resume, restart), ask the
         executor; a job that ended while no supervisor watched is marked ended."""
-        rows = [row for row in self.latest_rows().values() if row.live and row.job_id]
+        rows = self.live_latest()
         if not rows:
             return
         self.tracker.adopt(rows)
@@ -239,8 +243,9 @@ class TrainPolicy:
                 self.say(f"job {transition.after.job_id} was requeued by Slurm; not resubmitting it")
             if transition.ended and transition.after.id in latest:
                 self.on_end(transition.after)
-        self.timeline.track(read_heartbeats(self.run, self.config.cluster.nodes))
-        outcome = self.decide()
+        beats = read_heartbeats(self.run, self.config.cluster.nodes)  # once per tick, for every check
+        self.timeline.track(beats)
+        outcome = self.decide(beats)
         self.interval = self.base_interval if transitions else min(self.interval * 1.5, self.base_interval * 8)
         return outcome
 
@@ -259,9 +264,9 @@ class TrainPolicy:
         exit_code = row.exit_code
         if exit_code is None and row.job_id:
             # squeue shows an end before sacct knows its exit code; the agent wrote it down.
-            record = read_json(self.run.exit_record(row.job_id))
-            if isinstance(record, dict) and isinstance(record.get("code"), int):
-                exit_code = record["code"]
+            recorded = protocol.read_exit_code(self.run.exit_record(row.job_id))
+            if recorded is not None:
+                exit_code = recorded[0]
                 self.store.update_job(row.id, exit_code=exit_code)
                 row = replace(row, exit_code=exit_code)
         if row.job_id in self.hang_cancelled:
@@ -400,7 +405,7 @@ class TrainPolicy:
 
     def stop(self, status: StageStatus, reason: str) -> None:
         """End the stage with `status`: cancel its live jobs and write a stage_end event."""
-        live = [row for row in self.latest_rows().values() if row.live and row.job_id]
+        live = self.live_latest()
         ids = self.tracker.cancel(live, reason=f"stopped: {status.value.lower()}")
         self.store.set_stage(STAGE, status, detail=reason)
         self.store.event(
@@ -417,11 +422,11 @@ class TrainPolicy:
         """Cancel every live node job and submit them all again."""
         self.say(f"full restart: {reason}")
         self.store.event("full_restart", reason, stage=STAGE, node_rank=node_rank)
-        live = [row for row in self.latest_rows().values() if row.live and row.job_id]
+        live = self.live_latest()
         self.tracker.cancel(live, reason="full restart")
         self.start(why="full restart")
 
-    def decide(self) -> StageStatus | None:
+    def decide(self, beats: list[Heartbeat]) -> StageStatus | None:
         """After this tick's ends: the stage's final status, or None while it runs on."""
         stage = self.store.stage(STAGE)
         if stage is not None and stage.status in (StageStatus.FAILED, StageStatus.CANCELLED, StageStatus.COMPLETED):
@@ -457,7 +462,7 @@ class TrainPolicy:
             return None  # a job this poll could not see may be fine: no watchdog acts on it
         if self.check_replacement_bound(rows):
             return None
-        self.check_hang(rows)
+        self.check_hang(rows, beats)
         return None
 
     def check_replacement_bound(self, rows: dict[int, JobRow]) -> bool:
@@ -476,13 +481,13 @@ class TrainPolicy:
                 return True
         return False
 
-    def check_hang(self, rows: dict[int, JobRow]) -> None:
+    def check_hang(self, rows: dict[int, JobRow], beats: list[Heartbeat]) -> None:
         """Cancel the master (a new generation follows) when every node runs but no
         heartbeat moved within supervise.hang_timeout."""
         if not rows or any(row.state is not JobState.RUNNING for row in rows.values()):
             return
         limit = self.config.supervise.hang_timeout
-        newest = max((beat.time for beat in read_heartbeats(self.run, self.config.cluster.nodes)), default=0.0)
+        newest = max((beat.time for beat in beats), default=0.0)
         started = max((row.started_at or 0.0) for row in rows.values())
         if self.clock() - max(newest, started) <= limit:
             return

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.orchestrator.reconcile import job_end, reconcile_run
-from fm9g.orchestrator.state import TERMINAL_STATES, EventRow, JobRow, StageRow, StateStore
+from fm9g.orchestrator.state import EventRow, JobRow, StageRow, StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import read_json
 
@@ -549,10 +549,6 @@ class RunReader:
             train_iters=train_iters,
             eta_s=estimate_eta(recent, train_iters),
         )
-
-
-def is_live(job: JobRow) -> bool:
-    return job.state not in TERMINAL_STATES
 
 
 # ---------------------------------------------------------------------- status --json

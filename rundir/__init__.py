@@ -63,7 +63,8 @@ class RunDir:
         return self.root / "logs"
 
     def stage_logs(self, stage: str) -> Path:
-        return self.logs / stage
+        """logs/<stage>/, with a stage's ':' (index:<task>) spelled '-' for the folder name."""
+        return self.logs / stage.replace(":", "-")
 
     @property
     def heartbeats(self) -> Path:

@@ -5,7 +5,9 @@ variable names, exit codes, and the names every job carries (Slurm job name and
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from pathlib import Path
 
 # Environment the node agent gives the trainer (on top of torchrun's RANK, WORLD_SIZE, ...).
 ENV_RUN_DIR = "FM9G_RUN_DIR"
@@ -37,3 +39,27 @@ def job_tag(run_name: str, stage: str, role: str, node_rank: int, attempt: int) 
 
 def job_name(run_name: str, stage: str, role: str, node_rank: int) -> str:
     return f"fm9g-{slug(run_name)}-{stage}-{role}{node_rank}"
+
+
+def read_exit_code(path: Path) -> tuple[int, float] | None:
+    """(code, end time) from a job's exit record (the node agent's JSON) or a local
+    executor's `.rc` file; None while it is absent or unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    if path.suffix == ".rc":
+        try:
+            return int(text.strip()), mtime
+        except ValueError:
+            return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    code = record.get("code") if isinstance(record, dict) else None
+    if isinstance(code, bool) or not isinstance(code, int):
+        return None
+    when = record.get("time")
+    return code, float(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else mtime

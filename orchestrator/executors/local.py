@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fm9g.orchestrator.executors.base import JobStatus
 from fm9g.orchestrator.slurm.states import JobState
+from fm9g.rundir.protocol import read_exit_code
 
 WRAPPER_NAME = "fm9g-local-job"
 
@@ -60,6 +61,13 @@ else
 fi
 finish "$rc"
 """.replace("DEPENDENCY_FAILED", str(DEPENDENCY_FAILED))
+
+
+def end_state(code: int) -> JobState:
+    """The state a local job's exit code means (afterok's DEPENDENCY_FAILED: cancelled)."""
+    if code == DEPENDENCY_FAILED:
+        return JobState.CANCELLED
+    return JobState.COMPLETED if code == 0 else JobState.FAILED
 
 
 class LocalExecutor:
@@ -154,26 +162,20 @@ class LocalExecutor:
         if child is not None:
             child.poll()  # reap, so a dead child is not a zombie that looks alive
         rc_file = self._rc_files.get(job_id)
-        if rc_file is not None and rc_file.exists():
-            try:
-                code = int(rc_file.read_text().strip())
-            except ValueError:
-                return JobStatus(JobState.UNKNOWN)
-            if code == DEPENDENCY_FAILED:
-                return JobStatus(
-                    JobState.CANCELLED,
-                    exit_code=code,
-                    node="localhost",
-                    reason="DependencyNeverSatisfied",
-                    ended_at=rc_file.stat().st_mtime,
-                )
+        ended = read_exit_code(rc_file) if rc_file is not None else None
+        if ended is not None:
+            code, ended_at = ended
+            state = end_state(code)
             return JobStatus(
-                JobState.COMPLETED if code == 0 else JobState.FAILED,
+                state,
                 exit_code=code,
                 node="localhost",
-                ended_at=rc_file.stat().st_mtime,
-                started_at=self._started.get(job_id),
+                reason="DependencyNeverSatisfied" if code == DEPENDENCY_FAILED else "",
+                ended_at=ended_at,
+                started_at=None if state is JobState.CANCELLED else self._started.get(job_id),
             )
+        if rc_file is not None and rc_file.exists():
+            return JobStatus(JobState.UNKNOWN)  # written, but not readable yet
         if rc_file is None:
             return JobStatus(JobState.UNKNOWN)
         if self.owns(job_id) and _alive(int(job_id)):

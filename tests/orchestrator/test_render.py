@@ -62,7 +62,7 @@ def test_golden_index_and_tokenizer_scripts(golden: Callable[[Path, str], None])
         python="/opt/venv/bin/python",
         config_hash="0123456789ab",
     )
-    source = IndexSource("wiki", Path("/data/wiki"), run.indexed / "wiki", run.indexed / ".work" / "wiki", "zh")
+    source = IndexSource("wiki", Path("/data/wiki"), run.indexed / "wiki", run.indexed / ".work" / "wiki", "zh", 8)
     shard, merge = index_specs(source, shards=8)
     golden(GOLDEN / "index-shard.sbatch", renderer.render(shard, 1))
     golden(GOLDEN / "index-merge.sbatch", renderer.render(merge, 1))

@@ -32,7 +32,7 @@ from fm9g.orchestrator.tui.widgets.log_pane import LogPane
 from fm9g.orchestrator.tui.widgets.run_header import RunHeader
 from fm9g.orchestrator.tui.widgets.run_list import RunList
 from fm9g.orchestrator.tui.widgets.training_panel import TrainingPanel
-from fm9g.orchestrator.views import RunReader, RunSummary, RunView, is_live, list_runs
+from fm9g.orchestrator.views import RunReader, RunSummary, RunView, list_runs
 from fm9g.rundir import RunDir
 
 CATALOG_EVERY_S = 5.0
@@ -281,12 +281,12 @@ class MainScreen(Screen[None]):
             return
         line = self.query_one(JobTable).current_line()
         job = line.job if line is not None else None
-        live_jobs = [j for j in (self.view.jobs if self.view else ()) if is_live(j) and j.job_id]
+        live_jobs = [j for j in (self.view.jobs if self.view else ()) if j.live and j.job_id]
         if not live_jobs:
             self.notify(f"{run.name} has no live jobs to cancel")
             return
         choices = []
-        if job is not None and is_live(job) and job.job_id:
+        if job is not None and job.live and job.job_id:
             choices.append(Choice("job", f"Cancel job {job.job_id}", "warning"))
         choices.append(Choice("run", "Cancel the run", "error"))
         target = (
