@@ -8,6 +8,9 @@ field) and what to do next, so the CLI can print it as is without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class DataError(ValueError):
     """A problem with input data or data configuration; the message says where and how to fix it."""
@@ -18,7 +21,21 @@ def no_space_error(path: object) -> DataError:
 
     It names the filesystem and its free space, so the fix is plain; whatever was
     half-written has been removed by then (outputs are built under temporary names)."""
-    from fm9g.rundir.atomic import describe_no_space  # the bottom layer; deferred to keep this module bare
+    from fm9g.rundir.atomic import no_space_reason  # the bottom layer; deferred to keep this module bare
 
-    mount, what = describe_no_space(str(path))
-    return DataError(f"{what}; free space on {mount}, then run the same command again")
+    return DataError(no_space_reason(str(path), "run the same command again"))
+
+
+@contextlib.contextmanager
+def reraise_no_space(path: object) -> Iterator[None]:
+    """Turn a full disk (ENOSPC/EDQUOT) inside the block into no_space_error(path); any
+    other error passes through.  Leaving the block runs the inner clean-up first, so the
+    free space reported is what is left."""
+    from fm9g.rundir.atomic import is_no_space
+
+    try:
+        yield
+    except OSError as error:
+        if not is_no_space(error):
+            raise
+        raise no_space_error(path) from None

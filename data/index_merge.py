@@ -27,13 +27,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fm9g.data.errors import DataError, no_space_error
+from fm9g.data.errors import DataError, reraise_no_space
 from fm9g.data.index_plan import plan_shard_dir, read_plan
 from fm9g.data.index_shard import failure_message, load_shard_result
 from fm9g.data.index_stats import length_distribute, unit_factor
 from fm9g.data.index_temp import make_temp_dir, sweep_stale, temp_prefix
 from fm9g.data.index_types import IndexResult, ShardResult
-from fm9g.rundir.atomic import fsync_dir, is_no_space, replace_dir, write_json
+from fm9g.rundir.atomic import fsync_dir, replace_dir, write_json
 
 # (shard_dir, data_path, data_offset, part_path, durable) for one shard's share of the output.
 WriteJob = tuple[str, str, int, str, bool]
@@ -181,7 +181,7 @@ class OutputBuilder:
         self.durable = durable
         check_replaceable(self.output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(self.output.parent, self.output.name)
+        self.swept = sweep_stale(self.output.parent, self.output.name)  # what killed builds left here
         # shared: this folder becomes the output, which others read (mkdtemp alone gives 0700).
         self.tmp = make_temp_dir(self.output.parent, self.output.name, "tmp", shared=True)
         self.data_path = self.tmp / "data.jsonl"
@@ -347,12 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = read_plan(args.plan)
         dirs = [plan_shard_dir(plan, k) for k in range(len(plan["shards"]))]
-        result = merge_shards(dirs, plan["output"])
-    except OSError as error:
-        if not is_no_space(error):
-            raise
-        print(f"error: {no_space_error(read_plan(args.plan)['output'])}", file=sys.stderr)
-        return 1
+        with reraise_no_space(plan["output"]):
+            result = merge_shards(dirs, plan["output"])
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

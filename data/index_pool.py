@@ -30,9 +30,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fm9g.data.errors import DataError, no_space_error
+from fm9g.data.errors import DataError, reraise_no_space
 from fm9g.data.index_shard import ShardAborted, index_shard
-from fm9g.rundir.atomic import is_no_space
 
 NO_FAILURE = 1 << 62
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -83,12 +82,8 @@ def _run_job(job: tuple[Any, ...], slot: Any, worker: int, stop_after: Any) -> A
 
         if should_stop():
             raise ShardAborted
-        try:
+        with reraise_no_space(out_dir):
             return index_shard(spec, out_dir, options=options, key=key, progress=progress, should_stop=should_stop)
-        except OSError as error:
-            if not is_no_space(error):
-                raise
-            raise no_space_error(out_dir) from None
     raise ValueError(f"unknown job {kind}")
 
 

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from fm9g.data.errors import DataError, no_space_error
+from fm9g.data.errors import DataError, reraise_no_space
 from fm9g.data.index_check import FIX_HINT, WARNING_CONTROL, check_lines
 from fm9g.data.index_plan import plan_shard_dir, read_plan
 from fm9g.data.index_stats import LineCounter, count_method, shrink_sample
 from fm9g.data.index_temp import make_temp_dir, sweep_stale
 from fm9g.data.index_types import FORMAT_VERSION, IndexOptions, SegmentResult, ShardResult, ShardSpec
 from fm9g.data.txt2jsonl import txt_line_to_jsonl
-from fm9g.rundir.atomic import is_no_space, read_json, write_json
+from fm9g.rundir.atomic import read_json, write_json
 
 # Bytes read per step: big enough that per-block numpy/msgspec calls amortise, small
 # enough that a few processes stay well within memory.
@@ -274,7 +274,6 @@ def index_shard(
         tokenizer = load_tokenizer(options.tokenizer)
     method = count_method(options.language, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent, out.name)  # a killed earlier attempt at this shard
     tmp = make_temp_dir(out.parent, out.name, "tmp")
     try:
         state = _ShardState(LineCounter(method, tokenizer), options.on_error, tmp / "data.jsonl")
@@ -347,12 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--task-id {task} is outside the plan's {len(plan['shards'])} shards")
         raw = plan["shards"][task]
         options = IndexOptions(**plan["options"])
-        result = index_shard(raw, plan_shard_dir(plan, task), options=options, key=raw["key"])
-    except OSError as error:
-        if not is_no_space(error):
-            raise
-        print(f"error: {no_space_error(plan_shard_dir(plan, task))}", file=sys.stderr)
-        return 1
+        shard_dir = plan_shard_dir(plan, task)
+        sweep_stale(shard_dir.parent, shard_dir.name)  # a killed earlier attempt at this shard
+        with reraise_no_space(shard_dir):
+            result = index_shard(raw, shard_dir, options=options, key=raw["key"])
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

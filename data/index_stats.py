@@ -11,13 +11,12 @@ so shard results add up exactly; the factor is applied once at the end.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from fm9g.data.index_types import Language
 from fm9g.data.tokenizer import Tokenizer, encode_many
-
-Language = Literal["zh", "en", "code"]
 
 BUCKET_NAMES = ("less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k")
 # Decimal thousands, lower bound inclusive (as the original script).

@@ -20,12 +20,12 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from fm9g.rundir.atomic import default_dir_mode
 
 TempKind = Literal["work", "tmp", "old"]
-_KINDS = ("work", "tmp", "old")
+_KINDS = get_args(TempKind)
 
 
 def _host() -> str:

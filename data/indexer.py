@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from fm9g.data.errors import DataError, no_space_error
+from fm9g.data.errors import DataError, reraise_no_space
 from fm9g.data.index_merge import OutputBuilder, check_replaceable, merge_shards, raise_first_failure, write_shard_part
 from fm9g.data.index_plan import (
     check_output,
@@ -37,9 +37,8 @@ from fm9g.data.index_plan import (
 from fm9g.data.index_pool import IndexPool
 from fm9g.data.index_shard import index_shard, load_shard_result
 from fm9g.data.index_temp import make_temp_dir, remove_own, sweep_stale
-from fm9g.data.index_types import IndexOptions, IndexResult, ShardResult, ShardSpec, validate_options
+from fm9g.data.index_types import IndexOptions, IndexResult, Language, ShardResult, ShardSpec, validate_options
 from fm9g.data.tokenizer import Tokenizer
-from fm9g.rundir.atomic import is_no_space
 
 __all__ = ["IndexResult", "build_index", "index_shard", "merge_shards", "plan_shards", "validate_options"]
 
@@ -124,7 +123,7 @@ def build_index(
     inputs: str | Path | Sequence[str | Path],
     output: str | Path,
     *,
-    language: Literal["zh", "en", "code"] = "zh",
+    language: Language = "zh",
     tokenizer: str | Path | Tokenizer | None = None,
     processes: int = 1,
     on_error: Literal["fail", "skip"] = "fail",
@@ -142,7 +141,8 @@ def build_index(
     raises a DataError naming the filesystem and its free space, after the
     half-built output has been removed.
     """
-    try:
+    # Reported after _build_index cleaned up, so the free space shown is what is left.
+    with reraise_no_space(Path(output).absolute().parent):
         return _build_index(
             inputs,
             Path(output).absolute(),
@@ -154,17 +154,13 @@ def build_index(
             cache_dir=cache_dir,
             durable=durable,
         )
-    except OSError as error:
-        if is_no_space(error):  # reported after the clean-up, so the free space shown is what is left
-            raise no_space_error(Path(output).absolute().parent) from None
-        raise
 
 
 def _build_index(
     inputs: str | Path | Sequence[str | Path],
     out: Path,
     *,
-    language: Literal["zh", "en", "code"],
+    language: Language,
     tokenizer: str | Path | Tokenizer | None,
     processes: int,
     on_error: Literal["fail", "skip"],
@@ -182,13 +178,13 @@ def _build_index(
     specs = split_shards(files, choose_shard_count(total, processes))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Folders a killed earlier build left here (see index_temp) go before new ones are made.
-    swept = sweep_stale(out.parent, out.name)
     temporary = cache_dir is None
     pool: IndexPool | None = None
     failed = True
     try:
         work = make_temp_dir(out.parent, out.name, "work") if temporary else Path(cache_dir).absolute()  # type: ignore[arg-type]
+        # Shard folders of a killed earlier build in a kept cache: one sweep for all shards.
+        swept_shards = [] if temporary else sweep_stale(work / "shards")
         dirs = [work / "shards" / shard_key(spec, options) for spec in specs]
         keys = [d.name for d in dirs]
         cached = [
@@ -209,23 +205,22 @@ def _build_index(
         report(0)
         if processes > 1 and len(todo) > 1:
             pool = IndexPool(min(processes, len(todo)))
+        # It sweeps the folders a killed earlier build left beside the output (index_temp).
+        # A failure below needs no abort of its own: remove_own in `finally` removes them by name.
         builder = OutputBuilder(out, durable)
-        try:
-            build = _Build(dirs, specs, options, builder, pool, report)
-            for k in cached:
-                build.results[k] = load_shard_result(dirs[k])
-            build.run(todo)
-            raise_first_failure(build.results)
-            if progress is not None:
-                progress(total, total)
-            done = [r for r in build.results if r is not None]
-            if len(done) != len(specs):
-                raise DataError(f"{out}: {len(specs) - len(done)} shards did not finish; run the index again")
-            result = builder.finish(done, shards_cached=len(cached))
-        except BaseException:
-            builder.abort()
-            raise
+        build = _Build(dirs, specs, options, builder, pool, report)
+        for k in cached:
+            build.results[k] = load_shard_result(dirs[k])
+        build.run(todo)
+        raise_first_failure(build.results)
+        if progress is not None:
+            progress(total, total)
+        done = [r for r in build.results if r is not None]
+        if len(done) != len(specs):
+            raise DataError(f"{out}: {len(specs) - len(done)} shards did not finish; run the index again")
+        result = builder.finish(done, shards_cached=len(cached))
         failed = False
+        swept = builder.swept + swept_shards
         result.stale_removed = [str(item.path) for item in swept]
         result.stale_bytes = sum(item.nbytes for item in swept)
         return result

@@ -45,7 +45,7 @@ from fm9g.model.metrics import MetricsLogger, write_heartbeat
 from fm9g.model.progress import Progress, rng_state, seed_everything, set_rng_state
 from fm9g.model.schedules import build_scheduler
 from fm9g.rundir import RunDir, protocol
-from fm9g.rundir.atomic import describe_no_space, is_no_space, read_json, write_json
+from fm9g.rundir.atomic import is_no_space, mount_point, no_space_reason, read_json, write_json
 from fm9g.rundir.config import ConfigError, RunConfig, load_resolved
 
 Outcome = Literal["done", "checkpoint_now", "session_limit"]
@@ -552,10 +552,10 @@ def _fatal_no_space(run: RunDir, error: OSError, rank: int) -> int:
     """Record a full disk as a fatal failure: retrying before space is freed only fails again."""
     if rank == 0:
         discard_partial(run.checkpoints)  # a half-written checkpoint is never loaded; give its space back
-    mount, what = describe_no_space(error.filename or run.root)
-    reason = (
-        f"no space left on device: {what}; free space on {mount}, then `fm9g-launch resume {run.name}` "
-        "continues from the last complete checkpoint"
+    mount = mount_point(error.filename or run.root)
+    reason = "no space left on device: " + no_space_reason(
+        error.filename or run.root,
+        f"`fm9g-launch resume {run.name}` continues from the last complete checkpoint",
     )
     print(f"fatal (rank {rank}): {reason}", file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):  # the record itself may not fit; the exit code still says it

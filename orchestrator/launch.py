@@ -265,7 +265,7 @@ def disk_full(error: BaseException) -> bool:
 def supervise(plan: Plan, progress: bool = True) -> int:
     """Run the plan's stages to their end; a full disk ends it with a recorded failure
     naming the filesystem, never a traceback (`resume` continues once space is freed)."""
-    from fm9g.rundir.atomic import describe_no_space
+    from fm9g.rundir.atomic import no_space_reason
 
     try:
         return _supervise(plan, progress)
@@ -279,8 +279,7 @@ def supervise(plan: Plan, progress: bool = True) -> int:
     except Exception as exc:  # only a full disk is handled here; everything else re-raises
         if not disk_full(exc):
             raise
-        _, what = describe_no_space(plan.run.root)
-        reason = f"{what}; free space there, then `fm9g-launch resume {shlex.quote(str(plan.run.root))}` continues"
+        reason = no_space_reason(plan.run.root, f"`fm9g-launch resume {shlex.quote(str(plan.run.root))}` continues")
         _record_failure(plan.run, reason)
         raise DiskFull(reason) from None
 

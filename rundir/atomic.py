@@ -169,3 +169,9 @@ def describe_no_space(path: str | os.PathLike[str]) -> tuple[Path, str]:
     except OSError:
         space = "free space unknown"
     return mount, f"the filesystem mounted at {mount} is full ({space}) while writing {path}"
+
+
+def no_space_reason(path: str | os.PathLike[str], then: str) -> str:
+    """ "the filesystem mounted at M is full (...) while writing P; free space on M, then <then>"."""
+    mount, what = describe_no_space(path)
+    return f"{what}; free space on {mount}, then {then}"
