@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fm9g.data.tokenizer import train_sentencepiece
+from tests.helpers.tmpfs import mounted_tmpfs
 
 ZH = "中国的首都是北京。今天天气很好，我们去公园散步吧！人工智能正在改变世界，数据处理流程"
 EN = "the quick brown fox jumps over the lazy dog while data pipelines index every line"
@@ -66,18 +68,7 @@ def cpm_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs to fill up (ENOSPC for real); skipped where mounting is not permitted."""
-    import subprocess
-
-    mount = tmp_path / "small_fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -4,7 +4,6 @@ space is freed.  A small tmpfs plays the full disk (needs root to mount)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,23 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import runs
+from tests.helpers.tmpfs import mounted_tmpfs
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "3m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_is_a_recorded_failure_and_resume_finishes(small_fs: Path) -> None:

@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fm9g.model import train
 from fm9g.model.distributed import init_distributed
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir import config as config_mod
+from tests.helpers.tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -452,19 +454,10 @@ def test_bmtrain_bf16_offload_like_the_fm9g_script(tmp_path: Path, corpus: dict[
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs: room for a run directory, not for the tiny model's checkpoint (about 1.5 MB)."""
-    mount = tmp_path / "small_fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("async_save", [False, True])
