@@ -12,12 +12,11 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 
-from fm9g.orchestrator.slurm.commands import SlurmClient, SlurmError
-from fm9g.orchestrator.slurm.parse import ParseError, Partition, parse_exit_code
+from fm9g.orchestrator.slurm.commands import _INVALID_JOB_ID, SlurmClient, SlurmError, _failure
+from fm9g.orchestrator.slurm.parse import ParseError, Partition, _int, parse_exit_code
 from fm9g.orchestrator.slurm.states import JobState
 
 # What scontrol prints for an id slurmctld does not know (any more).
-INVALID_JOB_ID = "Invalid job id specified"
 
 
 @dataclass(frozen=True)
@@ -90,18 +89,11 @@ def _scontrol_fields(line: str) -> dict[str, str]:
     return fields
 
 
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ParseError(f"{what}: {text!r} is not a number") from None
-
-
 def show_job(client: SlurmClient, job_id: int) -> ScontrolJob | None:
     """`scontrol show job` for one job; None once slurmctld has forgotten it."""
     result = _scontrol(client, show_job_argv(job_id))
     if result.returncode != 0:
-        if INVALID_JOB_ID in result.stderr:
+        if _INVALID_JOB_ID in result.stderr:
             return None
         raise _error(result, show_job_argv(job_id), "check `scontrol ping`")
     jobs = parse_scontrol_job(result.stdout)
@@ -131,20 +123,13 @@ def nodes_with_gpus(partition: Partition, gpus_per_node: int) -> int:
 
 
 def _scontrol(client: SlurmClient, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run `argv` under the client's timeout, counted in its CallCounter like its own calls."""
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=client.timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(argv[:3])} did not answer within {client.timeout_s:g}s", argv=argv) from None
-    client.counter.record(f"{argv[0]} {argv[1]}", ok=result.returncode == 0)
-    return result
+    """Run `argv` through the client's own runner: its timeout, its error, its call counter."""
+    return client._run_checked_timeout(argv, client.timeout_s)
 
 
 def _error(result: subprocess.CompletedProcess[str], argv: list[str], hint: str) -> SlurmError:
-    lines = (result.stderr or result.stdout).strip().splitlines()
-    said = lines[-1] if lines else "no output"
     return SlurmError(
-        f"{' '.join(argv[:2])} failed (exit {result.returncode}): {said}; {hint}",
+        _failure(" ".join(argv[:2]), result, hint),
         argv=argv,
         returncode=result.returncode,
         stdout=result.stdout,
