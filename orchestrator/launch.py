@@ -81,12 +81,23 @@ class SupervisorLock:
         self.path = run.lock
         self.handle: IO[str] | None = None
 
+    # A viewer (`status`, the TUI) holds the lock for a few milliseconds while it writes
+    # down job ends no supervisor saw; a supervisor holds it for good.  Waiting this long
+    # tells the two apart, so a `resume` next to a `status` is not refused.
+    VIEWER_GRACE_S = 2.0
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + self.VIEWER_GRACE_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()

@@ -159,3 +159,30 @@ def test_resume_of_an_unreadable_state_db_says_what_to_do(tmp_path: Path, capsys
     error = capsys.readouterr().err
     assert str(run.state_db) in error and "resume" in error
     assert run.state_db.read_bytes() == b"not a database" * 100  # left for the user to inspect
+
+
+def test_a_viewer_holding_the_lock_briefly_does_not_refuse_a_supervisor(tmp_path: Path) -> None:
+    """`status` takes the run's lock for a moment while it reconciles; a `resume` started
+    in that moment waits for it instead of reporting a supervisor that does not exist."""
+    import threading
+
+    from fm9g.orchestrator.launch import SupervisorLock
+    from fm9g.orchestrator.reconcile import unsupervised
+
+    run = RunDir.of(tmp_path / "v").make()
+    taken, release = threading.Event(), threading.Event()
+
+    def viewer() -> None:
+        with unsupervised(run) as free:
+            assert free
+            taken.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=viewer)
+    thread.start()
+    taken.wait(5)
+    threading.Timer(0.3, release.set).start()
+    lock = SupervisorLock(run)
+    lock.acquire()  # would raise LaunchError without the grace
+    lock.release()
+    thread.join()
