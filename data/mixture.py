@@ -10,7 +10,6 @@ field and the fix.
 from __future__ import annotations
 
 import difflib
-import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -212,13 +211,10 @@ def load_mixture(path_or_list: str | Path | list[dict[str, Any]], base_dir: str 
 
 def _first_records(path: Path, count: int) -> Iterator[tuple[Path, int, bytes]]:
     """(file, 1-based line, raw jsonl line) of the first `count` records of an entry's data."""
-    if is_indexed(path):
-        files = [path / "data.jsonl"]
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt") and p.is_file())
+    from fm9g.data.index_plan import collect_inputs  # the indexer's own file list (hidden folders skipped)
     from fm9g.data.txt2jsonl import txt_line_to_jsonl
+
+    files = [path / "data.jsonl"] if is_indexed(path) else collect_inputs(path)
 
     given = 0
     for file in files:
@@ -256,7 +252,7 @@ def check_transforms(mixture: Mixture, sample: int = 8) -> None:
         transform = load_transform(entry.transforms, where)
         failures: list[str] = []
         tried = 0
-        for file, number, body in itertools.islice(_first_records(Path(entry.path), sample), sample):
+        for file, number, body in _first_records(Path(entry.path), sample):
             tried += 1
             try:
                 data = decode_json(body)

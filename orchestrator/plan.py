@@ -146,18 +146,16 @@ def tokenizer_spec(run: RunDir, vocab_size: int) -> JobSpec:
     )
 
 
-def shard_count(path: Path) -> int:
+def shard_count(files: list[Path]) -> int:
     """One shard per file, or per 64 MB of a big file, whichever is more; at most MAX_SHARDS."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt")]
     by_size = -(-sum(p.stat().st_size for p in files) // SHARD_BYTES)
     return max(1, min(MAX_SHARDS, max(len(files), by_size)))
 
 
-def guess_language(path: Path, sample_bytes: int = 65536) -> str:
+def guess_language(files: list[Path], sample_bytes: int = 65536) -> str:
     """'en' when most characters of the data's first bytes are ASCII, else 'zh'.
 
     Only the meta.json token estimate depends on it (0.7/char for zh, 1.5/word for en)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt"))
     text = ""
     for file in files[:4]:
         with open(file, "rb") as handle:
@@ -175,6 +173,7 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
     would refuse before queueing: a missing or bad mixture, a transform that fails on
     every sampled record, a value that cannot go into a script."""
     from fm9g.data.errors import DataError
+    from fm9g.data.index_plan import collect_inputs
     from fm9g.data.mixture import check_transforms, load_mixture, needs_index
 
     if not config.data.dataset_config:
@@ -199,13 +198,17 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
             if (output / "meta.json").exists():
                 stages.append(StagePlan(name, StageKind.INDEX, skip=f"already indexed: {output}"))
             else:
+                try:
+                    files = collect_inputs(Path(task.path))  # the indexer's own list of this dataset's files
+                except DataError as exc:
+                    raise ConfigError(f"{config.data.dataset_config}: entry {task.task_name!r}: {exc}") from None
                 source = IndexSource(
                     task.task_name,
                     Path(task.path),
                     output,
                     run.indexed / ".work" / task.task_name,
-                    guess_language(Path(task.path)),
-                    shard_count(Path(task.path)),
+                    guess_language(files),
+                    shard_count(files),
                 )
                 sources.append(source)
                 stages.append(
