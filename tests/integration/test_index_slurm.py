@@ -60,7 +60,7 @@ def squeue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def test_status_lists_index_jobs_and_cancel_cancels_them(root: Path) -> None:
-    proc = runs.start_tiny(root, "idx", *SLOW_JOBS, executor="slurm", log=root / "idx.log")
+    proc = runs.start_tiny(root, "idx", *SLOW_JOBS, "--nodes", "4", executor="slurm", log=root / "idx.log")
     run = root / "idx"
     try:
         rows = runs.wait_for(lambda: submitted_index_rows(run), 120, "four index jobs in status --json")
