@@ -53,6 +53,8 @@ class PackedLoader:
         oversize_rule: OversizeRule = "segment",
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        num_threads: int = 1,
+        prefetch: int = 1,
         on_error: Literal["fail", "skip"] = "fail",
         fail_hint: str = "or use on_error='skip' to skip such lines",
     ) -> None:
@@ -64,8 +66,13 @@ class PackedLoader:
             raise DataError(
                 f"oversize_rule must be drop|head|segment and on_error fail|skip (got {oversize_rule}, {on_error})"
             )
-        if num_workers < 0 or prefetch_factor < 1:
-            raise DataError("num_workers must be >= 0 and prefetch_factor >= 1")
+        if num_workers < 0 or prefetch_factor < 1 or prefetch < 1 or num_threads < 1:
+            raise DataError("num_workers must be >= 0, and prefetch_factor, prefetch and num_threads >= 1")
+        if num_threads > 1 and num_workers == 0:
+            raise DataError(
+                f"num_threads={num_threads} needs num_workers >= 1: the reader threads run inside the "
+                "worker processes (data.dataloader_num_threads needs data.dataloader_num_workers >= 1)"
+            )
         self.mixture = mixture if isinstance(mixture, Mixture) else load_mixture(mixture)
         self.tokenizer = tokenizer if not isinstance(tokenizer, (str, Path)) else load_tokenizer(tokenizer)
         self.batch_size, self.max_length = batch_size, max_length
@@ -105,8 +112,11 @@ class PackedLoader:
         self._sampler = MixtureSampler(
             infos, seed=seed, rank=rank, world_size=world_size, max_length=max_length, token_share=token_share
         )
-        self.num_workers = num_workers
-        self._lookahead = prefetch_factor * max(1, num_workers) * CHUNK
+        self.num_workers, self.num_threads = num_workers, num_threads
+        # Lines requested ahead per task: `prefetch` chunks (the guide's prefetch_slice, a
+        # chunk being this loader's slice) per reader thread of every worker, times
+        # prefetch_factor (torch's per-worker depth; packing happens here, not in workers).
+        self._lookahead = prefetch * prefetch_factor * max(1, num_workers) * num_threads * CHUNK
         self._prefetch: Prefetcher | None = None
         self._ahead: dict[int, tuple[int, int]] = {}
         # task -> (line, epoch, windows, next window number)
@@ -124,7 +134,7 @@ class PackedLoader:
 
     def __next__(self) -> dict[str, Any]:
         if self._prefetch is None:
-            self._prefetch = Prefetcher(self._maker, self.num_workers)
+            self._prefetch = Prefetcher(self._maker, self.num_workers, self.num_threads)
             for task in range(len(self.task_names)):
                 self._top_up(task)
         rows: list[list[Placed]] = []
@@ -223,6 +233,19 @@ class PackedLoader:
         self._prefetch.request([(task, line, epoch) for line, epoch in keys])
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def lookahead(self) -> int:
+        """Lines the workers are asked to prepare ahead of use, per task (at most one epoch)."""
+        return self._lookahead
+
+    def read_ahead(self) -> dict[str, int]:
+        """Per task: lines requested from the workers and not yet used (queued, running or done)."""
+        counts = dict.fromkeys(self.task_names, 0)
+        if self._prefetch is not None:
+            for task, _line, _epoch in self._prefetch.held():
+                counts[self.task_names[task]] += 1
+        return counts
 
     @property
     def skipped(self) -> dict[str, dict[str, int]]:

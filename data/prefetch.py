@@ -10,6 +10,11 @@ over two pipes. Not fork: the trainer may hold CUDA contexts and many threads th
 fork would copy half-initialised. Not multiprocessing's spawn either: it re-runs the
 caller's main script in every worker, which breaks scripts without a
 `if __name__ == "__main__"` guard.
+
+Inside a worker, `num_threads` reader threads (the guide's `dataloader_num_threads`)
+compute the lines of each request concurrently: reads are slices of a memory map and
+sentencepiece releases the GIL while it encodes, so threads add throughput without
+another interpreter's memory; JSON decoding and Python transforms still take turns.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import subprocess
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 
 from fm9g.data.errors import DataError
@@ -30,6 +36,8 @@ Key = tuple[int, int, int]  # (task, line, epoch)
 CHUNK = 8
 # Finished results kept at most; old ones are dropped first (they are recomputable).
 MAX_CACHED = 1 << 16
+# Name prefix of a worker's reader threads (`<prefix>_<i>`; tests read it back).
+READER_THREAD_PREFIX = "fm9g-reader"
 # Unanswered requests per worker. Bounded so the request pipe never fills: a parent
 # blocked writing requests while the worker is blocked writing results would deadlock.
 MAX_LOAD = 32
@@ -38,14 +46,14 @@ MAX_LOAD = 32
 class _Worker:
     """One worker process and its two pipe ends."""
 
-    def __init__(self, maker: SampleMaker, number: int) -> None:
+    def __init__(self, maker: SampleMaker, number: int, num_threads: int = 1) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)
         # the child must import what the parent imports (editable installs, test dirs)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fm9g.data.prefetch", str(to_child_r), str(from_child_w)],
+            [sys.executable, "-m", "fm9g.data.prefetch", str(to_child_r), str(from_child_w), str(num_threads)],
             pass_fds=(to_child_r, from_child_w),
             env=env,
             stdin=subprocess.DEVNULL,
@@ -78,15 +86,22 @@ class _Worker:
 
 
 class Prefetcher:
-    """`get(key)` returns `maker.make(*key)`, computed by workers when `num_workers` > 0."""
+    """`get(key)` returns `maker.make(*key)`, computed by workers when `num_workers` > 0,
+    each with `num_threads` reader threads."""
 
-    def __init__(self, maker: SampleMaker, num_workers: int) -> None:
+    def __init__(self, maker: SampleMaker, num_workers: int, num_threads: int = 1) -> None:
+        if num_threads < 1 or (num_threads > 1 and num_workers == 0):
+            raise DataError(
+                f"num_threads={num_threads} needs num_workers >= 1 (the reader threads run inside the "
+                "worker processes; got num_workers=0): raise num_workers or use num_threads=1"
+            )
         self.maker = maker
         self.num_workers = num_workers
+        self.num_threads = num_threads
         self._cache: dict[Key, LineResult] = {}
         self._in_flight: set[Key] = set()  # sent to a worker
         self._queued: dict[Key, None] = {}  # waiting for a worker with room, in order
-        self._workers = [_Worker(maker, i) for i in range(num_workers)]
+        self._workers = [_Worker(maker, i, num_threads) for i in range(num_workers)]
 
     def request(self, keys: list[Key]) -> None:
         """Start computing these keys (no-op without workers or when already known)."""
@@ -96,6 +111,10 @@ class Prefetcher:
             if key not in self._cache and key not in self._in_flight:
                 self._queued[key] = None
         self._dispatch()
+
+    def held(self) -> list[Key]:
+        """Keys requested and not yet taken by `get`: queued, at a worker, or computed."""
+        return [*self._queued, *self._in_flight, *self._cache]
 
     def _send(self, chunk: list[Key]) -> None:
         worker = min(self._workers, key=lambda w: w.load)
@@ -165,21 +184,24 @@ class Prefetcher:
         self._queued.clear()
 
 
-def _serve(read_fd: int, write_fd: int) -> None:
+def _serve(read_fd: int, write_fd: int, num_threads: int = 1) -> None:
     """Worker loop: receive the maker, then answer key chunks until the pipe closes."""
     incoming = Connection(read_fd, writable=False)
     outgoing = Connection(write_fd, readable=False)
     maker: SampleMaker = incoming.recv()
+    # map() keeps the keys' order, so threads change speed, never the results.
+    pool = ThreadPoolExecutor(num_threads, thread_name_prefix=READER_THREAD_PREFIX) if num_threads > 1 else None
     while True:
         try:
             keys = incoming.recv()
         except EOFError:
             return  # the loader closed or died
         try:
-            outgoing.send(("ok", keys, maker.make_many(keys)))
+            results = list(pool.map(lambda key: maker.make(*key), keys)) if pool else maker.make_many(keys)
+            outgoing.send(("ok", keys, results))
         except BaseException:  # e.g. a dataset that fails to open: report, do not hang the loader
             outgoing.send(("crash", keys, traceback.format_exc()))
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)

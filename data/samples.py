@@ -4,7 +4,8 @@ A window is (src, tgt) of equal length: src = BOS + input + output, tgt = the to
 that follows each src position, with -100 wherever that next token is part of the
 input, and EOS after the last output token (targets are pre-shifted; the loss covers
 the output tokens and the final EOS). In SFT mode the input is wrapped as
-`<用户>{input}<AI>`.
+`<用户>{input}<AI>`, unless it already holds `<用户>` (the guide's data form; see
+`chat_prompt`).
 
 `SampleMaker.make(task, line, epoch)` is a pure function of its arguments (the
 transform gets a `random.Random` seeded from seed, task, epoch and line), so the
@@ -16,6 +17,7 @@ set rather than raised, so the loader applies its on_error policy in stream orde
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,13 +27,15 @@ import numpy as np
 from fm9g.data.errors import DataError
 from fm9g.data.index_check import decode_json
 from fm9g.data.reader import IndexedDataset
-from fm9g.data.tokenizer import Tokenizer
+from fm9g.data.tokenizer import CHAT_MARKERS, Tokenizer
 from fm9g.data.transforms import TransformFn, load_transform
 
 OversizeRule = Literal["drop", "head", "segment"]
 IGNORE = -100
 # A trailing window of a segmented document shorter than this is dropped (original rule).
 MIN_TAIL_WINDOW = 9
+# The FM9G chat markers: `<用户>{question}<AI>{answer}`.
+USER_MARKER, AI_MARKER = CHAT_MARKERS
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,17 @@ def make_windows(
     return windows, None
 
 
+def chat_prompt(given: str) -> str:
+    """The SFT prompt of an `input`: `<用户>{input}<AI>`, unless it is already in that form.
+
+    The guide's own data keeps the markers inside `input` (its meta.json `data_sample`:
+    "<用户>For a car, ..."), so an input holding `<用户>` is taken as formatted; only the
+    `<AI>` that must precede the answer is added when it does not already end with it."""
+    if USER_MARKER not in given:
+        return f"{USER_MARKER}{given}{AI_MARKER}"
+    return given if given.rstrip().endswith(AI_MARKER) else given + AI_MARKER
+
+
 def _incontext_index(weights: tuple[float, ...], rng: random.Random) -> int:
     """num_sample for transform: an index drawn from the normalised incontext_weight."""
     if len(weights) <= 1:
@@ -115,17 +130,25 @@ class SampleMaker:
         self.seed = seed
         self._datasets: dict[int, IndexedDataset] = {}
         self._transforms: dict[int, TransformFn | None] = {}
+        # A worker's reader threads share this maker: open each dataset and run each
+        # transform script once per process, not once per thread that races to it.
+        self._opening = threading.Lock()
 
     def dataset(self, task: int) -> IndexedDataset:
         """The task's IndexedDataset (opened once per process)."""
         if task not in self._datasets:
-            self._datasets[task] = IndexedDataset(self.tasks[task].path)
+            with self._opening:
+                if task not in self._datasets:
+                    self._datasets[task] = IndexedDataset(self.tasks[task].path)
         return self._datasets[task]
 
     def _transform(self, task: int) -> TransformFn | None:
         if task not in self._transforms:
-            script = self.tasks[task].transforms
-            self._transforms[task] = load_transform(script, f"task {self.tasks[task].name}") if script else None
+            with self._opening:
+                if task not in self._transforms:
+                    script = self.tasks[task].transforms
+                    name = f"task {self.tasks[task].name}"
+                    self._transforms[task] = load_transform(script, name) if script else None
         return self._transforms[task]
 
     def where(self, task: int, line: int) -> str:
@@ -158,7 +181,7 @@ class SampleMaker:
             return LineResult(error='"input" and "output" must be strings')
         if not output:
             return LineResult(dropped="empty_output")
-        prompt = f"<用户>{given or ''}<AI>" if self.sft else (given or "")
+        prompt = chat_prompt(given or "") if self.sft else (given or "")
         try:
             input_ids = self.tokenizer.encode(prompt) if prompt else []
             output_ids = self.tokenizer.encode(output)
@@ -184,7 +207,12 @@ class SampleMaker:
         state = dict(self.__dict__)
         state["_datasets"] = {}
         state["_transforms"] = {}
+        del state["_opening"]
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._opening = threading.Lock()
 
-__all__ = ["DataError", "LineResult", "SampleMaker", "TaskSource", "make_windows"]
+
+__all__ = ["DataError", "LineResult", "SampleMaker", "TaskSource", "chat_prompt", "make_windows"]

@@ -114,10 +114,6 @@ class Trainer:
         self.notes.append(
             "local, dataloader=indexed, model_unique: informational here (the run directory is chosen by the orchestrator)"
         )
-        self.notes.append(
-            "data.dataloader_num_threads, dataloader_prefetch, parallel_load_datastate: not used by "
-            "PackedLoader (it reads with dataloader_num_workers processes; each rank loads its own data state)"
-        )
 
     def _load_tokenizer(self) -> Any:
         from fm9g.data.tokenizer import load_tokenizer
@@ -172,6 +168,8 @@ class Trainer:
             fail_hint=(
                 "or leave the task out by setting its abs_weight (or weight) to 0 in "
                 f"{path}; then `fm9g-launch resume {self.run.name}` continues from the "
+            num_threads=data.dataloader_num_threads,
+            prefetch=data.dataloader_prefetch,
                 "last checkpoint"
             ),
         )

@@ -133,11 +133,50 @@ class DataConfig(Section):
         "segment", description="What to do with a sample longer than max_length."
     )
     sft: bool = Field(False, description="Chat format (<用户>…<AI>…) with loss on the answer only.")
-    dataloader_num_threads: int = Field(1, ge=1, description="Reader threads per task per worker.")
-    dataloader_prefetch: int = Field(1, ge=1, description="Slices buffered per reader.")
-    dataloader_prefetch_factor: int = Field(1, ge=1, description="torch DataLoader prefetch_factor.")
-    dataloader_num_workers: int = Field(1, ge=0, description="torch DataLoader worker processes.")
-    parallel_load_datastate: int = Field(8, ge=1, description="Threads used to load data-state files on resume.")
+    dataloader_num_threads: int = Field(
+        1,
+        ge=1,
+        description="Reader threads in each loader worker process (shared by the tasks); needs dataloader_num_workers >= 1 when above 1.",
+    )
+    dataloader_prefetch: int = Field(
+        1,
+        ge=1,
+        description="Chunks of 8 lines each reader thread is asked to prepare ahead, per task (the guide's prefetch_slice).",
+    )
+    dataloader_prefetch_factor: int = Field(
+        1, ge=1, description="Multiplies the read-ahead depth per worker (torch DataLoader's prefetch_factor)."
+    )
+    dataloader_num_workers: int = Field(
+        1, ge=0, description="Loader worker processes per rank (0: lines are made in the trainer process)."
+    )
+    parallel_load_datastate: int | None = Field(
+        None,
+        description="Refused: the guide's loader read and merged every rank's data-state file with this many threads; here each rank restores its position from one small file of its own.",
+    )
+
+    @field_validator("parallel_load_datastate")
+    @classmethod
+    def _no_parallel_load(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError(
+                "does not apply here: the guide's loader loaded and merged every rank's data-state file "
+                "with this many threads, while this loader's state is one small file per rank "
+                "(checkpoints/<step>/dataset_ckpt/dataset_<rank>.data) that each rank reads alone, so there "
+                "is nothing to load in parallel; remove it (train.load_dataloader_ckpt chooses whether the "
+                "data position is restored, data.dataloader_num_workers/dataloader_num_threads set the "
+                "loader's parallelism)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _threads_need_workers(self) -> DataConfig:
+        if self.dataloader_num_threads > 1 and self.dataloader_num_workers == 0:
+            raise ValueError(
+                f"data.dataloader_num_threads={self.dataloader_num_threads} needs data.dataloader_num_workers >= 1: "
+                "the reader threads run inside the loader's worker processes; raise dataloader_num_workers "
+                "or set dataloader_num_threads: 1"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -165,7 +204,7 @@ class TrainConfig(Section):
     grad_ckpt_num: int = Field(
         0,
         ge=0,
-        description="Number of per-rank optimizer files in a checkpoint written by a different world size; 0 = same world size.",
+        description="Optimizer files to map ranks onto (rank % N) when loading; 0 = count the *.rank-<r>.opt files in the checkpoint.",
     )
     exp_group: str = Field("", description="Prefix of the TensorBoard directory (tensorboard/<exp_group><name>).")
     ignore_cuda_oom: bool = Field(
