@@ -118,7 +118,9 @@ class SupervisorLock:
             self.handle = None
 
 
-def describe_summary(run: RunDir) -> str:
+def describe_summary(run: RunDir, prompts: str | None = None) -> str:
+    """The finished run's figures, ending with the model's answer to the first prompts of
+    `prompts` (pipeline.eval_prompts) when the model is small enough to sample here."""
     summary = read_json(run.summary) or {}
     lines = [f"run {run.name} is complete"]
     if summary:
@@ -131,7 +133,27 @@ def describe_summary(run: RunDir) -> str:
             f"  tensorboard:  {summary.get('tensorboard')}   (tensorboard --logdir {shlex.quote(str(run.tensorboard))})"
         )
     lines.append(f"  run dir:      {run.root}")
+    lines.extend(describe_samples(run, prompts))
     return "\n".join(lines)
+
+
+def describe_samples(run: RunDir, prompts: str | None) -> list[str]:
+    """Summary lines with greedy generations from the latest checkpoint (best effort: a
+    failure is one line saying why, never the run's failure)."""
+    step = run.latest_step()
+    if prompts is None or step is None:
+        return []
+    from fm9g.orchestrator.samples import summary_samples
+
+    try:
+        samples = summary_samples(run.checkpoints / str(step), Path(prompts))
+    except Exception as exc:  # noqa: BLE001 - the run is complete whatever sampling says
+        return [f"  generations:  none ({type(exc).__name__}: {exc})"]
+    if not samples:
+        return []
+    lines = [f"  generations (step {step}, greedy; more with `fm9g-launch infer {shlex.quote(str(run.root))}`):"]
+    lines.extend(f"    {sample.prompt!r} -> {sample.completion!r}" for sample in samples)
+    return lines
 
 
 def greeting(run: RunDir, existed: bool) -> str:
@@ -159,7 +181,7 @@ def launch(options: LaunchOptions) -> int:
         from fm9g.orchestrator.reconcile import reconcile_run
 
         reconcile_run(run)  # jobs that ended while nobody watched stop showing RUNNING
-        say(describe_summary(run))
+        say(describe_summary(run, config.pipeline.eval_prompts))
         say("nothing to do; give the run a new name (--name or train.model_unique) to train again")
         return 0
     existed = run.config.exists()
@@ -353,7 +375,7 @@ def _supervise(plan: Plan, progress: bool) -> int:
         else:
             outcome = supervisor.run_until_done()
         if outcome is StageStatus.COMPLETED:
-            say(describe_summary(run))
+            say(describe_summary(run, config.pipeline.eval_prompts))
             if config.pipeline.after_train:
                 from fm9g.orchestrator.inference.pipeline import run_post_train_stages
 

@@ -2,6 +2,13 @@
 word lists with a fixed seed.  The text is the project's own; its regular structure lets
 a tiny model lower its loss visibly within a few hundred steps on a laptop CPU.
 
+The pretraining text also holds the QUESTIONS, each followed by its answer, so that the
+example prompts (prompts.jsonl, and the demo's summary) are text the model has seen.
+A prompt with a character the corpus lacks is encoded as byte-fallback pieces (<0xE4>
+...) the model never saw; the tied embeddings of all never-seen pieces drift the same
+way under Adam, so one of them in the prompt makes the model answer with more of them
+(NUL bytes and stray fragments).  A tiny model knows its corpus and nothing else.
+
     python examples/tiny/make_corpus.py      # rewrites examples/tiny/data/
 """
 
@@ -71,6 +78,10 @@ QUESTIONS = [
 ]
 
 
+ZH_QUESTIONS = [pair for pair in QUESTIONS if not pair[0].isascii()]
+EN_QUESTIONS = [pair for pair in QUESTIONS if pair[0].isascii()]
+
+
 def zh_line(rng: random.Random) -> str:
     parts = [
         f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_VERBS)}{rng.choice(ZH_OBJECTS)}{rng.choice(ZH_TAILS)}"
@@ -78,6 +89,8 @@ def zh_line(rng: random.Random) -> str:
     ]
     if rng.random() < 0.4:
         parts.append(rng.choice(ZH_FACTS))
+    if rng.random() < 0.3:
+        parts.insert(0, "".join(rng.choice(ZH_QUESTIONS)))  # a line may open with a question and its answer
     return "".join(parts)
 
 
@@ -88,6 +101,8 @@ def en_line(rng: random.Random) -> str:
     ]
     if rng.random() < 0.4:
         parts.append(rng.choice(EN_FACTS))
+    if rng.random() < 0.3:
+        parts.insert(0, " ".join(rng.choice(EN_QUESTIONS)))
     return " ".join(parts)
 
 
