@@ -7,6 +7,10 @@ that starts at the current character; a character with no entry is emitted as th
 tokens themselves are never matched from text, so data that literally contains "<s>"
 cannot inject a BOS (sentencepiece treats control symbols the same way); chat markers
 such as `<用户>`/`<AI>` are ordinary entries and do match.
+
+`hf_tokenizer_json` writes the same algorithm as a Hugging Face `tokenizer.json` that the
+`tokenizers` library runs with no custom code (see its docstring for how, and for the two
+places where it cannot be exact).
 """
 
 from __future__ import annotations
@@ -125,6 +129,94 @@ class CPMTokenizer:
         """Copy the vocabulary into `directory` (as vocab.txt) for an HF export."""
         return write_text(Path(directory) / "vocab.txt", self._text)
 
+    def hf_tokenizer_json(self) -> dict[str, Any]:
+        """This tokenizer as a Hugging Face `tokenizer.json` (PreTrainedTokenizerFast, vLLM).
+
+        The `tokenizers` library has no greedy-longest-match model with byte fallback
+        (WordPiece matches greedily but turns a whole word into <unk> where nothing matches,
+        and scans every prefix of the word).  So the matching is done by the pre-tokenizer:
+        a `Split` whose regex is the vocabulary's trie, alternatives ordered so that the
+        backtracking engine (Oniguruma) takes the longest entry at each position, or else
+        exactly one character.  Each piece is then either a vocabulary entry, which the BPE
+        model (no merges, `ignore_merges`) maps to its id, or a single character that is no
+        entry, which BPE's `byte_fallback` turns into the `<0xNN>` tokens of its UTF-8 bytes.
+        Control and byte tokens are not in the trie, so text never matches them; the
+        control tokens are registered as special tokens, and `split_special_tokens` in
+        tokenizer_config.json (transformers) keeps "<s>" in text from becoming BOS.
+
+        Where it differs from `encode`/`decode` (never on valid UTF-8 text with a complete
+        vocabulary): a vocabulary without some `<0xNN>` token gives <unk> for the whole
+        character here instead of for that one byte; entries holding lone surrogates are
+        left out (a Rust string cannot hold them); and `decode` of byte tokens that are not
+        valid UTF-8 yields one U+FFFD per byte here, where Python's "replace" yields one per
+        maximal invalid subsequence.
+        """
+        special = [
+            {
+                "id": self._ids[name],
+                "content": name,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for name in _CONTROL
+        ]
+        vocab = {token: index for token, index in self._ids.items() if not _has_surrogate(token)}
+        bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": sorted(special, key=lambda token: token["id"]),
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Split",
+                "pattern": {"Regex": _trie_regex([t for t in self._match if not _has_surrogate(t)])},
+                "behavior": "Isolated",
+                "invert": False,
+            },
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [self.bos_id], "tokens": ["<s>"]}},
+            },
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": "<unk>",
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": True,
+                "ignore_merges": True,
+                "vocab": vocab,
+                "merges": [],
+            },
+        }
+
+    def hf_tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json beside `hf_tokenizer_json` (AutoTokenizer -> PreTrainedTokenizerFast)."""
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            # "<s>" typed in a prompt stays text, as in `encode` (tokenizers' encode_special_tokens).
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1 << 20,
+        }
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into `directory`; return tokenizer.json."""
+        directory = Path(directory)
+        write_text(directory / "tokenizer_config.json", json.dumps(self.hf_tokenizer_config(), indent=2) + "\n")
+        return write_text(directory / "tokenizer.json", json.dumps(self.hf_tokenizer_json(), ensure_ascii=False))
+
     def __getstate__(self) -> dict[str, Any]:
         # Loader workers get the vocabulary text, not the derived tables.
         return {"path": str(self.path), "text": self._text}
@@ -132,3 +224,62 @@ class CPMTokenizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = Path(state["path"])
         self._setup(state["text"])
+
+
+_FANOUT = 32  # siblings per regex group before they are split into guarded blocks
+
+
+def _has_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
+def _regex_char(char: str) -> str:
+    # Letters and digits of any script are literal in Oniguruma; everything else is written
+    # as a code point so no character can act as regex syntax.
+    return char if char.isalnum() else f"\\x{{{ord(char):X}}}"
+
+
+def _trie_regex(entries: list[str]) -> str:
+    """A regex that matches, at any position, the longest entry there, else one character.
+
+    Nested groups follow the trie: a child is tried before the node ends, and a node that
+    is an entry itself makes its children optional (greedy `?`), so backtracking returns the
+    deepest entry on the path: the longest match.  Siblings start with different characters,
+    so their order cannot change which one matches."""
+    trie: dict[str, Any] = {}
+    for entry in entries:
+        node = trie
+        for char in entry:
+            node = node.setdefault(char, {})
+        node[""] = {}  # end of an entry
+
+    def children(node: dict[str, Any]) -> str:
+        branches = [(char, _regex_char(char) + tail(child)) for char, child in sorted(node.items()) if char]
+        return alternatives(branches)
+
+    def alternatives(branches: list[tuple[str, str]]) -> str:
+        if len(branches) == 1:
+            return branches[0][1]
+        if len(branches) <= _FANOUT:
+            return "(?:" + "|".join(text for _, text in branches) + ")"
+        # Thousands of siblings (every CJK character at the root) would be tried one by one
+        # at every position; a lookahead on each block's character range skips whole blocks.
+        size = max(_FANOUT, -(-len(branches) // _FANOUT))
+        blocks = [branches[start : start + size] for start in range(0, len(branches), size)]
+        guarded = [
+            (block[0][0], f"(?=[{_regex_char(block[0][0])}-{_regex_char(block[-1][0])}]){alternatives(block)}")
+            for block in blocks
+        ]
+        return "(?:" + "|".join(text for _, text in guarded) + ")"
+
+    def tail(node: dict[str, Any]) -> str:
+        if not any(node):  # a leaf: only the end marker
+            return ""
+        group = children(node)
+        if "" not in node:
+            return group
+        return (group if group.startswith("(?:") else f"(?:{group})") + "?"
+
+    body = children(trie) if trie else ""
+    # [\s\S]: one character of any kind, newlines included (no match -> byte fallback).
+    return f"{body}|[\\s\\S]" if body else "[\\s\\S]"
