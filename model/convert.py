@@ -1,6 +1,7 @@
-"""Export a run's checkpoint to a Hugging Face folder, and import one back.
+"""Export a run's checkpoint, or a released FM9G model, to a Hugging Face folder, and import one back.
 
     python -m fm9g.model.convert --run-dir runs/NAME [--step N] [--output DIR]
+    python -m fm9g.model.convert --source RELEASED [--model 2.4b|8b|PATH] --output DIR
 
 The folder holds model.safetensors, config.json (a native Granite or Llama
 architecture, see `hf.py`), generation_config.json and the tokenizer files, and loads
@@ -14,6 +15,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,14 @@ from fm9g.model.hf import Architecture, from_hf, to_hf
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import replace_dir
 
+SHARD_BYTES = 4 << 30  # per safetensors file, as transformers' save_pretrained shards
+Progress = Callable[[int, int], None]
+
 
 def _tokenizer_config(tokenizer: Any, main_file: Path) -> dict[str, Any] | None:
     """tokenizer_config.json for a sentencepiece model (HF's LlamaTokenizer reads it); None otherwise."""
     if main_file.name != "tokenizer.model":
-        return None  # the 8B "cpm" vocab.txt has no native HF tokenizer class
+        return None  # the 8B "cpm" vocab.txt: its tokenizer.json comes from CPMTokenizer.save_hf
     return {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
@@ -50,6 +55,7 @@ def export_hf(
     output: str | Path,
     tokenizer: Any = None,
     architecture: Architecture | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write an HF folder from an FM9G state dict; replaces `output` if it exists."""
     output = Path(output)
@@ -59,7 +65,7 @@ def export_hf(
     tmp = output.parent / f".tmp-{output.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _save_shards(tensors, tmp, progress)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -68,9 +74,58 @@ def export_hf(
         tokenizer_config = _tokenizer_config(tokenizer, Path(main_file))
         if tokenizer_config:
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        if hasattr(tokenizer, "save_hf"):  # cpm: tokenizer.json, so no engine needs FM9G's vLLM fork
+            tokenizer.save_hf(tmp)
     if output.exists():
         shutil.rmtree(output)
     return replace_dir(tmp, output)
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, progress: Progress | None) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when over SHARD_BYTES."""
+    sizes = {key: t.numel() * t.element_size() for key, t in tensors.items()}
+    total = sum(sizes.values())
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for key in tensors:
+        if shards[-1] and filled + sizes[key] > SHARD_BYTES:
+            shards.append([])
+            filled = 0
+        shards[-1].append(key)
+        filled += sizes[key]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    done = 0
+    for name, keys in zip(names, shards, strict=True):
+        save_file({key: tensors[key] for key in keys}, str(folder / name), metadata={"format": "pt"})
+        done += sum(sizes[key] for key in keys)
+        if progress:
+            progress(done, total)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def convert_released(
+    source: str | Path,
+    output: str | Path,
+    model: str | None = None,
+    tokenizer: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """A released `.pt` or HF folder (see `released.py`) -> a native Granite/Llama HF folder."""
+    from fm9g.data.tokenizer import load_tokenizer
+    from fm9g.model.released import read_released
+
+    released = read_released(source, model, tokenizer)
+    loaded = load_tokenizer(released.tokenizer) if released.tokenizer else None
+    return export_hf(released.state, released.args, output, loaded, progress=progress)
 
 
 def import_hf(folder: str | Path) -> tuple[dict[str, torch.Tensor], ModelArgs]:
@@ -108,11 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fm9g.model.convert", description="Export a checkpoint to a HF folder."
     )
-    parser.add_argument("--run-dir", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir")
+    source.add_argument("--source", help="a released FM9G .pt (or its folder) or HF folder")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--model", default=None, help="with --source: 2.4b, 8b or a JSON config to check against")
     parser.add_argument("--output", default=None, help="output folder (default: RUN/hf/<step>)")
     options = parser.parse_args(argv)
-    print(convert(options.run_dir, options.step, options.output))
+    if options.source:
+        if not options.output:
+            parser.error("--source needs --output")
+        print(convert_released(options.source, options.output, options.model))
+    else:
+        print(convert(options.run_dir, options.step, options.output))
     return 0
 
 

@@ -137,7 +137,7 @@ def to_hf(
 
 
 def args_from_hf(config: dict[str, Any]) -> ModelArgs:
-    """ModelArgs from a Granite, Llama or MiniCPM config.json."""
+    """ModelArgs from a Granite, Llama or MiniCPM (FM9G-2B: model_type fm9g) config.json."""
     model_type = config.get("model_type")
     rope = config.get("rope_parameters") or {}
     hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
@@ -152,7 +152,8 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
         "eps": config.get("rms_norm_eps", 1e-5),
         "init_std": config.get("initializer_range", 0.02),
         "base": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-        "tie_lm_head": config.get("tie_word_embeddings", False),
+        # MiniCPM's config class (the FM9G-2B's) defaults to a tied head; Llama's does not.
+        "tie_lm_head": config.get("tie_word_embeddings", model_type in ("minicpm", "fm9g")),
         "max_length": config.get("max_position_embeddings", 4096),
         "dropout_p": config.get("attention_dropout", 0.0),
     }
@@ -168,7 +169,10 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
             dim_model_base=round(base_width),
             scale_depth=config.get("residual_multiplier", 1.0) * math.sqrt(layers),
         )
-    elif model_type == "minicpm":
+    elif model_type in ("minicpm", "fm9g"):  # FM9G-2B's HF folder: MiniCPM fields (fm9g-formats §3.5)
+        missing = [name for name in ("scale_emb", "dim_model_base", "scale_depth") if name not in config]
+        if missing:
+            raise ValueError(f"model_type {model_type!r} needs {', '.join(missing)} (MiniCPM's muP fields)")
         fields.update(
             scale=True,
             scale_emb=config["scale_emb"],
@@ -178,7 +182,7 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
     elif model_type == "llama":
         fields.update(scale=False, scale_depth=-1.0)
     else:
-        raise ValueError(f"model_type {model_type!r} is not importable: use granite, llama or minicpm")
+        raise ValueError(f"model_type {model_type!r} is not importable: use granite, llama, minicpm or fm9g")
     return ModelArgs.model_validate(fields)
 
 

@@ -1,0 +1,171 @@
+"""Released FM9G layouts (BMTrain .pt, HF folders with .bin or safetensors) are read exactly,
+converted to native HF folders whose logits equal the project's model, and imported as
+checkpoints the trainer loads; the cpm vocabulary becomes an HF tokenizer with the same ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fm9g.data.cpm_tokenizer import CPMTokenizer
+from fm9g.model.args import load_model_config
+from fm9g.model.checkpoint import Checkpointer
+from fm9g.model.convert import convert_released
+from fm9g.model.released import SHAPE_FIELDS, ReleasedFormatError, read_released, write_imported
+from tests.helpers.released import (
+    mixed_corpus,
+    random_state,
+    reference_logits,
+    released_args,
+    vocab_size_of,
+    write_released_hf,
+    write_released_pt,
+    write_tokenizer,
+)
+
+transformers = pytest.importorskip("transformers")
+
+# (name, kind, writer): every released layout at tiny shapes.
+LAYOUTS = [
+    ("pt-2b", "2b", "pt"),
+    ("pt-8b", "8b", "pt"),
+    ("hf-2b-fm9g-bin", "2b", "bin"),
+    ("hf-2b-minicpm-safetensors", "2b", "safetensors"),
+    ("hf-8b-bin", "8b", "bin"),
+    ("hf-8b-sharded-bin", "8b", "sharded-bin"),
+]
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {kind: write_tokenizer(kind, root / kind) for kind in ("2b", "8b")}
+
+
+def _write(layout: str, kind: str, writer: str, folder: Path, tokenizer: Path) -> tuple[Path, object]:
+    args = released_args(kind, vocab_size_of(tokenizer))  # type: ignore[arg-type]
+    if writer == "pt":
+        write_released_pt(folder, args, SEED, tokenizer=tokenizer)
+        return folder, args
+    model_type = "minicpm" if "minicpm" in layout else "fm9g"
+    return write_released_hf(folder, args, SEED, tokenizer=tokenizer, weights=writer, model_type=model_type), args  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("layout", "kind", "writer"), LAYOUTS, ids=[name for name, _, _ in LAYOUTS])
+def test_read_is_exact_and_convert_matches_logits(
+    layout: str, kind: str, writer: str, tokenizers: dict[str, Path], tmp_path: Path
+) -> None:
+    source, args = _write(layout, kind, writer, tmp_path / layout, tokenizers[kind])
+    released = read_released(source)
+    expected = random_state(args, SEED)  # type: ignore[arg-type]
+    assert released.layout == ("bmtrain-pt" if writer == "pt" else "hf")
+    assert set(released.state) == set(expected)
+    for key, value in expected.items():
+        assert released.state[key].dtype == torch.bfloat16 and torch.equal(released.state[key], value), key
+    for field in SHAPE_FIELDS:
+        assert getattr(released.args, field) == pytest.approx(getattr(args, field)), field
+    assert released.tokenizer is not None and released.tokenizer.name == tokenizers[kind].name
+
+    folder = convert_released(source, tmp_path / "hf", model=None)
+    config = json.loads((folder / "config.json").read_text())
+    native = {"2b": "GraniteForCausalLM", "8b": "LlamaForCausalLM"}[kind]
+    assert config["architectures"] == [native] and "auto_map" not in config
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == native
+    ids = torch.randint(0, args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
+    with torch.no_grad():
+        got = theirs(ids).logits
+    want = reference_logits(expected, args, ids)  # type: ignore[arg-type]
+    assert (got - want).abs().max().item() <= 1e-4
+    assert want.abs().max().item() > 1e-2  # not a trivially passing comparison
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+
+
+def test_model_mismatch_names_the_field(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    args = released_args("2b", vocab_size_of(tokenizers["2b"]))
+    source = write_released_hf(tmp_path / "2b", args, SEED, tokenizer=tokenizers["2b"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**args.model_dump(), "num_layers": 3}))
+    with pytest.raises(ReleasedFormatError, match=r"config\.json: num_layers is 2 but --model .*other\.json has 3"):
+        read_released(source, str(other))
+    with pytest.raises(ReleasedFormatError, match="vocab_size is .* but --model 8b has 119696"):
+        read_released(source, "8b")
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(args.model_dump()))
+    assert read_released(source, str(same)).args.num_layers == 2
+
+
+def test_bare_pt_needs_model_and_is_checked_against_tensors(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    args = released_args("8b", vocab_size_of(tokenizers["8b"]))
+    pt = write_released_pt(tmp_path / "bare", args, SEED, with_config=False)
+    with pytest.raises(ReleasedFormatError, match="pass --model 2.4b, --model 8b or --model PATH"):
+        read_released(pt)
+    exact = tmp_path / "8b-tiny.json"
+    exact.write_text(json.dumps(args.model_dump()))
+    released = read_released(pt, str(exact))
+    assert released.args.num_kv_heads == 2 and released.tokenizer is None
+    wrong_heads = tmp_path / "wrong.json"
+    wrong_heads.write_text(json.dumps({**args.model_dump(), "num_kv_heads": 4}))
+    with pytest.raises(ReleasedFormatError, match="project_k.weight has shape"):
+        read_released(pt, str(wrong_heads))
+    wrong_ff = tmp_path / "wrong-ff.json"
+    wrong_ff.write_text(json.dumps({**args.model_dump(), "dim_ff": 64}))
+    with pytest.raises(ReleasedFormatError, match="dim_ff is 176 but --model"):
+        read_released(pt, str(wrong_ff))
+
+
+def test_config_disagreeing_with_tensors_is_refused(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    args = released_args("2b", vocab_size_of(tokenizers["2b"]))
+    pt = write_released_pt(tmp_path / "pt", args, SEED)
+    config = json.loads((pt.parent / "config.json").read_text())
+    (pt.parent / "config.json").write_text(json.dumps({**config, "num_layers": 4}))
+    with pytest.raises(ReleasedFormatError, match="num_layers is 4 but the tensors of fm9g.pt say 2"):
+        read_released(pt)
+    torch.save({"model.embed_tokens.weight": torch.zeros(3, 3)}, tmp_path / "hf_keys.pt")
+    with pytest.raises(ReleasedFormatError, match="not FM9G dragonfly parameters"):
+        read_released(tmp_path / "hf_keys.pt", "2.4b")
+
+
+def test_import_writes_a_checkpoint_the_trainer_loads(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    args = released_args("8b", vocab_size_of(tokenizers["8b"]))
+    source = write_released_hf(tmp_path / "8b", args, SEED, tokenizer=tokenizers["8b"])
+    seen: list[tuple[int, int]] = []
+    output = write_imported(
+        read_released(source, None), tmp_path / "imported", progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+    checkpoints = Checkpointer(tmp_path / "run" / "checkpoints", rank=0, world_size=1, barrier=lambda: None)
+    resolved = checkpoints.resolve(str(output))
+    assert checkpoints.step_of(resolved) == 0 and Checkpointer.is_complete(resolved)
+    loaded = checkpoints.load_model(resolved)
+    expected = random_state(args, SEED)
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert load_model_config(output / "config.json").model_dump() == read_released(source).args.model_dump()
+    assert (output / "tokenizer" / "vocab.txt").read_bytes() == tokenizers["8b"].read_bytes()
+    assert json.loads((output / "import.json").read_text())["layout"] == "hf"
+    with pytest.raises(ReleasedFormatError, match="already exists; .* --force"):
+        write_imported(read_released(source), output)
+    assert not list(tmp_path.glob(".tmp-import-*"))
+
+
+def test_cpm_tokenizer_json_gives_the_same_ids(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    cpm = CPMTokenizer(tokenizers["8b"])
+    cpm.save_hf(tmp_path)
+    (tmp_path / "vocab.txt").write_bytes(tokenizers["8b"].read_bytes())
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    corpus = mixed_corpus(200, seed=3)
+    for text in corpus:
+        ours = cpm.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours, text
+        assert hf(text)["input_ids"] == [cpm.bos_id, *ours]
+        assert hf.decode(ours) == cpm.decode(ours) == text
+    # Greedy longest match, not the fewest tokens: "quick" is one entry, "qu"+"ick" is not taken.
+    assert hf.convert_ids_to_tokens(hf("quick brown", add_special_tokens=False)["input_ids"])[0] == "quick"
+    # Control tokens in text are text (split_special_tokens), as in the cpm encoder.
+    assert cpm.bos_id not in hf("a <s> b", add_special_tokens=False)["input_ids"]
