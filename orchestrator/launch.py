@@ -303,12 +303,12 @@ def supervise(plan: Plan, progress: bool = True) -> int:
     try:
         return _supervise(plan, progress)
     except KeyboardInterrupt:
-        where = shlex.quote(str(plan.run.root))
-        say(
-            f"interrupted; the run's submitted jobs keep running: `fm9g-launch resume {where}` watches them "
-            f"again, `fm9g-launch cancel {where}` stops them"
-        )
-        return 130
+        from fm9g.orchestrator.interrupt import detach_on_interrupt, stop_on_interrupt
+
+        # Local jobs are this machine's processes: Ctrl-C stops them.  Slurm's run on: detach.
+        if plan.config.executor == "local":
+            return stop_on_interrupt(plan, say)
+        return detach_on_interrupt(plan, say)
     except Exception as exc:  # only a full disk is handled here; everything else re-raises
         if not disk_full(exc):
             raise

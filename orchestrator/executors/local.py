@@ -243,3 +243,42 @@ def _alive(pid: int) -> bool:
             return handle.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def run_processes(run_root: Path) -> list[int]:
+    """Every live process of one run on this machine: the wrappers of its jobs (their
+    command line names an exit-code file under the run directory), everything below
+    them, and whatever started with FM9G_RUN_DIR set to the run (a node agent's torchrun
+    and trainers run in a session of their own).  This process is never listed."""
+    root = str(Path(run_root).resolve())
+    inside = (root + os.sep).encode()
+    marker = f"FM9G_RUN_DIR={root}".encode()
+    wrappers, members = [], set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if WRAPPER_NAME.encode() in argv and any(arg.startswith(inside) for arg in argv):
+            wrappers.append(int(entry))
+        elif marker in environ:
+            members.add(int(entry))
+    for wrapper in wrappers:
+        members.add(wrapper)
+        members.update(descendants(wrapper))
+    members.discard(os.getpid())
+    return sorted(pid for pid in members if _alive(pid))
+
+
+def kill_processes(pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to each pid that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            continue
