@@ -1,30 +1,51 @@
-"""Prompt files in, completion records out, and the sampling options: the pure part of
-`infer` (no torch), which the login side imports too (the CLI builds its parser from
-`add_sampling_options`; the stages check a prompt file before they submit).
+"""Prompt files in, completion records out: the pure part of `infer` (no torch), which
+the login side imports too (the stages check a prompt file, and the sampling each line
+asks for, against the engine before they submit).
 
 A prompt file is JSON lines, one object per line with a `prompt` string, or an `input`
-string as in the training data.  Blank lines are skipped; everything else that is not
-such an object is an error naming the file and the line.  For models fine-tuned with
+string as in the training data, and optionally any of vLLM's sampling parameters for
+that prompt alone (`"top_k": 20`, `"stop": ["\\n"]`, or a `"sampling": {...}` object; see
+fm9g.launchers.sampling).  Blank lines are skipped; everything else that is not such an
+object is an error naming the file and the line.  For models fine-tuned with
 the chat format (config `data.sft`), each prompt becomes `<用户>{prompt}<AI>`, the
 generation prompt of FM9G's chat format, unless it already holds the markers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fm9g.launchers.errors import InferenceError
+from fm9g.launchers.sampling import (
+    DEFAULTS,
+    EngineName,
+    Sampling,
+    SamplingError,
+    add_sampling_options,
+    check_engine,
+    merged,
+    parse_overrides,
+    sampling_from,
+)
 
-class InferenceError(RuntimeError):
-    """A convert, infer or serve stage cannot go on; the message names the file (and
-    line) or the job at fault and says what to do next."""
+__all__ = [
+    "DEFAULTS",
+    "InferenceError",
+    "Prompt",
+    "Sampling",
+    "add_sampling_options",
+    "completion_record",
+    "dump_jsonl",
+    "format_prompt",
+    "read_prompts",
+    "sampling_from",
+    "sampling_per_prompt",
+]
 
-
-DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 128, "n": 1, "seed": 0}
 
 USER, ASSISTANT = "<用户>", "<AI>"
 
@@ -47,64 +68,16 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of a prompt file: its 1-based line number and its text."""
+    """One prompt of a prompt file: its 1-based line number, its text, and the sampling
+    parameters the line sets for itself (vLLM names, parsed; see fm9g.launchers.sampling)."""
 
     line: int
     text: str
+    sampling: Mapping[str, Any] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters of an infer run (the names of vLLM's SamplingParams)."""
-
-    temperature: float = DEFAULTS["temperature"]
-    top_p: float = DEFAULTS["top_p"]
-    max_tokens: int = DEFAULTS["max_tokens"]
-    n: int = DEFAULTS["n"]
-    seed: int = DEFAULTS["seed"]
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise InferenceError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise InferenceError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise InferenceError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.n < 1:
-            raise InferenceError(f"--n {self.n}: must be at least 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """--temperature --top-p --max-tokens --n --seed."""
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=DEFAULTS["temperature"],
-        help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})",
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=DEFAULTS["top_p"], help=f"nucleus sampling mass (default {DEFAULTS['top_p']})"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=DEFAULTS["max_tokens"],
-        help=f"new tokens per completion (default {DEFAULTS['max_tokens']})",
-    )
-    parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="completions per prompt (default 1)")
-    parser.add_argument(
-        "--seed", type=int, default=DEFAULTS["seed"], help="sampling seed; prompt i is seeded with seed+i (default 0)"
-    )
-
-
-def sampling_from(args: argparse.Namespace) -> Sampling:
-    """The Sampling of parsed `add_sampling_options` arguments."""
-    return Sampling(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n, seed=args.seed
-    )
+    def sampling_of(self, base: Sampling) -> Sampling:
+        """`base` with this line's own parameters."""
+        return merged(base, self.sampling)
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -141,12 +114,34 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise InferenceError(f"{where}: '{key}' must be a string, got {type(text).__name__}")
         if not text.strip():
             raise InferenceError(f"{where}: '{key}' is empty")
-        prompts.append(Prompt(number, text))
+        try:
+            overrides = parse_overrides(record)
+        except SamplingError as exc:
+            raise InferenceError(f"{where}: {exc}") from None
+        prompts.append(Prompt(number, text, overrides))
     if not prompts:
         raise InferenceError(
             f'{path}: no prompts (the file is empty); write one JSON object per line, e.g. {{"prompt": "中国的首都是"}}'
         )
     return prompts
+
+
+def sampling_per_prompt(path: str | Path, prompts: list[Prompt], base: Sampling, engine: EngineName) -> list[Sampling]:
+    """Each prompt's sampling (`base` with the line's own values), checked against `engine`;
+    InferenceError names FILE:LINE (or the command line) of the first that would fail."""
+    try:
+        check_engine(base, engine)
+    except SamplingError as exc:
+        raise InferenceError(f"sampling options: {exc}") from None
+    out = []
+    for prompt in prompts:
+        try:
+            sampling = prompt.sampling_of(base)
+            check_engine(sampling, engine)
+        except SamplingError as exc:
+            raise InferenceError(f"{path}:{prompt.line}: {exc}") from None
+        out.append(sampling)
+    return out
 
 
 def format_prompt(text: str, chat: bool) -> str:

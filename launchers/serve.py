@@ -1,13 +1,20 @@
 """The body of a serve job (node side), what templates/serve.sbatch.j2 runs:
 
     python -m fm9g.launchers.serve --model HF_DIR --endpoint FILE --api-key-file FILE
-        [--engine auto|vllm|transformers] [--port P]
+        [--served-model-name NAME] [--engine auto|vllm|transformers] [--port P]
+        [--trust-remote-code] [--engine-arg KEY=VALUE ...]
 
 It picks the engine (vLLM on a GPU node that has it, else transformers serve's app, see
 below), binds the port (0: any free one), publishes {host, port, url, job_id, engine,
-model, pid} to the endpoint file atomically, serves until SIGTERM (scancel, or the USR1
-Slurm sends before the walltime), and removes the endpoint if it still names this job.
-Readiness is not announced here: clients poll /health.
+model, model_path, pid} to the endpoint file atomically, serves until SIGTERM (scancel,
+or the USR1 Slurm sends before the walltime), and removes the endpoint if it still names
+this job.  Readiness is not announced here: clients poll /health.
+
+The model id clients send is NAME (the run's name), and the folder's path is accepted
+too: vLLM gets `--served-model-name NAME PATH` (the first name is the one it reports),
+and the transformers app sits behind `ModelAlias`, which does the same.  `--engine-arg`
+passes any vLLM engine argument through (`max-model-len=4096`, `quantization=awq`,
+`enforce-eager`); the transformers engine has no such arguments and refuses them.
 
 The API key is read from its file by this process and handed to vLLM through the
 VLLM_API_KEY environment variable, so it is in neither the script nor the command line.
@@ -28,16 +35,18 @@ import argparse
 import hmac
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fm9g.launchers.infer import check_model_dir, choose_engine, tokenizer_mode
+from fm9g.launchers.infer import VLLM_MISSING, check_model_dir, choose_engine, serving_dtype
 from fm9g.launchers.prompts import InferenceError
 from fm9g.rundir.atomic import read_json, write_json
 
@@ -101,7 +110,129 @@ async def _json(send: Send, status: int, body: dict[str, Any], extra: list[tuple
     await send({"type": "http.response.body", "body": data})
 
 
-def build_app(model_dir: Path, *, device: str = "auto", log_level: str = "info") -> App:
+class ModelAlias:
+    """ASGI middleware: the pinned transformers app answers to `name` as well as to the
+    folder's path (it knows only the path): a request's `model` that is either becomes the
+    path; the path in responses (JSON and streamed chunks, and /v1/models) becomes `name`,
+    listed first, as vLLM lists its first --served-model-name."""
+
+    def __init__(self, app: App, name: str, path: str) -> None:
+        self.app, self.name, self.path = app, name, path
+        self.quoted_path, self.quoted_name = json.dumps(path).encode(), json.dumps(name).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "POST":
+            body = await _read_body(receive)
+            try:
+                request = json.loads(body) if body else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                request = None  # the app answers malformed JSON itself
+            if isinstance(request, dict) and "model" in request:
+                if request["model"] not in (self.name, self.path):
+                    message = f"The model `{request['model']}` does not exist; this server serves `{self.name}`."
+                    await _json(send, 404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+                    return
+                request["model"] = self.path
+                body = json.dumps(request).encode()
+            receive = _replay(body)
+        if scope.get("path") == "/v1/models":
+            await self.app(scope, receive, self._models(send))
+        else:
+            await self.app(scope, receive, self._renamed(send))
+
+    def _renamed(self, send: Send) -> Send:
+        """Replace the path by the name in every body chunk (fixing content-length)."""
+        held: list[Message] = []
+
+        async def renamed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held.append(message)  # sent with the first body chunk, once its length is known
+                return
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"").replace(b'"model":' + self.quoted_path, b'"model":' + self.quoted_name)
+                body = body.replace(b'"model": ' + self.quoted_path, b'"model": ' + self.quoted_name)
+                message = {**message, "body": body}
+                if held:
+                    start = held.pop()
+                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    if not message.get("more_body", False):
+                        headers.append((b"content-length", str(len(body)).encode()))
+                    await send({**start, "headers": headers})
+            await send(message)
+
+        return renamed
+
+    def _models(self, send: Send) -> Send:
+        """/v1/models lists the name first, then the path (both are accepted)."""
+        held: list[Message] = []
+        chunks: list[bytes] = []
+
+        async def models(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held.append(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            try:
+                listing = json.loads(body)
+                entries = [e for e in listing.get("data", []) if e.get("id") == self.path]
+                listing["data"] = [{**e, "id": self.name} for e in entries] + entries
+                body = json.dumps(listing).encode()
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                pass  # an error response passes as it is
+            start = held.pop()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return models
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    """A `receive` that hands the (rewritten) body over once, then waits like uvicorn's."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        import asyncio
+
+        await asyncio.Event().wait()  # no more request body; only a disconnect would come
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def build_app(
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    log_level: str = "info",
+) -> App:
     """`transformers serve MODEL`'s FastAPI app, with the model loaded (pinned), not started."""
     try:
         from transformers.cli.serve import Serve
@@ -115,7 +246,16 @@ def build_app(model_dir: Path, *, device: str = "auto", log_level: str = "info")
         def start_server(self) -> None:  # the app is run by `run_app` below, on our socket
             pass
 
-    command = _AppOnly(str(model_dir), device=device, host="127.0.0.1", port=0, log_level=log_level, non_blocking=True)
+    command = _AppOnly(
+        str(model_dir),
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        host="127.0.0.1",
+        port=0,
+        log_level=log_level,
+        non_blocking=True,
+    )
     return command.server.config.app  # type: ignore[no-any-return]
 
 
@@ -129,11 +269,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_app(model_dir: Path, api_key: str, sock: socket.socket, *, log_level: str = "info") -> None:
+def run_app(
+    model_dir: Path,
+    api_key: str,
+    sock: socket.socket,
+    *,
+    name: str,
+    trust_remote_code: bool = False,
+    log_level: str = "info",
+) -> None:
     """Load the model, then answer on `sock` until SIGTERM/SIGINT (uvicorn's own handlers)."""
+    import torch
     import uvicorn
 
-    app = ApiKeyGate(build_app(model_dir, log_level=log_level), api_key)
+    dtype = serving_dtype(model_dir, gpu=torch.cuda.is_available())
+    app = build_app(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, log_level=log_level)
+    app = ApiKeyGate(ModelAlias(app, name, str(model_dir)), api_key)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -163,15 +314,17 @@ def job_id() -> str:
     return os.environ.get("FM9G_JOB_ID") or os.environ.get("SLURM_JOB_ID") or str(os.getpid())
 
 
-def publish(path: Path, *, host: str, port: int, engine: str, model: Path, job: str) -> dict[str, Any]:
-    """Write the endpoint file atomically (another process reads it)."""
+def publish(path: Path, *, host: str, port: int, engine: str, name: str, model: Path, job: str) -> dict[str, Any]:
+    """Write the endpoint file atomically (another process reads it).  `model` is the id
+    clients send (the run's name); `model_path` the folder, which is accepted too."""
     endpoint = {
         "host": host,
         "port": port,
         "url": f"http://{host}:{port}/v1",
         "job_id": job,
         "engine": engine,
-        "model": str(model),
+        "model": name,
+        "model_path": str(model),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "published_at": time.time(),
@@ -193,40 +346,115 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def serve_transformers(model: Path, key_file: Path, endpoint: Path, host: str, port: int, job: str) -> int:
-    sock = bind(host, port)
-    publish(endpoint, host=host, port=sock.getsockname()[1], engine="transformers", model=model, job=job)
-    # Slurm's USR1 before the walltime (--signal=B:USR1@lead) becomes uvicorn's graceful SIGTERM;
-    # a SIGTERM while the model still loads (before uvicorn's own handlers) still unpublishes.
-    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        run_app(model, read_api_key(key_file), sock)
-    finally:
-        unpublish(endpoint, job)
-    return 0
+@dataclass(frozen=True)
+class Serving:
+    """What one serve job serves, and how."""
+
+    model: Path
+    name: str
+    key_file: Path
+    endpoint: Path
+    host: str
+    port: int
+    job: str
+    trust_remote_code: bool = False
+    engine_args: tuple[tuple[str, str | None], ...] = ()
 
 
-def serve_vllm(model: Path, key_file: Path, endpoint: Path, host: str, port: int, job: str) -> int:
-    port = port or free_port(host)
-    env = {**os.environ, "VLLM_API_KEY": read_api_key(key_file)}
+# vLLM arguments this module sets itself: a user value would fight ours, so the message
+# names the option that sets it instead.
+RESERVED_ENGINE_ARGS = {
+    "model": "the RUN_OR_MODEL argument",
+    "host": "the node's address (published in serve/endpoint.json)",
+    "port": "--port",
+    "api-key": "--api-key or --api-key-file",
+    "served-model-name": "the run name (--name for a model folder)",
+    "trust-remote-code": "--trust-remote-code",
+}
+_ENGINE_ARG_KEY = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def parse_engine_arg(text: str) -> tuple[str, str | None]:
+    """`KEY=VALUE` (or a bare `KEY` for an on/off flag) as vLLM's `--key value`; ValueError
+    names the fault and the fix."""
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-").replace("_", "-").lower()
+    if not _ENGINE_ARG_KEY.fullmatch(key):
+        raise ValueError(f"--engine-arg {text!r}: expected KEY=VALUE, e.g. max-model-len=4096")
+    if key in RESERVED_ENGINE_ARGS:
+        raise ValueError(f"--engine-arg {key}: fm9g-launch sets it; use {RESERVED_ENGINE_ARGS[key]}")
+    return key, (value if sep else None)
+
+
+def vllm_argv(serving: Serving) -> list[str]:
+    """The command line of vLLM's OpenAI server for `serving` (the API key goes by environment)."""
     argv = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(model),
+        str(serving.model),
+        # The first name is the id vLLM reports; the path stays accepted in requests.
+        "--served-model-name",
+        serving.name,
+        str(serving.model),
         "--host",
-        host,
+        serving.host,
         "--port",
-        str(port),
-        "--dtype",
-        "auto",
-        "--tokenizer-mode",
-        tokenizer_mode(model),
+        str(serving.port),
     ]
-    child = subprocess.Popen(argv, env=env)
-    publish(endpoint, host=host, port=port, engine="vllm", model=model, job=job)
+    given = {key for key, _ in serving.engine_args}
+    if "dtype" not in given:  # fp32 exports in bf16, said explicitly (serving_dtype)
+        argv += ["--dtype", serving_dtype(serving.model, gpu=True)]
+    if serving.trust_remote_code:
+        argv.append("--trust-remote-code")
+    for key, value in serving.engine_args:
+        argv += [f"--{key}"] if value is None else [f"--{key}", value]
+    return argv
+
+
+def serve_transformers(serving: Serving) -> int:
+    sock = bind(serving.host, serving.port)
+    port = sock.getsockname()[1]
+    publish(
+        serving.endpoint,
+        host=serving.host,
+        port=port,
+        engine="transformers",
+        name=serving.name,
+        model=serving.model,
+        job=serving.job,
+    )
+    # Slurm's USR1 before the walltime (--signal=B:USR1@lead) becomes uvicorn's graceful SIGTERM;
+    # a SIGTERM while the model still loads (before uvicorn's own handlers) still unpublishes.
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        run_app(
+            serving.model,
+            read_api_key(serving.key_file),
+            sock,
+            name=serving.name,
+            trust_remote_code=serving.trust_remote_code,
+        )
+    finally:
+        unpublish(serving.endpoint, serving.job)
+    return 0
+
+
+def serve_vllm(serving: Serving) -> int:
+    serving = replace(serving, port=serving.port or free_port(serving.host))
+    env = {**os.environ, "VLLM_API_KEY": read_api_key(serving.key_file)}
+    child = subprocess.Popen(vllm_argv(serving), env=env)
+    publish(
+        serving.endpoint,
+        host=serving.host,
+        port=serving.port,
+        engine="vllm",
+        name=serving.name,
+        model=serving.model,
+        job=serving.job,
+    )
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
@@ -236,7 +464,7 @@ def serve_vllm(model: Path, key_file: Path, endpoint: Path, host: str, port: int
     try:
         return child.wait()
     finally:
-        unpublish(endpoint, job)
+        unpublish(serving.endpoint, serving.job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,21 +473,44 @@ def main(argv: list[str] | None = None) -> int:
         description="Run an OpenAI-compatible server for one model and publish its endpoint.",
     )
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
     parser.add_argument("--endpoint", type=Path, required=True, help="endpoint.json to publish")
     parser.add_argument("--api-key-file", type=Path, required=True)
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run a custom architecture's own code")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="a vLLM engine argument")
     args = parser.parse_args(argv)
     try:
-        check_model_dir(args.model)
-        engine = choose_engine(args.engine)
-    except InferenceError as exc:
+        engine_args = tuple(parse_engine_arg(text) for text in args.engine_arg)
+        check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+        engine = choose_engine(args.engine, args.model)
+        serving = Serving(
+            model=args.model,
+            name=args.served_model_name or args.model.name,
+            key_file=args.api_key_file,
+            endpoint=args.endpoint,
+            host=node_address(),
+            port=args.port,
+            job=job_id(),
+            trust_remote_code=args.trust_remote_code,
+            engine_args=engine_args,
+        )
+        if engine_args and engine != "vllm":
+            keys = ", ".join(key for key, _ in engine_args)
+            raise InferenceError(
+                f"--engine-arg {keys}: engine arguments are vLLM's, and this job serves with transformers "
+                f"({VLLM_MISSING} here, or --engine transformers); drop them, or serve on a GPU node with vLLM"
+            )
+    except (InferenceError, ValueError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    host, job = node_address(), job_id()
-    print(f"serve: engine {engine}, model {args.model}, job {job}, host {host}", flush=True)
+    print(
+        f"serve: engine {engine}, model {serving.name!r} ({args.model}), job {serving.job}, host {serving.host}",
+        flush=True,
+    )
     runner = serve_vllm if engine == "vllm" else serve_transformers
-    return runner(args.model, args.api_key_file, args.endpoint, host, args.port, job)
+    return runner(serving)
 
 
 if __name__ == "__main__":

@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 INFER_EPILOG = """\
-prompt file: one JSON object per line with "prompt" (or "input", as in training data):
+prompt file: one JSON object per line with "prompt" (or "input", as in training data), and
+any of vLLM's sampling parameters for that prompt alone:
   {"prompt": "中国的首都是"}
+  {"prompt": "Write a list:", "top_k": 20, "repetition_penalty": 1.1, "stop": ["\\n\\n"]}
+Every prompt's sampling is checked against the engine before the job is queued (vLLM's
+ranges; temperature above 2 and n > 1 with temperature 0 are refused where vLLM may run).
 Runs fine-tuned with the chat format (data.sft) get <用户>{prompt}<AI>.  Output: one line per
 prompt, same order: {"line", "prompt", "input", "text", "outputs": [{"text", "finish_reason",
 "tokens"}], "sampling", "model", "engine"}.  Engine: vLLM's LLM.generate on a GPU node with
@@ -164,13 +168,18 @@ examples:
 
 SERVE_EPILOG = """\
 The server is OpenAI-compatible (/v1/completions, /v1/chat/completions, /v1/models,
-/health): `vllm serve` on a GPU node with vllm, else transformers serve's app behind an
-API-key gate.  The key is generated into runs/NAME/serve/api_key (mode 0600); the job
-publishes runs/NAME/serve/endpoint.json {host, port, url, job_id, engine, model}; the
+/health): vLLM's server on a GPU node with vllm, else transformers serve's app behind an
+API-key gate.  The model id is the run's name (tiny-sft below; the folder's path works
+too).  The API key is yours (--api-key / --api-key-file) or generated; either way it is
+kept in runs/NAME/serve/api_key (mode 0600) and never put in a script.  The job publishes
+runs/NAME/serve/endpoint.json {host, port, url, job_id, engine, model, model_path}; the
 command returns once GET /health answers.  examples/client.py talks to it.
 
 examples:
   fm9g-launch serve runs/tiny-sft --executor slurm
+  fm9g-launch serve runs/tiny-sft --port 8000 --api-key-file ~/.fm9g-key \\
+      --engine-arg max-model-len=4096 --engine-arg gpu-memory-utilization=0.85
+  fm9g-launch serve released/FM9G-2B-AWQ --name fm9g-2b --engine-arg quantization=awq
   fm9g-launch serve runs/tiny-sft --stop
 """
 
@@ -193,7 +202,16 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default): vLLM on a GPU node that has it, else transformers",
     )
-    parser.add_argument("--name", help="run directory name for a model folder (default: the folder's name)")
+    parser.add_argument(
+        "--name",
+        help="run directory name for a model folder (default: the folder's name); also the served model id",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load a custom architecture (config.json auto_map) with the folder's own Python code; "
+        "the alternative is `fm9g-launch convert` to a native architecture",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -201,6 +219,17 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)",
+    )
+
+
+def _add_released_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="released model: 2.4b, 8b or a model config JSON; checked against what the source states "
+        "(needed for a .pt without config.json)",
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="released model: tokenizer.model / vocab.txt when none lies beside the weights"
     )
 
 
@@ -214,10 +243,40 @@ def _add_inference_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         "folder (safetensors, config, tokenizer, FM9G chat template), as a job. "
         "Skipped when that step was already converted.",
     )
-    convert.add_argument("run", type=Path, help="the run directory (runs/NAME)")
+    convert.add_argument(
+        "run", type=Path, metavar="RUN_OR_RELEASED", help="the run directory (runs/NAME), or a released model"
+    )
     convert.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
     convert.add_argument("--output", type=Path, help="output folder (default: runs/NAME/hf/STEP)")
     convert.add_argument("--executor", choices=["local", "slurm"], help="default: the run's executor")
+    _add_released_options(convert)
+    convert.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    convert.epilog = (
+        "A released model (a BMTrain .pt, its folder, or an HF folder with .bin or safetensors) is\n"
+        "converted here, not as a job: the 2B to GraniteForCausalLM, the 8B to LlamaForCausalLM,\n"
+        "with a tokenizer.json (the 8B's cpm vocabulary included); stock transformers and vLLM\n"
+        "load the folder without remote code.\n\n"
+        "  fm9g-launch convert 2b_sft_model/ --output models/fm9g-2b-hf\n"
+        "  fm9g-launch convert sft_8b_v2/ --model 8b --output models/fm9g-8b-hf"
+    )
+    convert.formatter_class = argparse.RawDescriptionHelpFormatter
+
+    imp = sub.add_parser(
+        "import",
+        help="turn a released FM9G model into a checkpoint that pretrain and sft start from",
+        description="Read a released FM9G model (BMTrain .pt with the dragonfly keys, or a Hugging Face "
+        "folder: the MiniCPM-shaped 2B or the Llama-shaped 8B, pytorch_model*.bin or safetensors) and write "
+        "a checkpoint folder with its config.json and tokenizer; prints the --set options that start a run "
+        "from it.  The model shape comes from the source and is checked against --model.",
+        epilog="examples:\n  fm9g-launch import 2b_sft_model/ --output models/fm9g-2b --model 2.4b\n"
+        "  fm9g-launch import sft_8b_v2/fm9g_8b.pt --output models/fm9g-8b --model 8b",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp.add_argument("source", type=Path, metavar="SRC", help="a released .pt file (or its folder), or an HF folder")
+    imp.add_argument("--output", "-o", type=Path, required=True, help="checkpoint folder to create")
+    _add_released_options(imp)
+    imp.add_argument("--force", action="store_true", help="replace --output if it exists (once the new one is done)")
+    imp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     infer = sub.add_parser(
         "infer",
@@ -246,7 +305,24 @@ def _add_inference_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_target_options(serve)
-    serve.add_argument("--port", type=int, default=0, help="server port (default 0: any free port, published)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="server port, e.g. 8000 as in the FM9G guide (default 0: any free port, published)",
+    )
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="the API key clients must send (default: one generated per run)")
+    key.add_argument("--api-key-file", type=Path, help="a file holding the API key (kept out of your shell history)")
+    serve.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine argument, repeatable: max-model-len=4096, gpu-memory-utilization=0.85, "
+        "quantization=awq|gptq|gguf, tensor-parallel-size=2, enforce-eager (a bare KEY is an on flag)",
+    )
     serve.add_argument("--stop", action="store_true", help="cancel the run's server job and remove its endpoint")
     serve.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted")
     serve.add_argument(

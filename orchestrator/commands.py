@@ -28,6 +28,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "tui": run_tui,
         "plot": run_plot,
         "convert": run_convert,
+        "import": run_import,
         "infer": run_infer,
         "serve": run_serve,
     }
@@ -257,11 +258,44 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_import(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.importer import ImportError_, import_released
+
+    try:
+        with byte_progress_bar(f"import {args.source.name}", args.progress) as bar:
+            imported = import_released(
+                args.source, args.output, model=args.model, tokenizer=args.tokenizer, force=args.force, progress=bar
+            )
+    except ImportError_ as exc:
+        print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(imported.describe())
+    return 0
+
+
+def _convert_released(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.importer import ImportError_, convert_released_source
+
+    try:
+        with byte_progress_bar(f"convert {args.run.name}", args.progress) as bar:
+            folder = convert_released_source(
+                args.run, args.output, model=args.model, tokenizer=args.tokenizer, progress=bar
+            )
+    except ImportError_ as exc:
+        print(f"fm9g-launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
 def run_convert(args: argparse.Namespace) -> int:
+    from fm9g.orchestrator.importer import is_released_source
     from fm9g.orchestrator.inference.jobs import open_context
     from fm9g.orchestrator.inference.stages import convert_stage, resolve_target
     from fm9g.orchestrator.launch import say
 
+    if is_released_source(args.run):
+        return _convert_released(args)
     target = resolve_target(_run_dir(args.run).root)
     ctx = open_context(target.run, target.config, args.executor or target.config.executor, say)
     try:
@@ -281,11 +315,12 @@ def _target_context(args: argparse.Namespace) -> tuple[Target, StageContext]:  #
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from fm9g.launchers.prompts import read_prompts, sampling_from
+    from fm9g.launchers.prompts import read_prompts, sampling_from, sampling_per_prompt
     from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 
     sampling = sampling_from(args)
-    read_prompts(args.prompts)  # a bad prompt file fails before any conversion
+    # A bad prompt file, or sampling the engine would refuse, fails before any conversion.
+    sampling_per_prompt(args.prompts, read_prompts(args.prompts), sampling, args.engine)
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
@@ -300,6 +335,7 @@ def run_infer(args: argparse.Namespace) -> int:
                 chat=chat,
                 engine=args.engine,
                 force=args.force,
+                trust_remote_code=args.trust_remote_code,
             )
         )
     finally:
@@ -309,7 +345,13 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.inference.jobs import open_context
-    from fm9g.orchestrator.inference.serve_stage import EXECUTOR_META, serve_stage, stop_serve
+    from fm9g.orchestrator.inference.serve_stage import (
+        EXECUTOR_META,
+        api_key_of,
+        check_engine_args,
+        serve_stage,
+        stop_serve,
+    )
     from fm9g.orchestrator.inference.stages import convert_stage
     from fm9g.orchestrator.launch import say
     from fm9g.orchestrator.state import StateStore
@@ -331,11 +373,21 @@ def run_serve(args: argparse.Namespace) -> int:
             ctx.store.close()
         print(f"stopped serving {run.name}: cancelled {len(ids)} job(s): {' '.join(ids) or '-'}")
         return 0
+    api_key = api_key_of(api_key=args.api_key, api_key_file=args.api_key_file)
+    check_engine_args(args.engine, args.engine_args)  # before any conversion
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
         endpoint = serve_stage(
-            ctx, model=model, port=args.port, engine=args.engine, wait=args.wait, timeout=args.wait_timeout
+            ctx,
+            model=model,
+            port=args.port,
+            engine=args.engine,
+            wait=args.wait,
+            timeout=args.wait_timeout,
+            api_key=api_key,
+            trust_remote_code=args.trust_remote_code,
+            engine_args=args.engine_args,
         )
     finally:
         ctx.store.close()

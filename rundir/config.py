@@ -354,6 +354,15 @@ class PipelineConfig(Section):
         le=65535,
         description="Port of the serve stage's server; 0 = any free port (published in serve/endpoint.json).",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let infer and serve run a custom architecture's own code (config.json auto_map); "
+        "the alternative is `fm9g-launch convert` to a native architecture.",
+    )
+    serve_engine_args: list[str] = Field(
+        default_factory=list,
+        description="vLLM engine arguments of the serve stage as KEY=VALUE, e.g. max-model-len=4096.",
+    )
 
     @model_validator(mode="after")
     def _prompts_for_infer(self) -> PipelineConfig:

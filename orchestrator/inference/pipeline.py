@@ -56,10 +56,18 @@ def run_post_train_stages(run: RunDir, config: RunConfig, store: StateStore, exe
                 sampling=eval_sampling(config),
                 chat=config.data.sft,
                 engine=pipeline.engine,
+                trust_remote_code=pipeline.trust_remote_code,
             )
             done.append("infer")
         if "serve" in wanted:
-            serve_stage(ctx, model=model, port=pipeline.serve_port, engine=pipeline.engine)
+            serve_stage(
+                ctx,
+                model=model,
+                port=pipeline.serve_port,
+                engine=pipeline.engine,
+                trust_remote_code=pipeline.trust_remote_code,
+                engine_args=pipeline.serve_engine_args,
+            )
             done.append("serve")
     except InferenceError as exc:
         left = [stage for stage in ORDER if stage in wanted | {"convert"} and stage not in done]

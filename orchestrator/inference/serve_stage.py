@@ -1,9 +1,11 @@
 """The `serve` stage: an OpenAI-compatible server as a job, its API key, its readiness,
 and `--stop`.
 
-The key is generated once per run (secrets.token_urlsafe) into serve/api_key with mode
-0600; the job reads it from there, so it never appears in a script, a command line or a
-log.  The job publishes serve/endpoint.json itself; the server is ready when GET
+The key is the user's (`--api-key`, or `--api-key-file`, as the guide's users pass
+vLLM theirs) or, by default, generated once per run (secrets.token_urlsafe); either way
+it is kept in serve/api_key with mode 0600 and the job reads it from there, so it never
+appears in a script, a job's command line or a log.  The served model id is the run's
+name (the folder's path is accepted too).  The job publishes serve/endpoint.json itself; the server is ready when GET
 /health answers 200, and we keep asking only while the job is alive (PENDING or
 RUNNING): a job that ends first is reported with its log, there is no fixed deadline.
 """
@@ -17,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fm9g.launchers.infer import EngineChoice, check_model_dir
+from fm9g.launchers.infer import EngineChoice, check_engine_for_model, check_model_dir
 from fm9g.launchers.prompts import InferenceError
 from fm9g.orchestrator.inference.jobs import StageContext, refresh, seen, submit
 from fm9g.orchestrator.jobs import UnknownTooLong, UnseenClock, log_excerpt
@@ -40,6 +42,53 @@ def ensure_api_key(path: Path) -> str:
     elif path.stat().st_mode & 0o077:
         path.chmod(0o600)  # a key file someone copied in readable by others
     return key
+
+
+def api_key_of(*, api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key the user gave (`--api-key` or `--api-key-file`), or None for the run's own."""
+    if api_key is not None:
+        key = api_key.strip()
+        if not key:
+            raise InferenceError("--api-key is empty: an empty key would let every request in")
+        return key
+    if api_key_file is None:
+        return None
+    try:
+        key = api_key_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InferenceError(f"--api-key-file {api_key_file}: cannot read it ({exc.strerror})") from None
+    if not key:
+        raise InferenceError(f"--api-key-file {api_key_file}: the file is empty; write the key in it")
+    return key
+
+
+def set_api_key(path: Path, key: str | None) -> str:
+    """Keep `key` (the user's) in the run's key file, mode 0600; None: the run's own key."""
+    if key is None:
+        return ensure_api_key(path)
+    try:
+        current = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        current = ""
+    if current != key:
+        write_text(path, key + "\n", mode=0o600)
+    return ensure_api_key(path)
+
+
+def check_engine_args(engine: EngineChoice, engine_args: list[str]) -> None:
+    """Engine arguments are vLLM's: well formed, not ones fm9g sets, and not for transformers."""
+    from fm9g.launchers.serve import parse_engine_arg
+
+    for text in engine_args:
+        try:
+            parse_engine_arg(text)
+        except ValueError as exc:
+            raise InferenceError(str(exc)) from None
+    if engine_args and engine == "transformers":
+        raise InferenceError(
+            "--engine-arg passes vLLM engine arguments, and --engine transformers has none; "
+            "drop them, or use --engine auto|vllm on a GPU node with vLLM"
+        )
 
 
 def healthy(endpoint: dict[str, Any], timeout: float = 2.0) -> bool:
@@ -110,27 +159,44 @@ def serve_stage(
     engine: EngineChoice = "auto",
     wait: bool = True,
     timeout: float | None = None,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
+    engine_args: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Start (or find) the run's server; with `wait`, return its endpoint once /health answers."""
+    """Start (or find) the run's server; with `wait`, return its endpoint once /health answers.
+
+    `api_key`: the user's key (None: the run's own, generated once).  `engine_args`:
+    vLLM engine arguments as KEY=VALUE.  Everything is checked before a job is queued."""
     run, store = ctx.run, ctx.store
     model = model.resolve()
-    check_model_dir(model)
+    engine_args = list(engine_args or [])
+    check_model_dir(model, trust_remote_code=trust_remote_code)
+    check_engine_for_model(engine, model)
+    check_engine_args(engine, engine_args)
     store.upsert_stage(STAGE, "serve")
     endpoint_path = run.serve_endpoint
     live = _current_job(ctx)
     if live is not None:
+        if api_key is not None and api_key != ensure_api_key(run.api_key_file):
+            raise InferenceError(
+                f"job {live.job_id} already serves this run with another API key; stop it first "
+                f"(fm9g-launch serve {run.root} --stop), then serve again with the new key"
+            )
         ctx.say(f"serve: job {live.job_id} already serves this run (stop it first with --stop to change it)")
         row = live
     else:
         endpoint_path.unlink(missing_ok=True)  # a stale endpoint of a job that has ended
-        ensure_api_key(run.api_key_file)
+        set_api_key(run.api_key_file, api_key)
         store.set_stage(STAGE, "RUNNING", detail=f"starting: {model}")
         values = {
             "model": str(model),
+            "served_name": run.name,
             "endpoint": str(endpoint_path),
             "api_key_file": str(run.api_key_file),
             "engine": engine,
             "port": port,
+            "trust_remote_code": trust_remote_code,
+            "engine_args": engine_args,
         }
         row = submit(ctx, stage=STAGE, template="serve.sbatch.j2", values=values, why=f"serving {model}")
         store.set_meta(EXECUTOR_META, ctx.executor.name)  # --stop must cancel through the same executor

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fm9g.launchers.infer import EngineChoice, check_model_dir
-from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts
+from fm9g.launchers.infer import EngineChoice, check_engine_for_model, check_model_dir
+from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts, sampling_per_prompt
 from fm9g.orchestrator.inference.jobs import StageContext, submit, wait
 from fm9g.orchestrator.jobs import log_excerpt
 from fm9g.orchestrator.state import JobState
@@ -139,7 +139,7 @@ def convert_stage(
 # ------------------------------------------------------------------ infer
 
 
-def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, engine: str) -> str:
+def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, engine: str, remote: bool) -> str:
     """What makes two infer runs the same: model files, prompt bytes, sampling, format, engine."""
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model.iterdir()) if p.is_file()]
     facts = {
@@ -149,6 +149,7 @@ def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, eng
         "sampling": sampling.to_dict(),
         "chat": chat,
         "engine": engine,
+        "trust_remote_code": remote,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
@@ -164,19 +165,26 @@ def infer_stage(
     engine: EngineChoice = "auto",
     force: bool = False,
     stage: str = "infer",
+    trust_remote_code: bool = False,
 ) -> Path:
     """Generate completions for a prompt file as a job; skipped when the same model,
-    prompts and sampling already produced `output`.  Returns the output path."""
+    prompts and sampling already produced `output`.  Returns the output path.
+
+    The model folder, the prompt file and every prompt's sampling (checked against
+    `engine`) are validated before the job is queued."""
     store = ctx.store
     model, prompts, output = model.resolve(), prompts.resolve(), output.resolve()
     store.upsert_stage(stage, "infer")
     try:
-        check_model_dir(model)
-        count = len(read_prompts(prompts))  # a bad prompt file fails here, naming FILE:LINE, before any job
+        check_model_dir(model, trust_remote_code=trust_remote_code)
+        check_engine_for_model(engine, model)
+        lines = read_prompts(prompts)  # a bad prompt file fails here, naming FILE:LINE, before any job
+        sampling_per_prompt(prompts, lines, sampling, engine)  # and sampling the engine would refuse
+        count = len(lines)
     except InferenceError as exc:
         store.set_stage(stage, "FAILED", detail=str(exc).splitlines()[0])
         raise
-    fingerprint = _fingerprint(model, prompts, sampling, chat, engine)
+    fingerprint = _fingerprint(model, prompts, sampling, chat, engine, trust_remote_code)
     done = store.meta(f"{stage}:outputs", {})
     if not force and output.is_file() and done.get(str(output)) == fingerprint:
         store.set_stage(stage, "SKIPPED", detail=f"{output} is up to date")
@@ -189,7 +197,8 @@ def infer_stage(
         "output": str(output),
         "chat": chat,
         "engine": engine,
-        "sampling": sampling,
+        "sampling_json": sampling.to_json(),
+        "trust_remote_code": trust_remote_code,
     }
     row = submit(ctx, stage=stage, template="infer.sbatch.j2", values=values, why=f"{count} prompts from {prompts}")
     ended = wait(ctx, row)
