@@ -23,7 +23,7 @@ from .conftest import corpus_lines, write_jsonl
 LOGGING_TRANSFORM = """
 import os, threading, time
 def transform(data, num_sample, r):
-    time.sleep(0.005)
+    time.sleep(0.02)
     with open({log!r}, "a") as handle:
         handle.write(f"{{os.getpid()}} {{threading.current_thread().name}}\\n")
     return data
