@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fm9g.launchers.infer import choose_engine, tokenizer_mode
+from fm9g.launchers.infer import choose_engine
+from fm9g.launchers.serve import Serving, vllm_argv
 from fm9g.orchestrator.inference.jobs import open_context
 from fm9g.orchestrator.inference.serve_stage import ensure_api_key, healthy, serve_stage, stop_serve
 from fm9g.orchestrator.inference.stages import resolve_target
@@ -55,21 +56,11 @@ def bare_start(model: Path, key_file: Path, engine: str, poll: float) -> float:
     env = dict(os.environ)
     if engine == "vllm":
         env["VLLM_API_KEY"] = key_file.read_text().strip()
-        argv = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--dtype",
-            "auto",
-            "--tokenizer-mode",
-            tokenizer_mode(model),
-        ]
+        # The serve job's own vLLM command line (served name, explicit dtype, no tokenizer mode).
+        serving = Serving(
+            model=model, name=model.name, key_file=key_file, endpoint=key_file, host=host, port=port, job="bare"
+        )
+        argv = vllm_argv(serving)
     else:
         # The serve job's own body run directly: no render, no submit, no job start.
         env["FM9G_HOST"] = host
@@ -127,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between /health polls (both sides)")
     args = parser.parse_args(argv)
-    engine = choose_engine("auto")
     # A shared directory: under Slurm the job on a compute node reads the model and writes the endpoint.
     with tempfile.TemporaryDirectory(prefix="serve-ready-", dir=os.environ.get("FM9G_BENCH_DIR", "/tmp")) as tmp:
         root = Path(tmp)
         model = args.model.resolve() if args.model else make_model(root)
+        engine = choose_engine("auto", model)
         runs = root / "runs"
         key_file = resolve_target(model, name="serve-ready-bench", run_root=runs).run.api_key_file
         ensure_api_key(key_file)
