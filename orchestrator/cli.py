@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 INFER_EPILOG = """\
-prompt file: one JSON object per line with "prompt" (or "input", as in training data):
+prompt file: one JSON object per line with "prompt" (or "input", as in training data), and
+any of vLLM's sampling parameters for that prompt alone:
   {"prompt": "中国的首都是"}
+  {"prompt": "Write a list:", "top_k": 20, "repetition_penalty": 1.1, "stop": ["\\n\\n"]}
+Every prompt's sampling is checked against the engine before the job is queued (vLLM's
+ranges; temperature above 2 and n > 1 with temperature 0 are refused where vLLM may run).
 Runs fine-tuned with the chat format (data.sft) get <用户>{prompt}<AI>.  Output: one line per
 prompt, same order: {"line", "prompt", "input", "text", "outputs": [{"text", "finish_reason",
 "tokens"}], "sampling", "model", "engine"}.  Engine: vLLM's LLM.generate on a GPU node with
@@ -164,13 +168,18 @@ examples:
 
 SERVE_EPILOG = """\
 The server is OpenAI-compatible (/v1/completions, /v1/chat/completions, /v1/models,
-/health): `vllm serve` on a GPU node with vllm, else transformers serve's app behind an
-API-key gate.  The key is generated into runs/NAME/serve/api_key (mode 0600); the job
-publishes runs/NAME/serve/endpoint.json {host, port, url, job_id, engine, model}; the
+/health): vLLM's server on a GPU node with vllm, else transformers serve's app behind an
+API-key gate.  The model id is the run's name (tiny-sft below; the folder's path works
+too).  The API key is yours (--api-key / --api-key-file) or generated; either way it is
+kept in runs/NAME/serve/api_key (mode 0600) and never put in a script.  The job publishes
+runs/NAME/serve/endpoint.json {host, port, url, job_id, engine, model, model_path}; the
 command returns once GET /health answers.  examples/client.py talks to it.
 
 examples:
   fm9g-launch serve runs/tiny-sft --executor slurm
+  fm9g-launch serve runs/tiny-sft --port 8000 --api-key-file ~/.fm9g-key \\
+      --engine-arg max-model-len=4096 --engine-arg gpu-memory-utilization=0.85
+  fm9g-launch serve released/FM9G-2B-AWQ --name fm9g-2b --engine-arg quantization=awq
   fm9g-launch serve runs/tiny-sft --stop
 """
 
@@ -193,7 +202,16 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default): vLLM on a GPU node that has it, else transformers",
     )
-    parser.add_argument("--name", help="run directory name for a model folder (default: the folder's name)")
+    parser.add_argument(
+        "--name",
+        help="run directory name for a model folder (default: the folder's name); also the served model id",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load a custom architecture (config.json auto_map) with the folder's own Python code; "
+        "the alternative is `fm9g-launch convert` to a native architecture",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -287,7 +305,24 @@ def _add_inference_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_target_options(serve)
-    serve.add_argument("--port", type=int, default=0, help="server port (default 0: any free port, published)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="server port, e.g. 8000 as in the FM9G guide (default 0: any free port, published)",
+    )
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="the API key clients must send (default: one generated per run)")
+    key.add_argument("--api-key-file", type=Path, help="a file holding the API key (kept out of your shell history)")
+    serve.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine argument, repeatable: max-model-len=4096, gpu-memory-utilization=0.85, "
+        "quantization=awq|gptq|gguf, tensor-parallel-size=2, enforce-eager (a bare KEY is an on flag)",
+    )
     serve.add_argument("--stop", action="store_true", help="cancel the run's server job and remove its endpoint")
     serve.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted")
     serve.add_argument(

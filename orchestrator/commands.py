@@ -315,11 +315,12 @@ def _target_context(args: argparse.Namespace) -> tuple[Target, StageContext]:  #
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from fm9g.launchers.prompts import read_prompts, sampling_from
+    from fm9g.launchers.prompts import read_prompts, sampling_from, sampling_per_prompt
     from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 
     sampling = sampling_from(args)
-    read_prompts(args.prompts)  # a bad prompt file fails before any conversion
+    # A bad prompt file, or sampling the engine would refuse, fails before any conversion.
+    sampling_per_prompt(args.prompts, read_prompts(args.prompts), sampling, args.engine)
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
@@ -334,6 +335,7 @@ def run_infer(args: argparse.Namespace) -> int:
                 chat=chat,
                 engine=args.engine,
                 force=args.force,
+                trust_remote_code=args.trust_remote_code,
             )
         )
     finally:
@@ -343,7 +345,13 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.inference.jobs import open_context
-    from fm9g.orchestrator.inference.serve_stage import EXECUTOR_META, serve_stage, stop_serve
+    from fm9g.orchestrator.inference.serve_stage import (
+        EXECUTOR_META,
+        api_key_of,
+        check_engine_args,
+        serve_stage,
+        stop_serve,
+    )
     from fm9g.orchestrator.inference.stages import convert_stage
     from fm9g.orchestrator.launch import say
     from fm9g.orchestrator.state import StateStore
@@ -365,11 +373,21 @@ def run_serve(args: argparse.Namespace) -> int:
             ctx.store.close()
         print(f"stopped serving {run.name}: cancelled {len(ids)} job(s): {' '.join(ids) or '-'}")
         return 0
+    api_key = api_key_of(api_key=args.api_key, api_key_file=args.api_key_file)
+    check_engine_args(args.engine, args.engine_args)  # before any conversion
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
         endpoint = serve_stage(
-            ctx, model=model, port=args.port, engine=args.engine, wait=args.wait, timeout=args.wait_timeout
+            ctx,
+            model=model,
+            port=args.port,
+            engine=args.engine,
+            wait=args.wait,
+            timeout=args.wait_timeout,
+            api_key=api_key,
+            trust_remote_code=args.trust_remote_code,
+            engine_args=args.engine_args,
         )
     finally:
         ctx.store.close()
