@@ -169,3 +169,44 @@ def test_cpm_tokenizer_json_gives_the_same_ids(tokenizers: dict[str, Path], tmp_
     assert hf.convert_ids_to_tokens(hf("quick brown", add_special_tokens=False)["input_ids"])[0] == "quick"
     # Control tokens in text are text (split_special_tokens), as in the cpm encoder.
     assert cpm.bos_id not in hf("a <s> b", add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ the CLI (in-process)
+
+
+def _cli(*argv: str) -> int:
+    from fm9g.orchestrator.cli import main
+
+    return main(list(argv))
+
+
+def test_import_and_convert_commands(
+    tokenizers: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = released_args("2b", vocab_size_of(tokenizers["2b"]))
+    bare = write_released_hf(tmp_path / "no-tokenizer", args, SEED)
+    assert _cli("import", str(tmp_path / "missing"), "--output", str(tmp_path / "x"), "--no-progress") == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    assert _cli("import", str(bare), "--output", str(tmp_path / "x"), "--no-progress") == 2
+    assert "pass --tokenizer PATH" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "imported"
+    argv = ["import", str(bare), "--output", str(out), "--tokenizer", str(tokenizers["2b"]), "--no-progress"]
+    assert _cli(*argv) == 0
+    printed = capsys.readouterr().out
+    assert f"--set train.resume_ckpt={out.resolve()}" in printed and "--set train.only_load_model=true" in printed
+    assert _cli(*argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert _cli(*argv, "--force") == 0
+    assert (out / "tokenizer" / "tokenizer.model").is_file()
+    assert not list(tmp_path.glob(".*import*"))
+
+    assert _cli("convert", str(bare), "--no-progress") == 2
+    assert "needs --output DIR" in capsys.readouterr().err
+    hf = tmp_path / "hf"
+    assert _cli("convert", str(bare), "--output", str(hf), "--tokenizer", str(tokenizers["2b"]), "--no-progress") == 0
+    assert capsys.readouterr().out.strip() == str(hf.resolve())
+    assert {"config.json", "model.safetensors", "tokenizer.model", "chat_template.jinja"} <= {
+        p.name for p in hf.iterdir()
+    }
