@@ -58,6 +58,7 @@ def resolve_target(
                 raw = config_mod.apply_overrides(config.model_dump(mode="json"), overrides)
                 config = config_mod.validate(raw, "--set")
             return Target(run, config, None)
+    _refuse_bmtrain_checkpoint(path)
     if (path / "config.json").is_file():
         model = path.resolve()
         run_name = name or _model_run_name(model)
@@ -75,6 +76,17 @@ def resolve_target(
         f"{path}: neither a run directory (no config.yaml; runs live under ./runs/<name>) "
         "nor a Hugging Face model folder (no config.json)"
     )
+
+
+def _refuse_bmtrain_checkpoint(path: Path) -> None:
+    """A released BMTrain `.pt` (or its folder, whose config.json is cpm_dragonfly's) is no HF folder."""
+    hf_weights = path.is_dir() and (list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin")))
+    pt = (path.is_file() and path.suffix == ".pt") or (path.is_dir() and not hf_weights and list(path.glob("*.pt")))
+    if pt:
+        raise InferenceError(
+            f"{path} is a BMTrain checkpoint (.pt), not a Hugging Face folder: convert it first with "
+            f"`fm9g-launch convert {path} --output DIR` and pass DIR"
+        )
 
 
 # ------------------------------------------------------------------ convert

@@ -210,3 +210,15 @@ def test_import_and_convert_commands(
     assert {"config.json", "model.safetensors", "tokenizer.model", "chat_template.jinja"} <= {
         p.name for p in hf.iterdir()
     }
+
+
+def test_infer_and_serve_name_convert_for_a_released_pt(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    from fm9g.launchers.prompts import InferenceError
+    from fm9g.orchestrator.inference.stages import resolve_target
+
+    args = released_args("8b", vocab_size_of(tokenizers["8b"]))
+    pt = write_released_pt(tmp_path / "sft_8b_v2", args, SEED, tokenizer=tokenizers["8b"])
+    for target in (pt, pt.parent):  # the folder has a config.json, but a cpm_dragonfly one
+        with pytest.raises(InferenceError, match=r"BMTrain checkpoint \(\.pt\).*fm9g-launch convert"):
+            resolve_target(target, run_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
