@@ -10,7 +10,6 @@ the trainer picks the kernel with `select_attention` and installs it with
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -95,6 +94,7 @@ class SdpaAttention:
 class _FlashContext:
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    deterministic: bool
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         from flash_attn import flash_attn_varlen_func  # lazy: GPU-only extra
@@ -111,12 +111,17 @@ class _FlashContext:
             self.max_seqlen,
             dropout_p=dropout_p,
             causal=True,
+            # False (flash-attn's default) accumulates dQ with atomics: fast, not bit-repeatable.
+            deterministic=self.deterministic,
         )
         return out.reshape(batch, length, heads * dim)  # [B, L, H*D]
 
 
 class FlashAttention:
     """flash-attn `flash_attn_varlen_func` over cu_seqlens (CUDA, fp16/bf16 only)."""
+
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
 
     def prepare(
         self,
@@ -128,39 +133,78 @@ class FlashAttention:
         if cu_seqlens is None or max_seqlen is None:
             if segment_ids is None:
                 batch, length = shape
-                cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+                # Built on the GPU: flash-attn refuses CPU cu_seqlens, and nothing else here says where q lives.
+                cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
                 max_seqlen = length
             else:
                 cu_seqlens, max_seqlen = cu_seqlens_from_segments(segment_ids)
         device = segment_ids.device if segment_ids is not None else cu_seqlens.device
-        return _FlashContext(cu_seqlens.to(device=device, dtype=torch.int32), int(max_seqlen))
+        return _FlashContext(
+            cu_seqlens.to(device=device, dtype=torch.int32), int(max_seqlen), deterministic=self.deterministic
+        )
+
+
+def probe_flash() -> str | None:
+    """None when flash-attn works here, else why not (shown when `auto` falls back to SDPA).
+
+    `find_spec` is not enough: the most common broken install is a wheel built for another
+    torch/CUDA/C++ ABI, whose `flash_attn_2_cuda` extension fails to load (undefined symbol)
+    only when imported, and a kernel can still fail to launch on a GPU it was not built for.
+    So the probe imports the function and runs it once on a tiny bf16 batch.
+    """
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as exc:  # noqa: BLE001 -- any import failure means: fall back to SDPA
+        return f"flash-attn does not import ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        q = torch.zeros(4, 1, 64, device="cuda", dtype=torch.bfloat16)  # [tokens, heads, dim]
+        cu = torch.tensor([0, 4], device="cuda", dtype=torch.int32)
+        out = flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, causal=True)
+        torch.cuda.synchronize()
+        if out.shape != q.shape:
+            return f"flash-attn returned shape {tuple(out.shape)} for {tuple(q.shape)}"
+    except Exception as exc:  # noqa: BLE001 -- a kernel that cannot run here: fall back to SDPA
+        return f"flash-attn imports but its kernel fails on this GPU ({type(exc).__name__}: {exc})"
+    return None
 
 
 def flash_available() -> bool:
-    """True when flash-attn is importable and a CUDA device exists."""
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    """True when flash-attn imports and runs on a CUDA device here."""
+    return probe_flash() is None
 
 
-def select_attention(flash: FlashMode, device: torch.device, half: bool = True) -> AttentionKernel:
+def select_attention(
+    flash: FlashMode,
+    device: torch.device,
+    half: bool = True,
+    deterministic: bool = False,
+    notes: list[str] | None = None,
+) -> AttentionKernel:
     """The kernel for train.flash: 'cuda' demands flash-attn, 'auto' uses it when it can.
 
     `half`: the model computes in bf16; flash-attn has no fp32 kernels, so fp32 uses SDPA.
+    `notes` receives the reason when 'auto' falls back to SDPA on a GPU.
     """
-    usable = device.type == "cuda" and flash_available()
+    why_not = probe_flash() if device.type == "cuda" and flash != "none" else "not a CUDA device"
     if flash == "cuda":
-        if not usable:
+        if why_not is not None:
             raise RuntimeError(
-                "train.flash='cuda' needs a CUDA device and the flash-attn package; "
-                "install the gpu extra or set train.flash to 'auto' or 'none'"
+                f"train.flash='cuda' needs a CUDA device and a working flash-attn ({why_not}); "
+                "build the training env with `make gpu-train-env`, or set train.flash to 'auto' or 'none'"
             )
         if not half:
             raise RuntimeError(
                 "train.flash='cuda': flash-attn computes in bf16/fp16 only; set model.dtype "
                 "to bf16 (or auto), or train.flash to 'auto' or 'none'"
             )
-        return FlashAttention()
-    if flash == "auto" and usable and half:
-        return FlashAttention()
+        return FlashAttention(deterministic)
+    if flash == "auto" and device.type == "cuda":
+        if why_not is None and half:
+            return FlashAttention(deterministic)
+        if notes is not None:
+            notes.append(f"flash=auto: torch SDPA, because {why_not or 'the model computes in fp32'}")
     return SdpaAttention()
 
 

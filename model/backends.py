@@ -54,8 +54,8 @@ class Backend(Protocol):
     def model_state(self) -> dict[str, torch.Tensor]:
         """Collective: the full model state dict (FM9G keys, CPU) on rank 0."""
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """This rank's optimizer state, as saved to `<name>-<step>.rank-<r>.opt`."""
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """This rank's optimizer state, as saved to `<name>-<step>.rank-<r>.opt` (None: not saved)."""
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
 
@@ -63,23 +63,46 @@ class Backend(Protocol):
 class TorchBackend:
     """DDP, or FSDP2 sharding, with torch's AdamW."""
 
-    def __init__(self, ctx: Dist, fsdp: bool) -> None:
-        self.ctx, self.fsdp = ctx, fsdp
+    def __init__(self, ctx: Dist, fsdp: bool, bf16: bool = False) -> None:
+        self.ctx, self.fsdp, self.bf16 = ctx, fsdp, bf16
         self.name = "torch-fsdp2" if fsdp else "torch-ddp"
-        self.can_skip_a_batch = True
+        # One rank without a DDP wrapper can drop a batch that ran out of memory: DDP's reducer
+        # is left mid-reduction by an OOM in backward and the next forward raises "Expected to
+        # have finished reduction in the prior iteration" (pytorch#18853).  FSDP2 keeps
+        # unsharded parameters and pending reduce-scatters of a failed backward, so it never skips.
+        self.can_skip_a_batch = not fsdp and ctx.world_size == 1
+        self.ddp = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
+            policy = self.mixed_precision()
             for layer in model.encoder.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, **policy)
+            fully_shard(model, **policy)
+            self.model = model
+        elif self.ctx.world_size == 1:
+            # Nothing to all-reduce with one rank; DDP would only add its reducer (and its
+            # unrecoverable state after an OOM, see can_skip_a_batch).
             self.model = model
         else:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            self.ddp = True
         return self.model
+
+    def mixed_precision(self) -> dict[str, Any]:
+        """FSDP2's `mp_policy` for bf16 runs: bf16 all-gathers and compute, fp32 gradient reduction.
+
+        Without it FSDP2 all-gathers the fp32 masters (twice the bytes) and autocast re-casts
+        every weight in each forward and recompute.  fp32 runs (the CPU default) get no policy.
+        """
+        if not self.bf16:
+            return {}
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
 
     def build_optimizer(self, *, lr: float, weight_decay: float, scale_width: float) -> torch.optim.Optimizer:
         self.optimizer = build_optimizer(self.model, lr=lr, weight_decay=weight_decay, scale_width=scale_width)
@@ -89,7 +112,7 @@ class TorchBackend:
         if self.fsdp:
             self.model.set_requires_gradient_sync(last)
             return nullcontext()
-        return nullcontext() if last else self.model.no_sync()
+        return self.model.no_sync() if self.ddp and not last else nullcontext()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -98,7 +121,8 @@ class TorchBackend:
         loss.backward()  # DDP and FSDP2 average the gradients over ranks
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return global_norm(norm)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -111,9 +135,16 @@ class TorchBackend:
             )
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {key: value.detach().cpu() for key, value in self.model.module.state_dict().items()}
+        if not self.ctx.is_main:
+            return {}  # replicated weights: only rank 0 copies them to host memory and writes them
+        module = self.model.module if self.ddp else self.model
+        return {key: value.detach().cpu() for key, value in module.state_dict().items()}
 
-    def optimizer_state(self) -> dict[str, Any]:
+    def optimizer_state(self) -> dict[str, Any] | None:
+        if not self.fsdp and not self.ctx.is_main:
+            # DDP's Adam state is replicated: rank 0's file is every rank's (the loader maps
+            # rank r onto file r % 1).  Saving it from every rank cost a full host copy per GPU.
+            return None
         state = self.optimizer.state_dict()
         if self.fsdp:  # FSDP2 DTensor shards are saved as this rank's local tensors
             from torch.distributed.tensor import DTensor
@@ -163,4 +194,18 @@ def make_backend(
         from fm9g.model.bmtrain_backend import BMTrainBackend
 
         return BMTrainBackend(ctx, use_checkpoint=use_checkpoint, bf16=bf16, offload=offload)
-    return TorchBackend(ctx, fsdp)
+    return TorchBackend(ctx, fsdp, bf16=bf16)
+
+
+def global_norm(norm: torch.Tensor) -> float:
+    """The norm `clip_grad_norm_` returned, as one number that is the same on every rank.
+
+    Over FSDP2's DTensor gradients it is a DTensor with a `_NormPartial` placement whose
+    local value is this rank's partial norm (pytorch#166638); `full_tensor()` reduces the
+    partials (sqrt of the sum of squares) to the global norm, as the clipping itself used.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)

@@ -2,13 +2,14 @@
 
 Imported only when `model.backend: bmtrain` is chosen; `bmtrain` itself is imported on
 first use, so the torch backend never needs it installed.  Written against BMTrain 1.0
-(`pip install 'fm9g-launch[gpu]'`):
+(`make gpu-train-env` builds an environment with it):
 
   - `bmt.init_distributed` joins torchrun's rendezvous (RANK, WORLD_SIZE, MASTER_ADDR/PORT)
     and builds BMTrain's own NCCL communicator.  BMTrain forbids `torch.distributed`
     next to it, so the loop's small collectives (`BMTrainDist`) go through BMTrain too.
   - Each encoder layer becomes a `bmt.Block` (ZeRO-3 partitioned, gathered on entry,
-    gradients reduce-scattered on exit, recomputed in backward when `train.use_checkpoint`);
+    gradients reduce-scattered on exit, recomputed in backward when `train.use_checkpoint`),
+    chained in a `bmt.TransformerBlockList` so communication overlaps compute;
     the embedding and final norm are `DistributedParameter`s gathered where they are used.
     Parameter names, and so checkpoint keys, are unchanged: FM9G keys.
   - With bf16 the weights themselves are bf16 and BMTrain's Adam keeps fp32 masters, as
@@ -46,8 +47,8 @@ def import_bmtrain() -> ModuleType:
         import bmtrain
     except (ImportError, OSError) as exc:  # OSError: the wheel's libnccl.so is missing
         raise BackendError(
-            f"model.backend=bmtrain: bmtrain cannot be imported ({exc}); install it on the compute "
-            "nodes with `pip install 'fm9g-launch[gpu]'`, or use model.backend: torch "
+            f"model.backend=bmtrain: bmtrain cannot be imported ({exc}); build the training environment "
+            "with `make gpu-train-env` and set cluster.train_env to it, or use model.backend: torch "
             "(model.fsdp: true shards like ZeRO-3)"
         ) from None
     if not hasattr(bmtrain, "Block"):
@@ -132,12 +133,21 @@ class BMTrainBackend:
         bmt = self.bmt
         if self.bf16:
             model.to(torch.bfloat16)  # FM9G trained bf16 weights; fp32 masters live in the optimizer
-        layers = model.encoder.layers
-        for index in range(len(layers)):
-            layers[index] = bmt.Block(bmt.BMTrainModelWrapper(layers[index]), use_checkpoint=self.use_checkpoint)
+        # A TransformerBlockList chains its Blocks (set_pre_module, first/last flags), so BMTrain's
+        # hooks gather the next block's parameters and reduce-scatter the previous block's
+        # gradients on a side stream while this one computes; standalone Blocks synchronise per
+        # layer (BMTrain README, "Step 3").  The chaining lives in the hooks, so Encoder.forward
+        # still calls the blocks in order, as TransformerBlockList.forward itself does.  Children
+        # are registered as "0", "1", ...: the parameter names (FM9G keys) do not change.
+        model.encoder.layers = bmt.TransformerBlockList(
+            [
+                bmt.Block(bmt.BMTrainModelWrapper(layer), use_checkpoint=self.use_checkpoint)
+                for layer in model.encoder.layers
+            ]
+        )
         model.encoder.checkpoint_layers = False  # each Block recomputes itself when use_checkpoint is on
         # The rest (embedding, final norm, untied head) becomes DistributedParameters, gathered on
-        # access; the ModuleList's children are Blocks already and are kept as they are.
+        # access; BMTrainModelWrapper keeps a TransformerBlockList as it is.
         self.model = bmt.BMTrainModelWrapper(model)
         return self.model
 

@@ -63,19 +63,39 @@ class Dist:
             dist.destroy_process_group()
 
 
+# FM9G_DEVICE=cpu keeps a process on the CPU (gloo, fp32) on a machine that has GPUs: the
+# CPU-semantics tests (bit-exact resume, DDP == FSDP2) then mean the same thing on a GPU box.
+ENV_DEVICE = "FM9G_DEVICE"
+
+
+class DeviceError(RuntimeError):
+    """This rank has no device to run on; the message says why and what to change."""
+
+
+def use_cuda() -> bool:
+    """True when this process trains on a GPU: CUDA is there and FM9G_DEVICE does not say cpu."""
+    return os.environ.get(ENV_DEVICE, "").lower() != "cpu" and torch.cuda.is_available()
+
+
 def init_distributed(timeout_s: float = 1800.0) -> Dist:
     """Join torchrun's group (gloo on CPU, nccl on GPU), or make a one-process group."""
-    use_cuda = torch.cuda.is_available()
+    cuda = use_cuda()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    if cuda and local_rank >= torch.cuda.device_count():
+        # Without this check torch.cuda.set_device fails with a bare "invalid device ordinal".
+        raise DeviceError(
+            f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at most that "
+            "many processes per node (cluster.procs_per_node / gpus_per_node), or set FM9G_DEVICE=cpu"
+        )
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if use_cuda else "gloo"
+    backend = "nccl" if cuda else "gloo"
     owns = not dist.is_initialized()
     if owns:
         timeout = timedelta(seconds=timeout_s)
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
+            dist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(

@@ -38,7 +38,7 @@ from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
 from fm9g.model.attention import select_attention, set_attention
 from fm9g.model.backends import BackendError, init_process_group, make_backend
 from fm9g.model.checkpoint import Checkpointer, CheckpointError, discard_partial
-from fm9g.model.distributed import Dist
+from fm9g.model.distributed import DeviceError, Dist
 from fm9g.model.dragonfly import build_model, count_parameters
 from fm9g.model.flops import peak_flops, step_flops
 from fm9g.model.metrics import MetricsLogger, write_heartbeat
@@ -82,7 +82,10 @@ class Trainer:
         model.encoder.checkpoint_layers = self.cfg.use_checkpoint
         self.bf16 = config.model.dtype == "bf16" or (config.model.dtype == "auto" and ctx.device.type == "cuda")
         try:
-            set_attention(model, select_attention(self.cfg.flash, ctx.device, half=self.bf16))
+            kernel = select_attention(
+                self.cfg.flash, ctx.device, half=self.bf16, deterministic=self.cfg.deterministic, notes=self.notes
+            )
+            set_attention(model, kernel)
         except RuntimeError as exc:
             raise TrainerConfigError(str(exc)) from None
         self.raw_model = model
@@ -100,6 +103,7 @@ class Trainer:
             run.checkpoints, ctx.rank, ctx.world_size, ctx.barrier, keep_last=self.cfg.keep_checkpoints
         )
         self.progress = Progress()
+        self.updating = False  # True while the optimizer changes parameters (an OOM there cannot be skipped)
         self.loader = self._build_loader()
         self.peak, peak_note = peak_flops(ctx.device, self.cfg.peak_tflops)
         self.notes.append(peak_note)
@@ -164,12 +168,12 @@ class Trainer:
             oversize_rule=data.oversize_rule,
             num_workers=data.dataloader_num_workers,
             prefetch_factor=data.dataloader_prefetch_factor,
+            num_threads=data.dataloader_num_threads,
+            prefetch=data.dataloader_prefetch,
             on_error="fail",
             fail_hint=(
                 "or leave the task out by setting its abs_weight (or weight) to 0 in "
                 f"{path}; then `fm9g-launch resume {self.run.name}` continues from the "
-            num_threads=data.dataloader_num_threads,
-            prefetch=data.dataloader_prefetch,
                 "last checkpoint"
             ),
         )
@@ -319,6 +323,7 @@ class Trainer:
         if self.cfg.inspect_iters and (self.progress.step + 1) % self.cfg.inspect_iters == 0:
             self._inspect(self.progress.step + 1)
         lr = self.scheduler.current_lr  # the lr this update uses
+        self.updating = True  # from here an OOM cannot be skipped: parameters change in place
         self.backend.step()
         self.scheduler.step()
         total = self.ctx.all_reduce(sums)
@@ -338,25 +343,30 @@ class Trainer:
 
     def _guarded_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """train_step, skipping a batch that runs out of GPU memory when train.ignore_cuda_oom allows it."""
+        self.updating = False
         try:
             return self.train_step(batches)
         except torch.OutOfMemoryError:
             if not (self.cfg.ignore_cuda_oom and self.ctx.device.type == "cuda"):
                 raise
-            if self.ctx.world_size > 1 or not self.backend.can_skip_a_batch:
+            if self.ctx.world_size > 1 or not self.backend.can_skip_a_batch or self.updating:
                 # Other ranks already wait in the gradient all-reduce (a one-sided skip would hang them),
-                # and a ZeRO-3 block that ran out of memory half-way cannot be unwound.
+                # a ZeRO-3 block or FSDP2 unit that ran out of memory half-way cannot be unwound, and an
+                # optimizer step that failed part-way has updated some parameters and not others.
                 raise RuntimeError(
-                    f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a "
-                    f"batch with the torch backend on one rank ({self.backend.name}, world_size "
-                    f"{self.ctx.world_size}); exiting so torchrun restarts from the last checkpoint "
-                    "(lower data.max_length or train.batch_size)"
+                    f"CUDA out of memory on rank {self.ctx.rank}: ignore_cuda_oom can only skip a batch "
+                    f"before the optimizer step, with the torch backend's unwrapped model on one rank (here "
+                    f"{self.backend.name}, world_size {self.ctx.world_size}"
+                    f"{', in the optimizer step' if self.updating else ''}); exiting so torchrun restarts "
+                    "from the last checkpoint (lower data.max_length or train.batch_size)"
                 ) from None
-            self.backend.zero_grad()
-            torch.cuda.empty_cache()
-            self.scheduler.step()  # the step still counts, so the schedule stays aligned with it
-            self.logger.say(f"step {self.progress.step + 1}: CUDA out of memory, batch skipped (train.ignore_cuda_oom)")
-            return {"tokens": 0, "flops": 0.0, "task_tokens": {}}
+        # Cleanup outside the except block: inside it the traceback still holds the failed step's
+        # activations, and empty_cache() could free none of them.
+        self.backend.zero_grad()
+        torch.cuda.empty_cache()
+        self.scheduler.step()  # the step still counts, so the schedule stays aligned with it
+        self.logger.say(f"step {self.progress.step + 1}: CUDA out of memory, batch skipped (train.ignore_cuda_oom)")
+        return {"tokens": 0, "flops": 0.0, "task_tokens": {}}
 
     def _inspect(self, step: int) -> None:
         stats = {}
@@ -583,7 +593,15 @@ def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
 def run(run_dir: str | Path) -> int:
     """One trainer session over a run directory; returns the process exit code."""
     run_dirs = RunDir.of(run_dir)
-    fatal_types = (ConfigError, ModelConfigError, CheckpointError, TrainerConfigError, BackendError, _data_error())
+    fatal_types = (
+        ConfigError,
+        ModelConfigError,
+        CheckpointError,
+        TrainerConfigError,
+        BackendError,
+        DeviceError,
+        _data_error(),
+    )
     ctx: Dist | None = None
     try:
         config = load_resolved(run_dirs.config)

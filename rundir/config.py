@@ -73,6 +73,14 @@ class ClusterConfig(Section):
     python: str | None = Field(
         None, description="Python interpreter on the compute nodes; default: the one running fm9g-launch."
     )
+    train_env: str | None = Field(
+        None,
+        description="A virtual environment (folder) the training jobs activate and whose python runs the node agent: `make gpu-train-env` builds one with bmtrain and flash-attn. None: cluster.python.",
+    )
+    serve_env: str | None = Field(
+        None,
+        description="A virtual environment (folder) the infer and serve jobs activate and whose python runs them: `make gpu-serve-env` builds one with vLLM. None: cluster.python.",
+    )
     signal_lead: int = Field(
         120,
         ge=0,
@@ -261,6 +269,10 @@ class TrainConfig(Section):
         None,
         gt=0,
         description="Peak TFLOP/s of one device for the MFU figure; None: a table of known GPUs (H100/H200/A100/...), and no MFU on CPU.",
+    )
+    deterministic: bool = Field(
+        False,
+        description="flash-attn's deterministic backward (slower): on a GPU a resumed run then repeats the uninterrupted one's losses; off, flash-attn accumulates dQ with atomics and the last bits differ.",
     )
 
     @field_validator("lr_scheduler", mode="before")
