@@ -87,7 +87,9 @@ def generate_options(
         if sampling.min_p:
             options["min_p"] = sampling.min_p
     if sampling.bad_words:
-        options["bad_words_ids"] = [encode_plain(word) for word in sampling.bad_words]
+        # As vLLM (SamplingParams.update_from_tokenizer): each word alone and after a space.
+        variants = {tuple(encode_plain(prefix + word.lstrip())) for word in sampling.bad_words for prefix in ("", " ")}
+        options["bad_words_ids"] = [list(ids) for ids in sorted(variants) if ids]
     if sampling.logit_bias:
         options["sequence_bias"] = {(token,): bias for token, bias in sampling.logit_bias}
     processors = LogitsProcessorList()
