@@ -149,6 +149,9 @@ class ScriptRenderer:
                 config_hash=self.config_hash,
                 sbatch_flags=flags,
                 setup=cluster.setup,
+                # The GPU environments (issue 17): train jobs and infer/serve jobs each activate their own.
+                train_env=cluster.train_env,
+                serve_env=cluster.serve_env,
                 env=list(spec.env),
                 **spec.values,
             )
