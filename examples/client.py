@@ -3,9 +3,15 @@
     fm9g-launch serve runs/tiny-sft            # prints the URL once /health answers
     python examples/client.py runs/tiny-sft "你好"
 
-The base URL comes from runs/NAME/serve/endpoint.json (written by the serve job) and
-the API key from runs/NAME/serve/api_key; the model id from the server's /v1/models.
-Prints one completion and one chat completion.
+The base URL comes from runs/NAME/serve/endpoint.json (written by the serve job), the
+API key from runs/NAME/serve/api_key, and the model id is the run's name (NAME: what
+`fm9g-launch serve` publishes; the model folder's path is accepted too).  Prints one
+completion and one chat completion.
+
+Any OpenAI client works the same way, e.g. for the run tiny-sft:
+
+    client = OpenAI(base_url=endpoint["url"], api_key=open("runs/tiny-sft/serve/api_key").read().strip())
+    client.completions.create(model="tiny-sft", prompt="<用户>你好<AI>", max_tokens=32)
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from openai import OpenAI
 
 
 def connect(run_dir: Path) -> tuple[OpenAI, str]:
-    """An OpenAI client for the run's server, and the id of the model it serves."""
+    """An OpenAI client for the run's server, and the model id to send: the run's name."""
     serve = run_dir / "serve"
     try:
         endpoint = json.loads((serve / "endpoint.json").read_text(encoding="utf-8"))
@@ -27,8 +33,7 @@ def connect(run_dir: Path) -> tuple[OpenAI, str]:
         sys.exit(f"{serve / 'endpoint.json'}: no server published; start one with `fm9g-launch serve {run_dir}`")
     api_key = (serve / "api_key").read_text(encoding="utf-8").strip()
     client = OpenAI(base_url=endpoint["url"], api_key=api_key, max_retries=0, timeout=120)
-    model = client.models.list().data[0].id
-    return client, model
+    return client, run_dir.resolve().name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ import json
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,6 +153,13 @@ def test_users_key_port_and_model_names(served: RunDir, tmp_path: Path, capsys) 
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith(ANSWER)
     base = f"http://{endpoint['host']}:{endpoint['port']}"
     assert http_status(f"{base}/v1/models", {"Authorization": "Bearer wrong"}) == 401
+
+    # examples/client.py, as the README shows it: the run's name is the model id.
+    client_py = Path(__file__).resolve().parents[2] / "examples" / "client.py"
+    printed = subprocess.run(
+        [sys.executable, str(client_py), str(run.root), "你好"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert f"completion: {ANSWER}" in printed and f"chat: {ANSWER}" in printed
 
     # Another key while this server runs: refused, not silently ignored.
     capsys.readouterr()
