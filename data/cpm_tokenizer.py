@@ -140,36 +140,29 @@ class CPMTokenizer:
         exactly one character.  Each piece is then either a vocabulary entry, which the BPE
         model (no merges, `ignore_merges`) maps to its id, or a single character that is no
         entry, which BPE's `byte_fallback` turns into the `<0xNN>` tokens of its UTF-8 bytes.
-        Control and byte tokens are not in the trie, so text never matches them; the
-        control tokens are registered as special tokens, and `split_special_tokens` in
-        tokenizer_config.json (transformers) keeps "<s>" in text from becoming BOS.
+        Control and byte tokens are not in the trie, so text never matches them: the same
+        ids through `tokenizers.Tokenizer`, `PreTrainedTokenizerFast(tokenizer_file=...)` and
+        `AutoTokenizer` (whose special tokens come from tokenizer_config.json, with
+        `split_special_tokens` so that "<s>" in text stays text).
 
         Where it differs from `encode`/`decode` (never on valid UTF-8 text with a complete
         vocabulary): a vocabulary without some `<0xNN>` token gives <unk> for the whole
         character here instead of for that one byte; entries holding lone surrogates are
-        left out (a Rust string cannot hold them); and `decode` of byte tokens that are not
-        valid UTF-8 yields one U+FFFD per byte here, where Python's "replace" yields one per
-        maximal invalid subsequence.
+        left out (a Rust string cannot hold them); of an entry listed twice only the first id
+        is kept (as `encode` does), so `decode` drops the later id where ours renders it; and
+        `decode` of byte tokens that are not valid UTF-8 yields one U+FFFD per byte here,
+        where Python's "replace" yields one per maximal invalid subsequence.
         """
-        special = [
-            {
-                "id": self._ids[name],
-                "content": name,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }
-            for name in _CONTROL
-        ]
         vocab = {token: index for token, index in self._ids.items() if not _has_surrogate(token)}
         bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
         return {
             "version": "1.0",
             "truncation": None,
             "padding": None,
-            "added_tokens": sorted(special, key=lambda token: token["id"]),
+            # No added tokens: those are matched in raw text before the pre-tokenizer, so
+            # "<s>" typed in a prompt would become BOS.  transformers registers <s>, </s>
+            # and <unk> from tokenizer_config.json, where split_special_tokens stops that.
+            "added_tokens": [],
             "normalizer": None,
             "pre_tokenizer": {
                 "type": "Split",

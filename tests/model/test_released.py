@@ -222,3 +222,29 @@ def test_infer_and_serve_name_convert_for_a_released_pt(tokenizers: dict[str, Pa
         with pytest.raises(InferenceError, match=r"BMTrain checkpoint \(\.pt\).*fm9g-launch convert"):
             resolve_target(target, run_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_cpm_tokenizer_json_matches_on_random_vocabularies(tmp_path: Path) -> None:
+    """Random overlapping vocabularies over regex syntax, CJK, emoji and whitespace (over 32
+    siblings per trie node, so the regex's guarded blocks are used) and random text that
+    also holds characters outside the vocabulary: the same ids, the same text back."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    rng = random.Random(0)
+    alphabet = list("()[]{}.*+?|\\^$-<>/ \n\t\rabcxyz019") + [chr(0x4E00 + i) for i in range(30)] + list("😀🚀é")
+    outside = list("QW§Ω中𝔘")  # never in the vocabulary: byte fallback
+    for trial in range(3):
+        entries = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(6000)}
+        tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *sorted(entries - set(outside))]
+        vocab = tmp_path / f"vocab-{trial}.txt"
+        vocab.write_text("\n".join(json.dumps(t, ensure_ascii=False) for t in tokens) + "\n", encoding="utf-8")
+        cpm = CPMTokenizer(vocab)
+        cpm.save_hf(tmp_path / str(trial))
+        hf = Tokenizer.from_file(str(tmp_path / str(trial) / "tokenizer.json"))
+        for _ in range(200):
+            text = "".join(rng.choice(alphabet + outside) for _ in range(rng.randint(0, 80)))
+            ids = cpm.encode(text)
+            assert hf.encode(text, add_special_tokens=False).ids == ids, repr(text)
+            assert hf.decode(ids, skip_special_tokens=False) == text
