@@ -27,8 +27,10 @@ class Sample:
 
 
 def first_sentence(text: str) -> str:
-    """`text` up to and including its first sentence end (all of it when there is none)."""
-    found = SENTENCE_END.search(text)
+    """`text` up to and including the end of its first sentence with a word in it (all of
+    it when there is none): a lone "." a model starts with is no sentence."""
+    word = next((index for index, char in enumerate(text) if char.isalnum()), None)
+    found = SENTENCE_END.search(text, word) if word is not None else None
     return text[: found.end()] if found else text
 
 
