@@ -19,7 +19,7 @@ import argparse
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from fm9g.launchers.errors import InferenceError
@@ -90,12 +90,13 @@ class Sampling:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of vllm.SamplingParams (lists where vLLM takes lists)."""
-        kwargs = asdict(self)
-        kwargs["top_k"] = 0 if self.top_k == -1 else self.top_k
-        for name in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids"):
-            kwargs[name] = list(kwargs[name]) or None
-        kwargs["logit_bias"] = dict(self.logit_bias) or None
+        """Keyword arguments of vllm.SamplingParams: the five always, the rest only when set
+        (an older vLLM without, say, bad_words still takes a request that does not use it)."""
+        kwargs = self.to_dict()
+        if "logit_bias" in kwargs:
+            kwargs["logit_bias"] = dict(self.logit_bias)
+        if kwargs.get("top_k") == -1:
+            kwargs["top_k"] = 0  # vLLM: 0 (or -1) is "all tokens"; 0 is the current spelling
         return kwargs
 
 

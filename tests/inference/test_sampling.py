@@ -96,7 +96,32 @@ def test_a_bad_line_is_named(tmp_path: Path, line: str, message: str) -> None:
     assert f"{path}{message}" in str(caught.value)
 
 
+FULL = {
+    "temperature": 0.3,
+    "top_p": 0.5,
+    "max_tokens": 9,
+    "n": 2,
+    "seed": 4,
+    "top_k": 7,
+    "min_p": 0.1,
+    "min_tokens": 2,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "repetition_penalty": 1.3,
+    "stop": ["a", "b"],
+    "stop_token_ids": [3, 4],
+    "include_stop_str_in_output": True,
+    "ignore_eos": True,
+    "bad_words": ["bad"],
+    "logit_bias": {"1": 2.0},
+    "allowed_token_ids": [1, 2, 3],
+    "skip_special_tokens": False,
+    "spaces_between_special_tokens": False,
+}
+
+
 def test_json_round_trip_of_every_parameter() -> None:
+    assert set(FULL) == set(PARAMETERS)
     full = Sampling(
         temperature=0.3,
         top_p=0.5,
@@ -122,6 +147,23 @@ def test_json_round_trip_of_every_parameter() -> None:
     assert set(full.to_dict()) == set(PARAMETERS)  # every parameter differs from its default here
     assert from_json(full.to_json()) == full
     assert Sampling().to_dict() == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 128, "n": 1, "seed": 0}
+
+
+# SamplingParams fields of vLLM (vllm/sampling_params.py at commit 00388f6, read for this test).
+VLLM_FIELDS = set(
+    "n presence_penalty frequency_penalty repetition_penalty temperature top_p top_k min_p seed stop "
+    "stop_token_ids ignore_eos max_tokens min_tokens logprobs prompt_logprobs detokenize skip_special_tokens "
+    "spaces_between_special_tokens include_stop_str_in_output output_kind structured_outputs logit_bias "
+    "allowed_token_ids extra_args bad_words".split()
+)
+
+
+def test_vllm_gets_its_own_field_names_and_only_what_is_set() -> None:
+    full = from_json(json.dumps({name: value for name, value in FULL.items()}))
+    kwargs = full.vllm_kwargs()
+    assert set(kwargs) <= VLLM_FIELDS and set(kwargs) == set(PARAMETERS)
+    assert kwargs["logit_bias"] == {1: 2.0} and kwargs["stop"] == ["a", "b"]
+    assert set(Sampling(temperature=0).vllm_kwargs()) == {"temperature", "top_p", "max_tokens", "n", "seed"}
 
 
 def test_cli_options_match_the_table() -> None:
