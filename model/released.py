@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 
 from fm9g.model.args import ModelArgs, ModelConfigError, load_model_config
-from fm9g.model.hf import args_from_hf, from_hf, hf_key
+from fm9g.model.hf import args_from_hf, fm9g_key, hf_key
 
 Layout = Literal["bmtrain-pt", "hf"]
 Progress = Callable[[int, int], None]
@@ -208,6 +209,49 @@ def find_tokenizer(folder: Path) -> Path | None:
     return None
 
 
+_HF_TYPES = ("llama", "minicpm", "fm9g", "granite")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReleasedFormatError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise ReleasedFormatError(f"{path}: a model config is a JSON object, not {type(config).__name__}")
+    if config.get("rope_scaling"):
+        raise ReleasedFormatError(f"{path}: rope_scaling {config['rope_scaling']!r} is not implemented here")
+    return config
+
+
+def _args_of(config: dict[str, Any], path: Path) -> ModelArgs:
+    """ModelArgs from HF field names (MiniCPM/FM9G-2B, Llama, Granite) or DragonflyConfig's."""
+    try:
+        if config.get("model_type") in _HF_TYPES and "hidden_size" in config:
+            return args_from_hf(config)
+        return ModelArgs.model_validate(config)  # cpm_dragonfly names (dim_model, num_heads, ...)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ReleasedFormatError(f"{path}: {problems}") from None
+    except (KeyError, ValueError) as exc:
+        raise ReleasedFormatError(f"{path}: {exc.args[0] if exc.args else exc}") from None
+
+
+def _fm9g_names(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """The tensors under FM9G names, whichever of the two namings the file uses."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # older transformers stored the RoPE table
+        try:
+            state[key if _is_fm9g_key(key) else fm9g_key(key)] = value
+        except KeyError:
+            raise ReleasedFormatError(
+                f"{where}: tensor {key!r} is neither an FM9G dragonfly parameter nor a Llama/MiniCPM one"
+            ) from None
+    return state
+
+
 def _read_pt(path: Path, model: str | None) -> tuple[dict[str, torch.Tensor], ModelArgs, str]:
     state = _torch_load(path)
     foreign = [key for key in state if not _is_fm9g_key(key)]
@@ -218,23 +262,17 @@ def _read_pt(path: Path, model: str | None) -> tuple[dict[str, torch.Tensor], Mo
         )
     config_file = path.parent / "config.json"
     facts = tensor_facts(state)
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        if config.get("model_type") in ("llama", "minicpm", "fm9g", "granite"):
-            stated = args_from_hf(config).model_dump()
-        else:
-            stated = ModelArgs.model_validate(config).model_dump()
-        where = str(config_file)
-        for field, value in facts.items():  # the config and the tensors must agree too
-            if field in stated and not _same(field, value, stated[field]):
-                raise ReleasedFormatError(
-                    f"{config_file}: {field} is {stated[field]!r} but the tensors of {path.name} say {value!r}"
-                )
-        args = _settle(stated, model, where, complete=True)
-    else:
+    if not config_file.is_file():
         args = _settle(facts, model, f"{path} (tensor shapes)", complete=False)
-        where = f"{path} with --model {model}"
-    return state, args.model_copy(update={"dtype": _dtype_name(state)}), where
+        return state, args.model_copy(update={"dtype": _dtype_name(state)}), f"{path} with --model {model}"
+    stated = _args_of(_read_config(config_file), config_file).model_dump()
+    for field, value in facts.items():  # the config and the tensors must agree too
+        if not _same(field, value, stated[field]):
+            raise ReleasedFormatError(
+                f"{config_file}: {field} is {stated[field]!r} but the tensors of {path.name} say {value!r}"
+            )
+    args = _settle(stated, model, str(config_file), complete=True)
+    return state, args.model_copy(update={"dtype": _dtype_name(state)}), str(config_file)
 
 
 def _is_fm9g_key(key: str) -> bool:
@@ -247,27 +285,16 @@ def _is_fm9g_key(key: str) -> bool:
 
 def _read_hf(folder: Path, model: str | None) -> tuple[dict[str, torch.Tensor], ModelArgs, str]:
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("rope_scaling"):
-        raise ReleasedFormatError(
-            f"{config_file}: rope_scaling {config['rope_scaling']!r} is not implemented by the FM9G model here"
-        )
-    try:
-        tensors = _load_hf_tensors(_hf_weight_files(folder))
-        tied_copy = tensors.get("lm_head.weight")
-        state, stated_args = from_hf(tensors, config)
-    except (KeyError, ValueError) as exc:
-        if isinstance(exc, ReleasedFormatError):
-            raise
-        raise ReleasedFormatError(f"{config_file}: {exc.args[0] if exc.args else exc}") from None
-    if stated_args.tie_lm_head and tied_copy is not None:
-        embedding = state["input_embedding.weight"]
-        if tied_copy.shape != embedding.shape or not torch.equal(tied_copy, embedding):
+    stated = _args_of(_read_config(config_file), config_file)
+    state = _fm9g_names(_load_hf_tensors(_hf_weight_files(folder)), folder)
+    if stated.tie_lm_head and "lm_head.weight" in state:  # save_pretrained(.bin) keeps the tied copy
+        copy, embedding = state.pop("lm_head.weight"), state.get("input_embedding.weight")
+        if embedding is None or copy.shape != embedding.shape or not torch.equal(copy, embedding):
             raise ReleasedFormatError(
-                f"{config_file}: tie_word_embeddings is true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings to false if the head is separate"
+                f"{config_file}: the head is tied (tie_word_embeddings true, or MiniCPM's default) but "
+                "lm_head.weight differs from the input embedding; set tie_word_embeddings to false"
             )
-    args = _settle(stated_args.model_dump(), model, str(config_file), complete=True)
+    args = _settle(stated.model_dump(), model, str(config_file), complete=True)
     return state, args.model_copy(update={"dtype": _dtype_name(state)}), str(config_file)
 
 

@@ -248,3 +248,32 @@ def test_cpm_tokenizer_json_matches_on_random_vocabularies(tmp_path: Path) -> No
             ids = cpm.encode(text)
             assert hf.encode(text, add_special_tokens=False).ids == ids, repr(text)
             assert hf.decode(ids, skip_special_tokens=False) == text
+
+
+def test_hf_folder_with_dragonfly_names_and_bad_configs(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    """The 2B HF folder's exact config was never seen (fm9g-formats §3.5): a folder with a
+    cpm_dragonfly config and dragonfly key names in pytorch_model.bin is read the same."""
+    from tests.helpers.released import dragonfly_config
+
+    args = released_args("2b", vocab_size_of(tokenizers["2b"]))
+    folder = tmp_path / "dragonfly-hf"
+    folder.mkdir()
+    torch.save(random_state(args, SEED), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({**dragonfly_config(args), "architectures": ["FM9GForCausalLM"]}))
+    released = read_released(folder)
+    assert released.layout == "hf" and released.args.scale_emb == 12.0 and released.args.tie_lm_head
+    expected = random_state(args, SEED)
+    assert all(torch.equal(released.state[key], expected[key]) for key in expected)
+
+    (folder / "config.json").write_text('{"model_type": "fm9g",\n "hidden_size": }')
+    with pytest.raises(ReleasedFormatError, match=r"config\.json:2:\d+: invalid JSON"):
+        read_released(folder)
+    (folder / "config.json").write_text(json.dumps({**dragonfly_config(args), "moe_num_experts": 8}))
+    with pytest.raises(ReleasedFormatError, match="mixture-of-experts"):
+        read_released(folder)
+    hf = write_released_hf(tmp_path / "minicpm", args, SEED, model_type="minicpm")
+    config = json.loads((hf / "config.json").read_text())
+    del config["scale_emb"]
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReleasedFormatError, match="needs scale_emb"):
+        read_released(hf)
