@@ -28,7 +28,7 @@ from fm9g.model.hf import Architecture, from_hf, to_hf
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import replace_dir
 
-SHARD_BYTES = 4 << 30  # per safetensors file, as transformers' save_pretrained shards
+SHARD_BYTES = 2 << 30  # per safetensors file: safetensors copies a whole file into memory to write it
 Progress = Callable[[int, int], None]
 
 

@@ -277,3 +277,28 @@ def test_hf_folder_with_dragonfly_names_and_bad_configs(tokenizers: dict[str, Pa
     (hf / "config.json").write_text(json.dumps(config))
     with pytest.raises(ReleasedFormatError, match="needs scale_emb"):
         read_released(hf)
+
+
+def test_sharded_export_through_the_job_body(
+    tokenizers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m fm9g.launchers.convert --source` (the job body): shards over SHARD_BYTES
+    get an index that transformers follows, and the chat template is added."""
+    import fm9g.model.convert as convert_module
+    from fm9g.launchers.convert import main
+
+    args = released_args("8b", vocab_size_of(tokenizers["8b"]))
+    pt = write_released_pt(tmp_path / "8b", args, SEED, tokenizer=tokenizers["8b"])
+    monkeypatch.setattr(convert_module, "SHARD_BYTES", 40_000)
+    assert main(["--source", str(pt), "--output", str(tmp_path / "hf")]) == 0
+    folder = tmp_path / "hf"
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert (folder / "chat_template.jinja").is_file()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, args.vocab_size, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = theirs(ids).logits
+    assert (got - reference_logits(random_state(args, SEED), args, ids)).abs().max().item() <= 1e-4
