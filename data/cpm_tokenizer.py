@@ -266,12 +266,18 @@ def _trie_regex(entries: list[str]) -> str:
         return "(?:" + "|".join(text for _, text in guarded) + ")"
 
     def tail(node: dict[str, Any]) -> str:
+        # A run of single-child nodes that end no entry is plain text: walked in a loop, so a
+        # long entry neither recurses deeply here nor nests groups in the regex.
+        prefix = ""
+        while "" not in node and len(node) == 1:
+            [(char, node)] = node.items()
+            prefix += _regex_char(char)
         if not any(node):  # a leaf: only the end marker
-            return ""
+            return prefix
         group = children(node)
         if "" not in node:
-            return group
-        return (group if group.startswith("(?:") else f"(?:{group})") + "?"
+            return prefix + group
+        return prefix + (group if group.startswith("(?:") else f"(?:{group})") + "?"
 
     body = children(trie) if trie else ""
     # [\s\S]: one character of any kind, newlines included (no match -> byte fallback).

@@ -237,12 +237,17 @@ def test_cpm_tokenizer_json_matches_on_random_vocabularies(tmp_path: Path) -> No
     outside = list("QW§Ω中𝔘")  # never in the vocabulary: byte fallback
     for trial in range(3):
         entries = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(6000)}
+        entries |= {"=" * 3000, "=" * 16, "=", " " * 64, " " * 8}
         tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *sorted(entries - set(outside))]
         vocab = tmp_path / f"vocab-{trial}.txt"
         vocab.write_text("\n".join(json.dumps(t, ensure_ascii=False) for t in tokens) + "\n", encoding="utf-8")
         cpm = CPMTokenizer(vocab)
         cpm.save_hf(tmp_path / str(trial))
         hf = Tokenizer.from_file(str(tmp_path / str(trial) / "tokenizer.json"))
+        # A very long entry (code indentation, separator lines) and its shorter relatives.
+        long_texts = ["=" * 3000, "=" * 2999 + "x", " " * 64 + "def"]
+        for text in long_texts:
+            assert hf.encode(text, add_special_tokens=False).ids == cpm.encode(text)
         for _ in range(200):
             text = "".join(rng.choice(alphabet + outside) for _ in range(rng.randint(0, 80)))
             ids = cpm.encode(text)
