@@ -155,9 +155,11 @@ def served(trained_run: TrainedRun) -> Iterator[RunDir]:
 @pytest.mark.slow  # convert/infer/serve run as local jobs (subprocesses loading transformers)
 def test_serve_local(served: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
     run = served
-    assert cli("serve", run.root, "--executor", "local") == 0
+    # --engine transformers: on a GPU node with vllm, auto would pick vLLM (tests/inference/test_vllm.py).
+    assert cli("serve", run.root, "--executor", "local", "--engine", "transformers") == 0
     endpoint = check_server(run)
     assert endpoint["host"] == "127.0.0.1" and endpoint["engine"] == "transformers"
+    assert endpoint["model"] == run.name and endpoint["model_path"] == str((run.root / "hf" / "40").resolve())
     [job] = jobs(run, "serve")
     assert str(job.job_id) == str(endpoint["job_id"])
 
