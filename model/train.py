@@ -107,8 +107,27 @@ class Trainer:
         self.loader = self._build_loader()
         self.peak, peak_note = peak_flops(ctx.device, self.cfg.peak_tflops)
         self.notes.append(peak_note)
+        if ctx.device.type == "cuda":
+            self._check_memory(config)
 
     # ------------------------------------------------------------------ set-up
+    def _check_memory(self, config: RunConfig) -> None:
+        """Refuse a layout whose weights, gradients and Adam states alone exceed the GPU (8B on DDP)."""
+        from fm9g.model.memory import check_fits, layout_of
+
+        offload = self.bf16 and config.model.offload is not False
+        problem, note = check_fits(
+            self.args,
+            layout_of(config.model.backend, config.model.fsdp, offload),
+            gpus=self.ctx.world_size,
+            tokens=self.cfg.batch_size * config.data.max_length,
+            checkpoint=self.cfg.use_checkpoint,
+            device_bytes=torch.cuda.get_device_properties(self.ctx.device).total_memory,
+        )
+        if problem is not None:
+            raise TrainerConfigError(problem)
+        self.notes.append(note)
+
     def _check_supported(self) -> None:
         if self.ctx.device.type == "cpu":
             if self.cfg.ignore_cuda_oom:

@@ -91,6 +91,17 @@ class ClusterConfig(Section):
         description="Let Slurm requeue a job on node failure (--requeue). Off: the supervisor owns resubmission (never both).",
     )
 
+    @field_validator("train_env", "serve_env")
+    @classmethod
+    def _absolute_env(cls, value: str | None) -> str | None:
+        # The path is shell-quoted into the job script, so $HOME or ~ would stay literal there.
+        if value is not None and not os.path.isabs(value):
+            raise ValueError(
+                f"{value!r} must be an absolute path to a virtual environment (it is quoted into the job "
+                "script, so $HOME and ~ are not expanded), e.g. /shared/envs/fm9g-train"
+            )
+        return value
+
 
 class ModelConfig(Section):
     """The architecture to build."""

@@ -93,3 +93,12 @@ def test_an_env_path_is_one_quoted_word(tmp_path: Path) -> None:
     # Run the activation line for real: the quoting holds, nothing is executed from the path.
     subprocess.run(["bash", "-c", activate + " || true"], cwd=tmp_path, check=True, capture_output=True)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_relative_or_unexpanded_env_path_is_refused_with_the_fix() -> None:
+    for path in ("$HOME/envs/train", "~/envs/train", "envs/train"):
+        with pytest.raises(ValueError, match="must be an absolute path") as info:
+            ClusterConfig(train_env=path)
+        assert "/shared/envs/fm9g-train" in str(info.value)
+    with pytest.raises(ValueError, match="serve_env"):
+        ClusterConfig(serve_env="venv")
