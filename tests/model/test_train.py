@@ -399,7 +399,7 @@ def _bmtrain_missing() -> str | None:
     try:
         import bmtrain  # noqa: F401
     except (ImportError, OSError) as exc:
-        return f"bmtrain is not installed ({exc}): pip install 'fm9g-launch[gpu]'"
+        return f"bmtrain is not installed ({exc}): make gpu-train-env builds an environment with it"
     return None
 
 
