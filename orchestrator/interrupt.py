@@ -60,32 +60,16 @@ def stop_on_interrupt(plan: Plan, say: Say, sleep: Callable[[float], None] = tim
     store = StateStore(run.state_db)
     executor = LocalExecutor()
     tracker = JobTracker(run, store, executor, plan.renderer())
+    mode = "checkpoint"
     try:
-        live = tracker.live_rows()
-        tracker.adopt(live)
-        training = [row for row in live if row.stage == TRAIN]
-        others = [row for row in live if row.stage != TRAIN]
-        mode = "checkpoint"
-        if training:
-            write_json(run.checkpoint_now_flag, {"time": time.time(), "reason": "Ctrl-C"})
-            say("Ctrl-C: every rank checkpoints at its next step and stops (Ctrl-C again stops at once)")
-        cancelled = tracker.cancel(others, reason="interrupted (Ctrl-C)")
-        store.event(
-            EVENT,
-            "Ctrl-C: checkpoint and stop",
-            mode=mode,
-            job_ids=[row.job_id for row in training],
-            cancelled=cancelled,
-        )
         try:
+            ask_to_stop(plan, tracker, say)
             wait_for_ends(tracker, plan.config.supervise.hang_timeout, sleep)
         except (KeyboardInterrupt, TimeoutError) as why:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             mode = "kill"
-            store.event(
-                EVENT,
-                f"{'Ctrl-C again' if isinstance(why, KeyboardInterrupt) else why}: killing every job now",
-                mode=mode,
-            )
+            again = "Ctrl-C again" if isinstance(why, KeyboardInterrupt) else str(why)
+            store.event(EVENT, f"{again}: killing every job now", mode=mode)
             say("stopping every job now")
         # A third Ctrl-C must not leave this half done: the rest takes a moment.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,8 +90,29 @@ def stop_on_interrupt(plan: Plan, say: Say, sleep: Callable[[float], None] = tim
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         store.close()
-    say(f"stopped ({where}); nothing of the run is running. Run the same command again to resume from it")
+    say(
+        f"stopped ({where}); nothing of the run is running. Run the same command again, or "
+        f"`fm9g-launch resume {shlex.quote(str(run.root))}`, to go on from there"
+    )
     return EXIT_INTERRUPTED
+
+
+def ask_to_stop(plan: Plan, tracker: JobTracker, say: Say) -> None:
+    """Raise checkpoint_now for the training jobs; cancel the other stages' jobs."""
+    live = tracker.live_rows()
+    tracker.adopt(live)
+    training = [row for row in live if row.stage == TRAIN]
+    if training:
+        write_json(plan.run.checkpoint_now_flag, {"time": time.time(), "reason": "Ctrl-C"})
+        say("Ctrl-C: every rank checkpoints at its next step and stops (Ctrl-C again stops at once)")
+    cancelled = tracker.cancel([row for row in live if row.stage != TRAIN], reason="interrupted (Ctrl-C)")
+    tracker.store.event(
+        EVENT,
+        "Ctrl-C: checkpoint and stop",
+        mode="checkpoint",
+        job_ids=[row.job_id for row in training],
+        cancelled=cancelled,
+    )
 
 
 def wait_for_ends(tracker: JobTracker, bound: float, sleep: Callable[[float], None]) -> None:

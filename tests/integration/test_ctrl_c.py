@@ -196,3 +196,17 @@ def test_ctrl_c_on_slurm_detaches_and_names_resume_and_cancel(shared_tmp: Path) 
         assert "fm9g-launch resume" in terminal.text() and "fm9g-launch cancel" in terminal.text()
     finally:
         subprocess.run(runs.cli("cancel", str(run)), capture_output=True, timeout=120, check=False)
+
+
+def test_run_processes_finds_a_runs_processes_and_no_others(tmp_path: Path) -> None:
+    run, other = tmp_path / "run", tmp_path / "run-2"
+    ours = subprocess.Popen(["sleep", "60"], env={**os.environ, "FM9G_RUN_DIR": str(run)}, start_new_session=True)
+    theirs = subprocess.Popen(["sleep", "60"], env={**os.environ, "FM9G_RUN_DIR": str(other)}, start_new_session=True)
+    try:
+        found = run_processes(run)
+        assert ours.pid in found and theirs.pid not in found
+    finally:
+        for child in (ours, theirs):
+            child.kill()
+            child.wait()
+    assert run_processes(run) == []
