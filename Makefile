@@ -25,6 +25,7 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/fm9g-launch pretrain --config examples/tiny/pretrain.yaml
+	@echo "next: . $(VENV)/bin/activate, then the README's 'The first ten minutes' (status, tui, logs, plot, infer, serve)"
 
 # Lint, then every test: unit, slow (real training runs) and `cluster` (the real Slurm
 # cluster in tests/cluster).  FM9G_REQUIRE_CLUSTER=1 turns "cluster not up" from a skip
