@@ -1,7 +1,7 @@
 """The body of an infer job (node side), what templates/infer.sbatch.j2 runs:
 
     python -m fm9g.launchers.infer --model HF_DIR --prompts IN.jsonl --output OUT.jsonl
-        [--chat] [--engine auto|vllm|transformers] [--trust-remote-code]
+        [--chat] [--engine auto|vllm|transformers] [--trust-remote-code] [--engine-arg KEY=VALUE ...]
         [--sampling-json '{"temperature": 0, ...}' | --temperature T --top-k K --stop TEXT ...]
 
 It writes OUT.jsonl in one atomic step: one line per prompt, in the prompt file's order.
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from fm9g.launchers.engine_args import llm_kwargs, parse_engine_arg
 from fm9g.launchers.prompts import (
     InferenceError,
     Sampling,
@@ -303,6 +304,15 @@ def generate_vllm(
     return results
 
 
+def refuse_engine_args(engine_args: dict[str, Any] | None) -> None:
+    """Engine arguments are vLLM's: on transformers they would be dropped, so they are refused."""
+    if engine_args:
+        raise InferenceError(
+            f"--engine-arg {', '.join(engine_args)}: engine arguments are vLLM's, and this job runs "
+            f"transformers ({VLLM_MISSING} here, or --engine transformers); drop them, or run on a GPU node with vLLM"
+        )
+
+
 def generate(
     engine: Engine,
     model_dir: Path,
@@ -311,9 +321,14 @@ def generate(
     progress: Callable[[int, int], None] = lambda done, total: None,
     *,
     trust_remote_code: bool = False,
+    engine_args: dict[str, Any] | None = None,
 ) -> list[list[dict[str, Any]]]:
-    runner = generate_vllm if engine == "vllm" else generate_transformers
-    return runner(model_dir, texts, sampling, progress, trust_remote_code=trust_remote_code)
+    if engine == "vllm":
+        return generate_vllm(
+            model_dir, texts, sampling, progress, trust_remote_code=trust_remote_code, engine_args=engine_args
+        )
+    refuse_engine_args(engine_args)
+    return generate_transformers(model_dir, texts, sampling, progress, trust_remote_code=trust_remote_code)
 
 
 def run(
@@ -325,6 +340,7 @@ def run(
     chat: bool,
     engine_choice: str,
     trust_remote_code: bool = False,
+    engine_args: dict[str, Any] | None = None,
 ) -> int:
     """Generate completions for every prompt and write them; returns the number written."""
     prompts = read_prompts(prompts_path)
@@ -332,6 +348,8 @@ def run(
     check_model_dir(model, trust_remote_code=trust_remote_code)
     engine = choose_engine(engine_choice, model)  # type: ignore[arg-type]
     per_prompt = sampling_per_prompt(prompts_path, prompts, sampling, engine)
+    if engine != "vllm":
+        refuse_engine_args(engine_args)  # before the model loads
     print(
         f"infer: {len(prompts)} prompts from {prompts_path}, model {model}, engine {engine}, "
         f"sampling {sampling.to_dict()}, chat format {'on' if chat else 'off'}",
@@ -343,7 +361,9 @@ def run(
         if done == total or done % 10 == 0:
             print(f"infer: {done}/{total} prompts ({time.monotonic() - started:.1f}s)", flush=True)
 
-    results = generate(engine, model, texts, per_prompt, progress, trust_remote_code=trust_remote_code)
+    results = generate(
+        engine, model, texts, per_prompt, progress, trust_remote_code=trust_remote_code, engine_args=engine_args
+    )
     records = [
         completion_record(p, text, outputs, sampling=params, model=str(model), engine=engine)
         for p, text, outputs, params in zip(prompts, texts, results, per_prompt)
@@ -366,10 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sampling-json", help="every sampling parameter as one JSON object (what the job script passes)"
     )
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="a vLLM engine argument")
     add_sampling_options(parser)
     args = parser.parse_args(argv)
     try:
         sampling = sampling_from_json(args.sampling_json) if args.sampling_json else sampling_from(args)
+        try:
+            engine_args = llm_kwargs([parse_engine_arg(text) for text in args.engine_arg])
+        except ValueError as exc:
+            raise InferenceError(str(exc)) from None
         run(
             args.model,
             args.prompts,
@@ -378,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             chat=args.chat,
             engine_choice=args.engine,
             trust_remote_code=args.trust_remote_code,
+            engine_args=engine_args,
         )
     except InferenceError as exc:
         print(f"infer: error: {exc}", file=sys.stderr, flush=True)

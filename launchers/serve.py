@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -45,6 +44,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fm9g.launchers.engine_args import parse_engine_arg
 from fm9g.launchers.infer import (
     VLLM_MISSING,
     check_model_dir,
@@ -229,31 +229,6 @@ class Serving:
     job: str
     trust_remote_code: bool = False
     engine_args: tuple[tuple[str, str | None], ...] = ()
-
-
-# vLLM arguments this module sets itself: a user value would fight ours, so the message
-# names the option that sets it instead.
-RESERVED_ENGINE_ARGS = {
-    "model": "the RUN_OR_MODEL argument",
-    "host": "the node's address (published in serve/endpoint.json)",
-    "port": "--port",
-    "api-key": "--api-key or --api-key-file",
-    "served-model-name": "the run name (--name for a model folder)",
-    "trust-remote-code": "--trust-remote-code",
-}
-_ENGINE_ARG_KEY = re.compile(r"[a-z0-9][a-z0-9-]*")
-
-
-def parse_engine_arg(text: str) -> tuple[str, str | None]:
-    """`KEY=VALUE` (or a bare `KEY` for an on/off flag) as vLLM's `--key value`; ValueError
-    names the fault and the fix."""
-    key, sep, value = text.partition("=")
-    key = key.strip().lstrip("-").replace("_", "-").lower()
-    if not _ENGINE_ARG_KEY.fullmatch(key):
-        raise ValueError(f"--engine-arg {text!r}: expected KEY=VALUE, e.g. max-model-len=4096")
-    if key in RESERVED_ENGINE_ARGS:
-        raise ValueError(f"--engine-arg {key}: fm9g-launch sets it; use {RESERVED_ENGINE_ARGS[key]}")
-    return key, (value if sep else None)
 
 
 def vllm_argv(serving: Serving) -> list[str]:

@@ -295,6 +295,15 @@ def _add_inference_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         help="wrap prompts in <用户>…<AI> (default: the run's data.sft; off for a model folder)",
     )
     infer.add_argument("--force", action="store_true", help="run again even if OUTPUT is up to date")
+    infer.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine argument for the offline LLM, repeatable: max-model-len=4096, "
+        "gpu-memory-utilization=0.85, quantization=awq (refused with --engine transformers)",
+    )
     add_sampling_options(infer)
 
     serve = sub.add_parser(

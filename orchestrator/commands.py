@@ -316,11 +316,13 @@ def _target_context(args: argparse.Namespace) -> tuple[Target, StageContext]:  #
 
 def run_infer(args: argparse.Namespace) -> int:
     from fm9g.launchers.prompts import read_prompts, sampling_from, sampling_per_prompt
+    from fm9g.orchestrator.inference.serve_stage import check_engine_args
     from fm9g.orchestrator.inference.stages import convert_stage, infer_stage
 
     sampling = sampling_from(args)
     # A bad prompt file, or sampling the engine would refuse, fails before any conversion.
     sampling_per_prompt(args.prompts, read_prompts(args.prompts), sampling, args.engine)
+    check_engine_args(args.engine, args.engine_args)
     target, ctx = _target_context(args)
     try:
         model = target.model or convert_stage(ctx)
@@ -336,6 +338,7 @@ def run_infer(args: argparse.Namespace) -> int:
                 engine=args.engine,
                 force=args.force,
                 trust_remote_code=args.trust_remote_code,
+                engine_args=args.engine_args,
             )
         )
     finally:

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fm9g.launchers.engine_args import parse_engine_arg
 from fm9g.launchers.infer import EngineChoice, check_engine_for_model, check_model_dir
 from fm9g.launchers.prompts import InferenceError
 from fm9g.orchestrator.inference.jobs import StageContext, refresh, seen, submit
@@ -77,8 +78,6 @@ def set_api_key(path: Path, key: str | None) -> str:
 
 def check_engine_args(engine: EngineChoice, engine_args: list[str]) -> None:
     """Engine arguments are vLLM's: well formed, not ones fm9g sets, and not for transformers."""
-    from fm9g.launchers.serve import parse_engine_arg
-
     for text in engine_args:
         try:
             parse_engine_arg(text)
@@ -86,7 +85,7 @@ def check_engine_args(engine: EngineChoice, engine_args: list[str]) -> None:
             raise InferenceError(str(exc)) from None
     if engine_args and engine == "transformers":
         raise InferenceError(
-            "--engine-arg passes vLLM engine arguments, and --engine transformers has none; "
+            "--engine-arg passes vLLM engine arguments, and --engine transformers takes none; "
             "drop them, or use --engine auto|vllm on a GPU node with vLLM"
         )
 

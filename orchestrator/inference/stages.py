@@ -151,7 +151,9 @@ def convert_stage(
 # ------------------------------------------------------------------ infer
 
 
-def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, engine: str, remote: bool) -> str:
+def _fingerprint(
+    model: Path, prompts: Path, sampling: Sampling, chat: bool, engine: str, remote: bool, engine_args: list[str]
+) -> str:
     """What makes two infer runs the same: model files, prompt bytes, sampling, format, engine."""
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model.iterdir()) if p.is_file()]
     facts = {
@@ -162,6 +164,7 @@ def _fingerprint(model: Path, prompts: Path, sampling: Sampling, chat: bool, eng
         "chat": chat,
         "engine": engine,
         "trust_remote_code": remote,
+        "engine_args": engine_args,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
@@ -178,16 +181,21 @@ def infer_stage(
     force: bool = False,
     stage: str = "infer",
     trust_remote_code: bool = False,
+    engine_args: list[str] | None = None,
 ) -> Path:
     """Generate completions for a prompt file as a job; skipped when the same model,
     prompts and sampling already produced `output`.  Returns the output path.
 
     The model folder, the prompt file and every prompt's sampling (checked against
     `engine`) are validated before the job is queued."""
+    from fm9g.orchestrator.inference.serve_stage import check_engine_args
+
     store = ctx.store
     model, prompts, output = model.resolve(), prompts.resolve(), output.resolve()
+    engine_args = list(engine_args or [])
     store.upsert_stage(stage, "infer")
     try:
+        check_engine_args(engine, engine_args)
         check_model_dir(model, trust_remote_code=trust_remote_code)
         check_engine_for_model(engine, model)
         lines = read_prompts(prompts)  # a bad prompt file fails here, naming FILE:LINE, before any job
@@ -196,7 +204,7 @@ def infer_stage(
     except InferenceError as exc:
         store.set_stage(stage, "FAILED", detail=str(exc).splitlines()[0])
         raise
-    fingerprint = _fingerprint(model, prompts, sampling, chat, engine, trust_remote_code)
+    fingerprint = _fingerprint(model, prompts, sampling, chat, engine, trust_remote_code, engine_args)
     done = store.meta(f"{stage}:outputs", {})
     if not force and output.is_file() and done.get(str(output)) == fingerprint:
         store.set_stage(stage, "SKIPPED", detail=f"{output} is up to date")
@@ -211,6 +219,7 @@ def infer_stage(
         "engine": engine,
         "sampling_json": sampling.to_json(),
         "trust_remote_code": trust_remote_code,
+        "engine_args": engine_args,
     }
     row = submit(ctx, stage=stage, template="infer.sbatch.j2", values=values, why=f"{count} prompts from {prompts}")
     ended = wait(ctx, row)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 MODEL_TYPE = "fm9g_remote_test"
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from transformers import PretrainedConfig
 
 
@@ -27,9 +27,9 @@ class RemoteTestConfig(PretrainedConfig):
         self.favourite = favourite
         self.num_hidden_layers = num_hidden_layers  # generate() sizes its cache from it
         super().__init__(**kwargs)
-'''
+"""
 
-MODELING = '''
+MODELING = """
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -51,7 +51,7 @@ class RemoteTestForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.embed(input_ids)  # (batch, seq, hidden)
         logits = hidden.new_zeros(*input_ids.shape, self.config.vocab_size) + self.bias  # (batch, seq, vocab)
         return CausalLMOutputWithPast(logits=logits)
-'''
+"""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -28,6 +28,7 @@ VALUES = {
             temperature=0.7, top_p=0.9, max_tokens=64, n=2, seed=5, top_k=20, stop=("\n\n", "'$(x)'")
         ).to_json(),
         "trust_remote_code": True,
+        "engine_args": ["max-model-len=2048", "quantization=awq"],
     },
     "serve": {
         "model": "/shared/runs/demo/hf/60",

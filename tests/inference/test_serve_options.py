@@ -39,6 +39,36 @@ def test_engine_args() -> None:
         parse_engine_arg("max model len=1")
 
 
+def test_offline_engine_args_become_llm_keywords() -> None:
+    from fm9g.launchers.engine_args import llm_kwargs
+
+    pairs = [parse_engine_arg(t) for t in ("max-model-len=4096", "gpu-memory-utilization=0.85", "enforce-eager")]
+    pairs.append(parse_engine_arg("quantization=awq"))
+    assert llm_kwargs(pairs) == {
+        "max_model_len": 4096,
+        "gpu_memory_utilization": 0.85,
+        "enforce_eager": True,
+        "quantization": "awq",
+    }
+
+
+def test_infer_refuses_engine_args_on_transformers(
+    trained_run: TrainedRun, hf_model: Path, tmp_path: Path, capsys
+) -> None:
+    from fm9g.launchers import infer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "你好"}\n')
+    run = trained_run.run
+    argv = ["infer", str(run.root), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]
+    assert main([*argv, "--engine", "transformers", "--engine-arg", "max-model-len=64"]) == 2
+    assert "--engine transformers takes none" in capsys.readouterr().err
+    assert not list(run.scripts.glob("*.sbatch"))
+    body = ["--model", str(hf_model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]
+    assert infer.main([*body, "--engine", "auto", "--engine-arg", "max-model-len=64"]) == 2  # no vLLM here
+    assert "engine arguments are vLLM's" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
 def test_vllm_command_line(hf_model: Path, tmp_path: Path) -> None:
     serving = Serving(
         model=hf_model,
@@ -89,7 +119,7 @@ def test_a_vocab_txt_only_folder_is_refused_for_vllm(hf_model: Path, tmp_path: P
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--engine", "transformers", "--engine-arg", "max-model-len=4096"], "--engine transformers has none"),
+        (["--engine", "transformers", "--engine-arg", "max-model-len=4096"], "--engine transformers takes none"),
         (["--engine-arg", "port=9"], "use --port"),
         (["--api-key", " "], "--api-key is empty"),
         (["--api-key-file", "/nonexistent/key"], "--api-key-file /nonexistent/key: cannot read it"),
