@@ -11,38 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from fm9g.launchers.prompts import Sampling
 from fm9g.orchestrator.inference.jobs import stage_spec
 from fm9g.orchestrator.plan import node_spec
 from fm9g.orchestrator.render import ScriptRenderer
 from fm9g.rundir.config import ClusterConfig
+from tests.inference.test_render import VALUES
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TRAIN_ENV = "/shared/envs/fm9g-train"
 SERVE_ENV = "/shared/envs/fm9g-serve"
 HOSTILE = "/shared/envs/x $(touch PWNED) 'q'; rm -rf ~"
 
-STAGE_VALUES = {
-    "infer": {
-        "model": "/shared/runs/demo/hf/60",
-        "prompts": "/shared/p.jsonl",
-        "output": "/shared/out.jsonl",
-        "chat": False,
-        "engine": "auto",
-        "sampling_json": Sampling().to_json(),
-        "trust_remote_code": False,
-    },
-    "serve": {
-        "model": "/shared/runs/demo/hf/60",
-        "endpoint": "/shared/runs/demo/serve/endpoint.json",
-        "api_key_file": "/shared/runs/demo/serve/api_key",
-        "served_name": "demo",
-        "engine": "auto",
-        "port": 8000,
-        "trust_remote_code": False,
-        "engine_args": [],
-    },
-}
+# The serving tests' own values, so this file follows their templates as they change.
+STAGE_VALUES = {stage: VALUES[stage] for stage in ("infer", "serve")}
 
 
 def renderer(train_env: str | None = TRAIN_ENV, serve_env: str | None = SERVE_ENV) -> ScriptRenderer:

@@ -112,6 +112,7 @@ mesh = init_device_mesh("cpu", (2,))
 local = torch.tensor(3.0 if rank == 0 else 4.0)
 norm = DTensor.from_local(local, mesh, [_NormPartial(norm_type=2.0)])
 print(f"rank{rank} global={global_norm(norm):.4f} local={float(norm.to_local()):.4f}", flush=True)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
 dist.destroy_process_group()
 """
 
