@@ -49,7 +49,10 @@ def resolve_target(
     name) for its scripts, logs, state and serve files."""
     from fm9g.orchestrator.launch import check_run_name
 
-    candidates = [path, Path(run_root) / path]
+    # A folder that is itself a model wins over a run of the same name under run_root:
+    # `infer my-model` makes runs/my-model, and a later `serve my-model` means the folder.
+    is_model = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    candidates = [path] if is_model else [path, Path(run_root) / path]
     for candidate in candidates:
         if (candidate / "config.yaml").is_file():
             run = RunDir.of(candidate)

@@ -146,6 +146,21 @@ def test_infer_on_a_model_folder(hf_model: Path, tmp_path: Path, monkeypatch: py
     assert [job.stage for job in jobs(run)] == ["infer"]  # a model folder needs no convert
 
 
+def test_a_model_folder_wins_over_a_run_of_its_name(hf_model: Path, tmp_path: Path, monkeypatch) -> None:
+    """`infer my-model` makes runs/my-model; `serve my-model` later still means the folder."""
+    import shutil
+
+    from fm9g.orchestrator.inference.stages import resolve_target
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(hf_model, tmp_path / "my-model")
+    first = resolve_target(Path("my-model"))
+    assert first.model == (tmp_path / "my-model").resolve() and first.run.name == "my-model"
+    again = resolve_target(Path("my-model"), name="other")
+    assert again.model == (tmp_path / "my-model").resolve() and again.run.name == "other"
+    assert resolve_target(Path("my-model")).model is not None
+
+
 @pytest.fixture
 def served(trained_run: TrainedRun) -> Iterator[RunDir]:
     yield trained_run.run
