@@ -88,7 +88,9 @@ class TorchBackend:
             self.model = model
         else:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead
+            # of a second fp32 copy of them (4 bytes per parameter: 11 GB for the 2.4b).
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
             self.ddp = True
         return self.model
 

@@ -1,8 +1,8 @@
 """GPU memory a training layout needs per device, by arithmetic (an estimate, not a measurement).
 
 The big terms are exact byte counts; activations are an estimate.  Per parameter N:
-  torch DDP     fp32 weights 4 + fp32 grads 4 + Adam m, v 8 = 16 bytes on every GPU, plus
-                DDP's gradient buckets (a second fp32 copy of the grads, 4) when world size > 1;
+  torch DDP     fp32 weights 4 + fp32 grads 4 + Adam m, v 8 = 16 bytes on every GPU (the
+                grads are views into DDP's buckets: gradient_as_bucket_view, no second copy);
   torch FSDP2   the same 16 bytes sharded over the GPUs, plus the bf16 all-gather of the
                 layers in flight (two, with prefetch) and of the root's embedding/head;
   bmtrain       bf16 weights 2 + bf16 grads 2 sharded over the GPUs; with offload the fp32
@@ -65,7 +65,7 @@ def estimate(args: ModelArgs, layout: Layout, *, gpus: int, tokens: int, checkpo
     embeddings = args.vocab_size * d * (1 if args.tie_lm_head else 2)
     gathered, host = 0.0, 0.0
     if layout == "ddp":
-        states = 16.0 * n + (4.0 * n if gpus > 1 else 0.0)
+        states = 16.0 * n
     elif layout == "fsdp2":
         states = 16.0 * n / gpus
         gathered = (2 * layer_count(args) * 2 + embeddings * 2) if gpus > 1 else 0.0
