@@ -145,8 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot a run's loss and lr curves (overall and per task) to a PNG")
     plot.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     plot.add_argument("--output", "-o", type=Path, help="PNG to write (default: curves.png in the run directory)")
+    _add_config_command(sub)
     _add_inference_commands(sub)
     return parser
+
+
+def _add_config_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = sub.add_parser(
+        "config",
+        help="show the resolved config and where each value came from (site file, run config, --set)",
+        description="Inspect configs.  Precedence, lowest first: default < site file < run config < --set. "
+        "The site file is $FM9G_LAUNCH_SITE (empty: none), else ~/.config/fm9g-launch/site.yaml; it may "
+        "set executor, run_root, cluster, rendezvous and supervise.",
+    )
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = actions.add_parser(
+        "show",
+        help="print every resolved field with its source",
+        description="Print the resolved config and, for each value, where it came from: default, "
+        "site file PATH, run config PATH or --set.",
+    )
+    show.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON); none: the site file and defaults")
+    show.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, as pretrain/sft take it (repeatable)",
+    )
+    show.add_argument("--json", action="store_true", help='{"field": {"value": ..., "source": ..., "path": ...}}')
+    show.add_argument("--changed", action="store_true", help="only the fields a layer sets (hide the defaults)")
 
 
 INFER_EPILOG = """\

@@ -27,6 +27,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "cancel": run_cancel,
         "tui": run_tui,
         "plot": run_plot,
+        "config": run_config,
         "convert": run_convert,
         "import": run_import,
         "infer": run_infer,
@@ -255,6 +256,41 @@ def run_plot(args: argparse.Namespace) -> int:
         print(f"fm9g-launch: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
+    return 0
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """`config show`: the resolved config, each field with its source."""
+    import json
+
+    from fm9g.rundir import site
+
+    layered = site.load(args.config, args.overrides)
+    rows = {
+        name: (value, origin)
+        for name, (value, origin) in layered.provenance().items()
+        if not (args.changed and origin.kind == "default")
+    }
+    if args.json:
+        record = {
+            name: {"value": value, "source": origin.kind, "path": origin.path} for name, (value, origin) in rows.items()
+        }
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    files = [layered.site_note] + ([f"run config: {layered.source}"] if layered.source else [])
+    table = Table(title="\n".join(files), title_justify="left")
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    table.add_column("source", overflow="fold")
+    styles = {"default": "dim", "site file": "cyan", "run config": "", "--set": "bold"}
+    for name, (value, origin) in rows.items():
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        table.add_row(escape(name), escape(shown), origin.kind, style=styles[origin.kind])
+    Console().print(table)
     return 0
 
 

@@ -24,6 +24,7 @@ from fm9g.orchestrator.plan import TRAIN, Plan, plan_run
 from fm9g.orchestrator.state import StageStatus, StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
+from fm9g.rundir import site as site_mod
 from fm9g.rundir.atomic import read_json, write_json, write_text
 from fm9g.rundir.config import ConfigError, RunConfig
 
@@ -49,7 +50,9 @@ def say(message: str) -> None:
     print(f"fm9g-launch: {message}", flush=True)
 
 
-def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str]:
+def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str, str]:
+    """(config, run name, the plan's line naming the site file applied): the run config
+    over the site defaults (fm9g.rundir.site), then --set and the command's own options."""
     if options.nodes is not None and options.nodes < 1:
         raise ConfigError(f"--nodes {options.nodes}: a run needs at least one node")
     overrides = list(options.overrides)
@@ -59,10 +62,10 @@ def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str]:
         overrides.append(f"executor={options.executor}")
     if options.sft:
         overrides.append("data.sft=true")
-    config, name = config_mod.load(options.config_path, overrides)
-    name = options.name or name
+    layered = site_mod.load(options.config_path, overrides)
+    name = options.name or layered.name
     check_run_name(name)
-    return config, name
+    return layered.config, name, layered.site_note
 
 
 def check_run_name(name: str) -> None:
@@ -169,14 +172,14 @@ def greeting(run: RunDir, existed: bool) -> str:
 
 
 def launch(options: LaunchOptions) -> int:
-    config, name = resolve_config(options)
+    config, name, site_note = resolve_config(options)
     run = RunDir.of(Path(config.run_root) / name)
     warnings = preflight(config)
     plan = plan_run(config, run)  # validates everything a real run does; writes nothing
     for warning in warnings:
         say(f"warning: {warning}")
     if options.dry_run:
-        return write_dry_run(plan)
+        return write_dry_run(plan, site_note)
     if run.done_flag.exists() and not config.pipeline.after_train:
         from fm9g.orchestrator.reconcile import reconcile_run
 
@@ -190,6 +193,7 @@ def launch(options: LaunchOptions) -> int:
     try:
         run.make()
         write_text(run.config, plan.config_text)
+        say(site_note)  # config.yaml holds the resolved values: the site file is not read again
         if options.detach:
             lock.release()  # the background supervisor takes it again
             return detach(run)
@@ -204,6 +208,7 @@ def resume(run: RunDir, *, detach_it: bool, progress: bool) -> int:
     lock = SupervisorLock(run)
     lock.acquire()
     try:
+        # The run's own resolved config, never the site file: it may have changed since.
         config = config_mod.load_resolved(run.config)
         for warning in preflight(config):
             say(f"warning: {warning}")
@@ -217,11 +222,11 @@ def resume(run: RunDir, *, detach_it: bool, progress: bool) -> int:
         lock.release()
 
 
-def write_dry_run(plan: Plan) -> int:
+def write_dry_run(plan: Plan, site_note: str = "") -> int:
     """Print the plan and write its config and scripts under runs/<name>/dry-run/ (nothing
     the run reads): the same bytes a real run of this config submits first."""
     out = plan.run.dry_run
-    listing = plan.describe()
+    listing = plan.describe() + (f"  {site_note}\n" if site_note else "")
     write_text(out / "config.yaml", plan.config_text)
     write_text(out / "plan.txt", listing)
     for name, text in plan.scripts.items():

@@ -10,6 +10,7 @@ mean" points there when someone writes them under `train`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -671,12 +672,33 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         node[field] = str((base / value).resolve())
 
 
-def load(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
-    """Load, override and validate a config; returns (config, run name)."""
+def merge_layers(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a fresh dict: neither input changes).
+
+    Mappings merge key by key; anything else in `top` (a value, a list) replaces the
+    value in `base` whole, so a run config's `cluster.setup` list replaces the site's."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_layers(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> tuple[RunConfig, str]:
+    """Load, override and validate a config; returns (config, run name).
+
+    `base` is a layer beneath the file (the site defaults, fm9g.rundir.site), already
+    validated by its caller: precedence is default < base < file < `overrides`."""
     source = Path(path) if path else None
     raw = read_file(source) if source else {}
     if source:
         _resolve_paths(raw, source.resolve().parent)
+    if base:
+        raw = merge_layers(base, raw)
     raw = apply_overrides(raw, overrides or [])
     if source is None:
         _resolve_paths(raw, Path.cwd())

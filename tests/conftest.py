@@ -20,6 +20,12 @@ from tests.helpers.cluster import NOT_UP, cluster_up
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Hermetic: a user's ~/.config/fm9g-launch/site.yaml must never change what a test
+# launches.  Set, empty, it means "no site file" (fm9g.rundir.site); set here, at import,
+# so the CLI subprocesses the tests start inherit it too.  Tests of the site file set
+# their own path with monkeypatch.
+os.environ["FM9G_LAUNCH_SITE"] = ""
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
