@@ -45,9 +45,6 @@ class Origin:
     kind: OriginKind
     path: str | None = None  # the file, for "site file" and "run config"
 
-    def label(self) -> str:
-        return f"{self.kind} {self.path}" if self.path else self.kind
-
 
 def default_site_path(environ: Mapping[str, str]) -> Path:
     """The per-user site file looked for when FM9G_LAUNCH_SITE is unset."""
