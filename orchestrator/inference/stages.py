@@ -17,7 +17,7 @@ from fm9g.launchers.prompts import InferenceError, Sampling, read_prompts, sampl
 from fm9g.orchestrator.inference.jobs import StageContext, submit, wait
 from fm9g.orchestrator.jobs import log_excerpt
 from fm9g.orchestrator.state import JobState
-from fm9g.rundir import RunDir
+from fm9g.rundir import RunDir, site
 from fm9g.rundir import config as config_mod
 from fm9g.rundir.atomic import write_text
 from fm9g.rundir.config import RunConfig
@@ -70,7 +70,11 @@ def resolve_target(
         if run.config.is_file():
             raw = config_mod.read_file(run.config)
         else:
-            raw = {"run_root": str(Path(run_root))}
+            # A fresh model-folder run takes the site defaults (partition, account, setup
+            # lines) as a launched run does; its config.yaml then holds them resolved.
+            site_file = site.site_path()
+            site_raw = site.read_site(site_file) if site_file else {}
+            raw = config_mod.merge_layers(site_raw, {"run_root": str(Path(run_root))})
         config = config_mod.validate(config_mod.apply_overrides(raw, overrides or []), "--set")
         run.make()
         write_text(run.config, config_mod.dump(config))

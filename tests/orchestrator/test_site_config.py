@@ -184,3 +184,14 @@ def test_a_run_keeps_its_resolved_config_when_the_site_file_changes(
     error = capsys.readouterr().err
     assert str(run.state_db) in error and "site file" not in error
     assert run.config.read_bytes() == written
+
+
+def test_a_model_folder_run_takes_the_site_defaults(tmp_path: Path, site_file: Path) -> None:
+    """`serve FOLDER` makes a run of its own: its jobs need the site's partition too."""
+    from fm9g.orchestrator.inference.stages import resolve_target
+
+    folder = write(tmp_path / "my-model" / "config.json", "{}").parent
+    target = resolve_target(folder, run_root=tmp_path / "runs", overrides=["cluster.qos=cli-qos"])
+    written = config_mod.load_resolved(target.run.config)
+    assert (written.cluster.partition, written.cluster.account) == ("site-part", "site-acct")
+    assert written.cluster.qos == "cli-qos"
