@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     plot.add_argument("--output", "-o", type=Path, help="PNG to write (default: curves.png in the run directory)")
     _add_config_command(sub)
+    _add_doctor_command(sub)
     _add_inference_commands(sub)
     return parser
 
@@ -176,6 +177,31 @@ def _add_config_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     show.add_argument("--json", action="store_true", help='{"field": {"value": ..., "source": ..., "path": ...}}')
     show.add_argument("--changed", action="store_true", help="only the fields a layer sets (hide the defaults)")
+
+
+def _add_doctor_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the cluster before a first run: partition, GPUs, shared run dir, environment, ports",
+        description="Submit two small probe jobs (1 CPU, named fm9g-doctor-*) to the partition the config "
+        "names and check: the partition and its node count, GPU gres, the run directory written on a "
+        "compute node and read back here, the setup lines' Python environment on a compute node (torch, "
+        "CUDA, NCCL, bmtrain, flash_attn, vllm, fm9g), and a TCP port between two compute nodes.  Exit "
+        "status 1 when a check fails.  The jobs are cancelled when it ends, whatever happens.",
+    )
+    doctor.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON); none: site file and defaults")
+    doctor.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, as pretrain/sft take it (repeatable)",
+    )
+    doctor.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the probe jobs in all (default 120)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
 
 
 INFER_EPILOG = """\

@@ -28,6 +28,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "tui": run_tui,
         "plot": run_plot,
         "config": run_config,
+        "doctor": run_doctor,
         "convert": run_convert,
         "import": run_import,
         "infer": run_infer,
@@ -257,6 +258,24 @@ def run_plot(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {output}")
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """`doctor`: the checks as a table (or JSON); exit 1 when one fails."""
+    from fm9g.orchestrator.doctor import run_doctor as doctor
+    from fm9g.orchestrator.doctor_checks import render_table
+    from fm9g.rundir import site
+
+    config = site.load(args.config, args.overrides).config
+    report = doctor(config, timeout_s=args.timeout, say=lambda line: print(line, file=sys.stderr))
+    if args.json:
+        print(report.to_json())
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(report))
+        print(f"the record: {report.folder}/doctor.json")
+    return 0 if report.ok else 1
 
 
 def run_config(args: argparse.Namespace) -> int:

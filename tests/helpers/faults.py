@@ -3,11 +3,13 @@ the recovery benchmark break: start it, wait for a step, break something."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers.runs import REPO, LiveJob, live_jobs, start_tiny
@@ -143,3 +145,55 @@ def restart_slurmctld(sig: signal.Signals = signal.SIGKILL) -> str:
     time.sleep(3)
     subprocess.run(["bash", str(CLUSTER / "up.sh")], check=True, capture_output=True)
     return f"stopped slurmctld {pid} ({sig.name}) and started it again"
+
+
+# ---------------------------------------------------------------------------- network
+
+
+def node_namespaces() -> list[str]:
+    """The network namespaces of the test cluster's nodes (fm9g-node1...)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[0] for line in listing.splitlines() if line.startswith("fm9g-node"))
+
+
+@contextlib.contextmanager
+def blocked_tcp_port(port: int) -> Iterator[list[str]]:
+    """Drop every TCP packet sent to `port` from any compute node, as a firewall between
+    nodes would (the connection times out, no RST), and restore the nodes on exit.
+
+    tc, not iptables: this kernel has neither iptables nor tc's drop action, but it has
+    htb and u32, so matching packets go to a class whose queue holds nothing (pfifo
+    limit 0).  Slurm's own traffic (other ports) is untouched."""
+    namespaces = node_namespaces()
+    done: list[str] = []
+    try:
+        for ns in namespaces:
+            tc = ["tc", "-n", ns]
+            subprocess.run(
+                [*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1"], check=True
+            )
+            done.append(ns)
+            subprocess.run(
+                [*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit"],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:2", "htb", "rate", "8bit"],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [*tc, "qdisc", "add", "dev", "eth0", "parent", "1:2", "handle", "20:", "pfifo", "limit", "0"],
+                check=True,
+            )
+            match = ["match", "ip", "protocol", "6", "0xff", "match", "ip", "dport", str(port), "0xffff"]
+            subprocess.run(
+                [*tc, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32", *match]
+                + ["flowid", "1:2"],
+                check=True,
+            )
+        yield namespaces
+    finally:
+        for ns in done:
+            subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "root"], check=False, capture_output=True)
