@@ -262,12 +262,25 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """`doctor`: the checks as a table (or JSON); exit 1 when one fails."""
+    import signal
+    import threading
+
     from fm9g.orchestrator.doctor import run_doctor as doctor
     from fm9g.orchestrator.doctor_checks import render_table
     from fm9g.rundir import site
 
     config = site.load(args.config, args.overrides).config
-    report = doctor(config, timeout_s=args.timeout, say=lambda line: print(line, file=sys.stderr))
+    # SIGTERM takes Ctrl-C's path, so the probe jobs are cancelled (in run_doctor's finally).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    try:
+        report = doctor(config, timeout_s=args.timeout, say=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt as exc:
+        print("fm9g-launch: doctor interrupted; its probe jobs were cancelled", file=sys.stderr)
+        return 128 + exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(report.to_json())
     else:

@@ -114,7 +114,7 @@ def run_doctor(
     say: Callable[[str], None] = lambda _line: None,
 ) -> DoctorReport:
     """Run every check against the cluster; the report is also written to `<folder>/doctor.json`."""
-    client = client or SlurmClient(timeout_s=min(30.0, timeout_s))
+    client = client or SlurmClient(timeout_s=min(30.0, timeout_s), submit_timeout_s=min(60.0, timeout_s))
     runs_root = Path(config.run_root).resolve()
     doctor_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     folder = runs_root / ".doctor" / doctor_id

@@ -33,12 +33,17 @@ def root() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def doctor(root: Path, *sets: str) -> tuple[int, dict[str, Any]]:
-    """Run `fm9g-launch doctor --json`; (exit status, the record by check name)."""
+def doctor_argv(root: Path, *sets: str, timeout: float = 45) -> list[str]:
     argv = [sys.executable, "-m", "fm9g.orchestrator.cli", "doctor", "--config", str(CONFIG), "--json"]
-    argv += ["--timeout", "45", "--set", f"run_root={root}"]
+    argv += ["--timeout", str(timeout), "--set", f"run_root={root}"]
     for item in sets:
         argv += ["--set", item]
+    return argv
+
+
+def doctor(root: Path, *sets: str, timeout: float = 45) -> tuple[int, dict[str, Any]]:
+    """Run `fm9g-launch doctor --json`; (exit status, the record by check name)."""
+    argv = doctor_argv(root, *sets, timeout=timeout)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert result.stdout.strip(), result.stderr
     record = json.loads(result.stdout)
@@ -120,3 +125,47 @@ def test_partition_that_does_not_exist(root: Path) -> None:
     assert "nosuch" in checks["partition"]["found"] and "debug" in checks["partition"]["fix"]
     assert record["jobs"] == {}  # nothing is submitted to a partition that is not there
     assert checks["environment"]["status"] == "fail" and "not run" in checks["environment"]["found"]
+
+
+# The probe jobs can never start within the test: Slurm holds them until then (BeginTime).
+NEVER_STARTS = "cluster.extra_sbatch=['--begin=now+1hour']"
+
+
+def test_busy_partition_times_out_and_cancels_the_jobs(root: Path) -> None:
+    status, record = doctor(root, NEVER_STARTS, timeout=4)
+    checks = record["by_name"]
+    assert status == 1 and set(record["jobs"]) == {"env", "port"}
+    for name in ("run_dir", "environment", "port"):
+        assert checks[name]["status"] == "fail"
+        assert "timed out waiting for a node: the partition may be busy" in checks[name]["found"]
+    assert no_doctor_jobs_left(record)
+
+
+def test_sigterm_cancels_the_probe_jobs(root: Path) -> None:
+    process = subprocess.Popen(
+        doctor_argv(root, NEVER_STARTS, timeout=100),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ids: list[str] = []
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:  # "submitted env.sbatch as job 12"
+            if line.startswith("submitted "):
+                ids.append(line.split()[-1])
+            if len(ids) == 2:
+                break
+        process.terminate()
+        assert process.wait(timeout=30) == 128 + 15
+    finally:
+        process.kill()
+        subprocess.run(["scancel", *ids], check=False)
+    states = subprocess.run(
+        ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%T"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert states == ["CANCELLED", "CANCELLED"]

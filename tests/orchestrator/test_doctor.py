@@ -147,3 +147,14 @@ def test_report_json_and_table() -> None:
 def test_setup_marker_is_in_each_script(role: str, tmp_path: Path) -> None:
     script = doctor.render_probe_script(config(setup=["module load x"]), role, tmp_path, "d", "t", 2, None)
     assert script.splitlines()[doctor.setup_first_line(script) - 1] == "module load x"
+
+
+def test_no_slurm_here_fails_the_partition_check_and_submits_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sinfo, no sbatch
+    report = doctor.run_doctor(RunConfig.model_validate({"run_root": str(tmp_path / "runs")}), timeout_s=5)
+    assert not report.ok and report.jobs == {}
+    partition = report.check("partition")
+    assert partition.status == "fail" and "sinfo not found on PATH" in partition.found
+    assert "not run" in report.check("environment").found
+    kept = json.loads((Path(report.folder) / "doctor.json").read_text())
+    assert kept["ok"] is False and kept["folder"].startswith(str(tmp_path / "runs" / ".doctor"))
