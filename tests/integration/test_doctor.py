@@ -99,6 +99,15 @@ def test_setup_line_activating_a_missing_environment(root: Path) -> None:
     assert no_doctor_jobs_left(record)
 
 
+def test_missing_train_env_is_named(root: Path) -> None:
+    status, record = doctor(root, "cluster.train_env=/nonexistent/fm9g-train")
+    environment = record["by_name"]["environment"]
+    assert status == 1 and environment["status"] == "fail"
+    assert "cluster.train_env" in environment["fix"]
+    assert [f["field"] for f in environment["details"]["setup_failures"]] == ["cluster.train_env"]
+    assert no_doctor_jobs_left(record)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="blocking a port in the nodes' namespaces (tc) needs root")
 def test_blocked_port_between_two_nodes(root: Path) -> None:
     with faults.blocked_tcp_port(BLOCKED_PORT):
