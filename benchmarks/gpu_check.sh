@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot device check (issue 17): what to run first the day a GPU machine is lent.
+# The one-shot device check (issue 17): what to run first on a GPU machine.
 #
 #   bash benchmarks/gpu_check.sh [--dry] [--out DIR] [--budget SECONDS]
 #
@@ -19,7 +19,7 @@
 # Dry mode (--dry, and automatically when torch sees no CUDA): every GPU step is reported as
 # "skipped: no CUDA" (or "skipped: --dry") after running its CPU side for real (collecting the
 # gpu tests, one gpu_mfu step of the tiny model, a 2-step train + resume on gloo), so the
-# script is known to work end to end before a GPU is lent.  Exit status: 0 when every step
+# script is known to work end to end before it first meets a GPU.  Exit status: 0 when every step
 # that ran passed, 1 otherwise; the report is complete either way.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
