@@ -51,7 +51,7 @@ def dispatch(args: argparse.Namespace) -> int:
             )
         else:
             print(
-                "fm9g-launch: interrupted; jobs already submitted keep running (`fm9g-launch status` lists them)",
+                "fm9g-launch: interrupted (`fm9g-launch status` lists every job a run has, running or not)",
                 file=sys.stderr,
             )
         return code

@@ -6,8 +6,10 @@ stage's template, record the intent, submit, and poll the job into the state DB.
 
 from __future__ import annotations
 
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,11 +89,37 @@ def seen(ctx: StageContext, row: JobRow) -> JobRow | None:
 
 def wait(ctx: StageContext, row: JobRow) -> JobRow:
     """Poll until the job has ended (COMPLETED, FAILED, CANCELLED, ...); its final row."""
-    try:
-        [ended] = ctx.tracker.wait([row], interval=ctx.poll_interval, unknown_bound=ctx.unknown_grace)
-    except UnknownTooLong as exc:
-        raise InferenceError(str(exc)) from None
+    with stop_on_interrupt(ctx, row):
+        try:
+            [ended] = ctx.tracker.wait([row], interval=ctx.poll_interval, unknown_bound=ctx.unknown_grace)
+        except UnknownTooLong as exc:
+            raise InferenceError(str(exc)) from None
     return ended
+
+
+@contextmanager
+def stop_on_interrupt(ctx: StageContext, row: JobRow) -> Iterator[None]:
+    """Ctrl-C while a command follows its job.  A local job is a process this command
+    started on this machine, so it is cancelled with the command; a Slurm job belongs to
+    the cluster and keeps running, and the message names how to stop it.  Either way the
+    KeyboardInterrupt goes on to the CLI, which exits 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if ctx.executor.name == "local":
+            ids = ctx.tracker.cancel([row], reason="interrupted (Ctrl-C)")
+            ctx.store.event(
+                "interrupt", f"Ctrl-C: cancelled {row.stage} job {row.job_id}", stage=row.stage, job_ids=ids
+            )
+            ctx.say(f"Ctrl-C: {row.stage} job {row.job_id} stopped")
+        else:
+            where = shlex.quote(str(ctx.run.root))
+            ctx.store.event("interrupt", f"Ctrl-C: detached from {row.stage} job {row.job_id}", stage=row.stage)
+            ctx.say(
+                f"Ctrl-C: {row.stage} job {row.job_id} keeps running on the cluster; "
+                f"`fm9g-launch cancel {where} --job {row.job_id}` stops it"
+            )
+        raise
 
 
 def open_context(

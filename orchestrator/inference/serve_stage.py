@@ -22,7 +22,7 @@ from typing import Any
 from fm9g.launchers.engine_args import parse_engine_arg
 from fm9g.launchers.infer import EngineChoice, check_engine_for_model, check_model_dir
 from fm9g.launchers.prompts import InferenceError
-from fm9g.orchestrator.inference.jobs import StageContext, refresh, seen, submit
+from fm9g.orchestrator.inference.jobs import StageContext, refresh, seen, stop_on_interrupt, submit
 from fm9g.orchestrator.jobs import UnknownTooLong, UnseenClock, log_excerpt
 from fm9g.orchestrator.state import JobRow
 from fm9g.rundir.atomic import read_json, write_text
@@ -104,9 +104,16 @@ def healthy(endpoint: dict[str, Any], timeout: float = 2.0) -> bool:
 
 def wait_ready(ctx: StageContext, row: JobRow, timeout: float | None = None) -> dict[str, Any]:
     """Poll /health of the endpoint `row`'s job publishes, for as long as that job lives."""
-    path = ctx.run.serve_endpoint
     started = time.monotonic()
     clock = UnseenClock(ctx.unknown_grace, ctx.executor.name)
+    with stop_on_interrupt(ctx, row):
+        return _poll_until_ready(ctx, row, clock, started, timeout)
+
+
+def _poll_until_ready(
+    ctx: StageContext, row: JobRow, clock: UnseenClock, started: float, timeout: float | None
+) -> dict[str, Any]:
+    path = ctx.run.serve_endpoint
     while True:
         refresh(ctx, STAGE)
         current = seen(ctx, row)
