@@ -38,16 +38,14 @@ examples:
 """
 
 
+def _add_set_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """--set KEY=VALUE (repeatable): the one way every command overrides a config field."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    _add_set_option(parser, "override a config field, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--nodes", "-N", type=int, help="nodes for the training stage (cluster.nodes)")
     parser.add_argument(
         "--executor", choices=["local", "slurm"], help="local: processes on this machine (default); slurm: sbatch jobs"
@@ -167,14 +165,7 @@ def _add_config_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "site file PATH, run config PATH or --set.",
     )
     show.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON); none: the site file and defaults")
-    show.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, as pretrain/sft take it (repeatable)",
-    )
+    _add_set_option(show, "override a config field, as pretrain/sft take it (repeatable)")
     show.add_argument("--json", action="store_true", help='{"field": {"value": ..., "source": ..., "path": ...}}')
     show.add_argument("--changed", action="store_true", help="only the fields a layer sets (hide the defaults)")
 
@@ -190,14 +181,7 @@ def _add_doctor_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "status 1 when a check fails.  The jobs are cancelled when it ends, whatever happens.",
     )
     doctor.add_argument("--config", "-c", type=Path, help="run config (YAML or JSON); none: site file and defaults")
-    doctor.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, as pretrain/sft take it (repeatable)",
-    )
+    _add_set_option(doctor, "override a config field, as pretrain/sft take it (repeatable)")
     doctor.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for the probe jobs in all (default 120)"
     )
@@ -267,14 +251,7 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         help="load a custom architecture (config.json auto_map) with the folder's own Python code; "
         "the alternative is `fm9g-launch convert` to a native architecture",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)",
-    )
+    _add_set_option(parser, "override a config field for this stage, e.g. --set cluster.partition=gpu (repeatable)")
 
 
 def _add_released_options(parser: argparse.ArgumentParser) -> None:
