@@ -2,7 +2,8 @@
 the released layout, `sft` from it for a few steps (local executor, tiny shapes) with the
 --set options import printed, `convert` the run, and load the result with stock
 transformers: its logits equal the project's model on the fine-tuned weights, and the 8B's
-cpm tokenizer.json gives the cpm ids."""
+cpm tokenizer.json gives the cpm ids.  Then `infer` and `serve` on the run: the OpenAI
+client, asking for the run's name, gets the text infer wrote for the same prompt."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -116,3 +118,24 @@ def test_import_sft_convert_transformers(name: str, kind: str, layout: str, tmp_
         if kind == "8b":
             assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
         assert hf_tokenizer.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+
+    # infer and serve the fine-tuned run, as the guide's users then do.
+    # Already in the chat form, so infer (which wraps an sft run's prompts) and the raw
+    # /v1/completions endpoint feed the model the same text.
+    prompt = "<用户>中国的首都是北京。today<AI>"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out.jsonl"
+    greedy = ["--temperature", "0", "--max-tokens", "8", "--engine", "transformers", "--executor", "local"]
+    _run("infer", str(run), "--prompts", str(prompts), "--output", str(out), *greedy, cwd=tmp_path)
+    expected = json.loads(out.read_text())["text"]
+    _run("serve", str(run), "--engine", "transformers", "--executor", "local", cwd=tmp_path)
+    try:
+        endpoint = json.loads((run / "serve" / "endpoint.json").read_text())
+        assert endpoint["model"] == name
+        key = (run / "serve" / "api_key").read_text().strip()
+        client = openai.OpenAI(base_url=endpoint["url"], api_key=key, max_retries=0, timeout=120)
+        completion = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+        assert expected and completion.choices[0].text == expected
+    finally:
+        _run("serve", str(run), "--stop", cwd=tmp_path)
