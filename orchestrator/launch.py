@@ -121,6 +121,10 @@ class SupervisorLock:
             self.handle = None
 
 
+def _loss(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def describe_summary(run: RunDir, prompts: str | None = None) -> str:
     """The finished run's figures, ending with the model's answer to the first prompts of
     `prompts` (pipeline.eval_prompts) when the model is small enough to sample here."""
@@ -130,7 +134,7 @@ def describe_summary(run: RunDir, prompts: str | None = None) -> str:
         lines.append(
             f"  steps run:    {summary.get('steps_run')} (step {summary.get('start_step')} -> {summary.get('final_step')})"
         )
-        lines.append(f"  loss:         {summary.get('first_loss')} -> {summary.get('last_loss')}")
+        lines.append(f"  loss:         {_loss(summary.get('first_loss'))} -> {_loss(summary.get('last_loss'))}")
         lines.append(f"  checkpoint:   {summary.get('checkpoint')}")
         lines.append(
             f"  tensorboard:  {summary.get('tensorboard')}   (tensorboard --logdir {shlex.quote(str(run.tensorboard))})"
@@ -178,6 +182,10 @@ def launch(options: LaunchOptions) -> int:
     plan = plan_run(config, run)  # validates everything a real run does; writes nothing
     for warning in warnings:
         say(f"warning: {warning}")
+    if config.supervise.where == "job":
+        from fm9g.orchestrator import supervisor_job
+
+        supervisor_job.check(config)  # before anything is written
     if options.dry_run:
         return write_dry_run(plan, site_note)
     if run.done_flag.exists() and not config.pipeline.after_train:
@@ -193,10 +201,14 @@ def launch(options: LaunchOptions) -> int:
     try:
         run.make()
         write_text(run.config, plan.config_text)
-        say(site_note)  # config.yaml holds the resolved values: the site file is not read again
+        if not site_note.startswith("site defaults: none"):  # said only when a site file applied
+            say(site_note)  # config.yaml holds the resolved values: the site file is not read again
         if options.detach:
             lock.release()  # the background supervisor takes it again
             return detach(run)
+        if config.supervise.where == "job":
+            lock.release()  # the supervisor job takes it again
+            return supervisor_job.launch_job(config, run)
         say(greeting(run, existed))
         return supervise(plan, progress=options.progress)
     finally:
