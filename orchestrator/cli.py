@@ -14,10 +14,13 @@ cluster, or on this machine, with one command.
 
 typical session:
   fm9g-launch pretrain --config examples/tiny/pretrain.yaml               # local, 1 node
+  fm9g-launch doctor --config examples/fm9g_2b/pretrain.yaml              # check the cluster first
   fm9g-launch pretrain --nodes 4 --executor slurm --config examples/fm9g_2b/pretrain.yaml
   fm9g-launch status                       # every run under ./runs, or one: status runs/NAME
   fm9g-launch logs runs/NAME --role worker --node 2 -f
   fm9g-launch cancel runs/NAME
+  fm9g-launch import 2b_sft_model/ --output models/fm9g-2b    # start from a released model
+  fm9g-launch serve runs/NAME --port 8000                      # OpenAI API; model id = NAME
 
 A run lives in runs/<name>/ (config.yaml, state.db, scripts/, logs/, checkpoints/,
 tensorboard/, metrics.jsonl).  Running the same command again resumes the run from its
