@@ -13,7 +13,7 @@ Prepare data for, pretrain, fine-tune, convert and serve FM9G (九格) models on
 cluster, or on this machine, with one command.
 
 typical session:
-  fm9g-launch pretrain --config examples/tiny/pretrain.yaml               # local, 1 node
+  fm9g-launch pretrain --config examples/tiny/pretrain.yaml               # on this machine, 2 nodes
   fm9g-launch doctor --config examples/fm9g_2b/pretrain.yaml              # check the cluster first
   fm9g-launch pretrain --nodes 4 --executor slurm --config examples/fm9g_2b/pretrain.yaml
   fm9g-launch status                       # every run under ./runs, or one: status runs/NAME
