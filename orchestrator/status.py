@@ -55,6 +55,8 @@ def print_tables(runs: list[RunDir]) -> None:
                 + (f"/{total}" if total else "")
                 + f"  loss {format_loss(progress['loss'])}  lr {format_lr(progress['lr'])}"
             )
+        if facts.get("supervisor_job"):
+            line += f"\n  supervisor: Slurm job {escape(str(facts['supervisor_job']))} (supervise.where: job)"
         if facts["error"]:
             error = facts["error"]
             line += f"\n  [red]{escape(error['source'])}: {escape(error['message'])}[/red]; {escape(error['fix'])}"

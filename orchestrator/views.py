@@ -381,6 +381,7 @@ class RunView:
     status: str = "NEW"
     owner: str | None = None
     executor: str | None = None
+    supervisor_job: str | None = None  # the run's supervisor Slurm job (supervise.where: job)
     stages: tuple[StageRow, ...] = ()
     jobs: tuple[JobRow, ...] = ()  # stage order, then attempt, node rank
     changed: frozenset[int] = frozenset()  # job row ids new or changed since the previous view
@@ -461,7 +462,7 @@ class RunReader:
         return found if found is not None else self._config_iters
 
     def _read_state(self, store: StateStore) -> tuple[set[int], list[EventRow]]:
-        self._meta = {key: store.meta(key) for key in ("owner", "executor")}
+        self._meta = {key: store.meta(key) for key in ("owner", "executor", "supervisor_job")}
         stages = store.stages()
         since = None if self._since is None else self._since - UPDATE_OVERLAP_S
         changed: set[int] = set()
@@ -523,6 +524,7 @@ class RunReader:
             status=status,
             owner=self._meta.get("owner"),
             executor=self._meta.get("executor"),
+            supervisor_job=self._meta.get("supervisor_job"),
             stages=tuple(stages),
             jobs=tuple(self._jobs[i] for i in self._order),
             changed=frozenset(changed),
@@ -576,6 +578,7 @@ def collect(run: RunDir, now: float | None = None) -> dict[str, Any]:
         "status": view.status,
         "owner": view.owner,
         "executor": view.executor,
+        "supervisor_job": view.supervisor_job,
         "stages": [
             {
                 "name": s.name,

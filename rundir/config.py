@@ -348,6 +348,30 @@ class SuperviseConfig(Section):
     poll_interval: float = Field(
         2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes)."
     )
+    where: Literal["login", "job"] = Field(
+        "login",
+        description="Where the supervisor runs: 'login' (the launching shell, or --detach) or 'job' (a 1-node CPU Slurm job that hands over to a successor job before its walltime; Slurm executor only).",
+    )
+    job_partition: str | None = Field(
+        None, description="Partition of the supervisor job (where: job); None: cluster.partition."
+    )
+    job_account: str | None = Field(
+        None, description="--account of the supervisor job (where: job); None: cluster.account."
+    )
+    job_time: str = Field(
+        "4:00:00", description="Walltime of one supervisor job (where: job); it hands over to a successor before it."
+    )
+    job_cpus: int = Field(1, ge=1, description="--cpus-per-task of the supervisor job (where: job).")
+    job_lead: int = Field(
+        60,
+        ge=10,
+        description="Seconds before the supervisor job's walltime at which it hands over (--signal=B:USR1@lead).",
+    )
+    job_restarts: int = Field(
+        20,
+        ge=0,
+        description="Supervisor jobs that may end without finishing (killed, crashed) in a row before no guard job follows (where: job).",
+    )
 
 
 class PipelineConfig(Section):
