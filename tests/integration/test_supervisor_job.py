@@ -111,3 +111,26 @@ def test_handover_and_scancel_lose_no_step(shared_tmp: Path) -> None:
         assert ids[2] == guards[second]  # the one Slurm started when `second` was cancelled
     finally:
         cleanup(run)
+
+
+def squeue_names() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_cancel_reaches_the_supervisor_job(shared_tmp: Path) -> None:
+    run = shared_tmp / "sc"
+    result = launch(shared_tmp, "sc", iters=400)
+    try:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs.wait_for(lambda: runs.last_step(run) >= 2, 240, "training to start")
+        subprocess.run(runs.cli("cancel", str(run)), capture_output=True, text=True, check=True)
+        row = runs.wait_for(
+            lambda: (s := runs.stage(run)) is not None and s.status.ended and s, 120, "the train stage to end"
+        )
+        assert row.status is StageStatus.CANCELLED
+        runs.wait_for(lambda: runs.events(run, "supervisor_end"), 60, "the supervisor job's clean end")
+        # It exited 0, so Slurm dropped its guard: nothing of the run is left in the queue.
+        runs.wait_for(lambda: not [n for n in squeue_names() if n.startswith("fm9g-sc-")], 60, "an empty queue")
+        assert runs.last_step(run) < 400
+    finally:
+        cleanup(run)
