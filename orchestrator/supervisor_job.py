@@ -9,8 +9,9 @@ Continuity, two mechanisms:
 - Walltime: the job is submitted with --signal=B:USR1@job_lead.  On USR1 it submits its
   successor (a plain job), records a `supervisor_handover` event, releases the lock and
   exits 0; the successor waits for the lock.  The training jobs never notice.
-- A kill (scancel, node failure, crash): each supervisor job, as it starts, submits a
-  guard: the same script with --dependency=afternotok:<its id> --kill-on-invalid-dep=yes.
+- A kill (scancel, node failure, crash): each supervisor job is submitted together with
+  a guard (a guard that comes to run submits its own): the same script with
+  --dependency=afternotok:<its id> --kill-on-invalid-dep=yes.
   Slurm itself starts the guard when the supervisor ends badly, and drops it when the
   supervisor exits 0 (the run ended, or it handed over).  Why this and not a heartbeat
   watched by the master node agent: the agent lives only while a training stage runs
