@@ -15,6 +15,7 @@ import pytest
 
 from fm9g.data.index_temp import make_temp_dir, sweep_stale, temp_prefix
 from fm9g.data.indexer import build_index
+from tests.helpers.signals import terminal_signals
 
 from .conftest import corpus_lines
 
@@ -95,7 +96,9 @@ def _start_index(tmp_path: Path, tokenizer: Path) -> tuple[subprocess.Popen[byte
         "--no-progress",
     ]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang (SIGABRT below) shows every thread's stack
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=terminal_signals
+    )
     _wait_until(lambda: len(_children(process.pid)) >= 2 or process.poll() is not None, "the index workers")
     assert process.poll() is None, process.communicate()
     os.kill(process.pid, signal.SIGSTOP)

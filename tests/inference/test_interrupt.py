@@ -5,6 +5,7 @@ The job is a real local `sleep` job started through the LocalExecutor."""
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def test_ctrl_c_while_following_a_local_job_stops_the_job(tmp_path: Path) -> Non
     store.mark_submitted(row_id, job_id)
     row = store.job(row_id)
     assert row is not None
+    # interrupt_main does nothing while SIGINT is ignored (a suite started in the background).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(1.0, _thread.interrupt_main).start()  # the Ctrl-C, while wait() polls
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -50,5 +53,6 @@ def test_ctrl_c_while_following_a_local_job_stops_the_job(tmp_path: Path) -> Non
         [event] = store.events(kind="interrupt")
         assert event.data["job_ids"] == [job_id] and event.stage == "infer"
     finally:
+        signal.signal(signal.SIGINT, previous)
         executor.kill(job_id)
         store.close()

@@ -22,6 +22,7 @@ import pytest
 from fm9g.orchestrator.executors.local import descendants, run_processes
 from fm9g.rundir import protocol
 from tests.helpers import runs
+from tests.helpers.signals import terminal_signals
 
 CTRL_C = b"\x03"
 # Slow steps, so the run is still training when the test types Ctrl-C.
@@ -44,6 +45,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its own session, the pty as its controlling terminal
             try:
+                terminal_signals()  # as a shell leaves them for its foreground job
                 os.chdir(cwd)
                 os.execv(argv[0], argv)
             finally:
