@@ -3,10 +3,13 @@
     fm9g-launch serve runs/tiny-sft            # prints the URL once /health answers
     python examples/client.py runs/tiny-sft "你好"
 
+    # a pretrained (not fine-tuned) model knows no chat format: send the text as it is
+    python examples/client.py runs/tiny-pretrain "The capital of France is" --plain
+
 The base URL comes from runs/NAME/serve/endpoint.json (written by the serve job), the
 API key from runs/NAME/serve/api_key, and the model id is the run's name (NAME: what
 `fm9g-launch serve` publishes; the model folder's path is accepted too).  Prints one
-completion and one chat completion.
+completion and one chat completion (with --plain: one completion of the bare text).
 
 Any OpenAI client works the same way, e.g. for the run tiny-sft:
 
@@ -41,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the run directory (runs/NAME)")
     parser.add_argument("prompt", nargs="?", default="你好", help="what to ask (default: 你好)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--plain", action="store_true", help="a pretrained model: complete the bare text, no chat format, no chat call"
+    )
     args = parser.parse_args(argv)
     client, model = connect(args.run)
 
-    # Plain completion: the prompt is sent as is (add <用户>…<AI> yourself for a chat model).
-    completion = client.completions.create(
-        model=model, prompt=f"<用户>{args.prompt}<AI>", max_tokens=args.max_tokens, temperature=0
-    )
+    # /v1/completions sends the text as it is, so a chat (sft) model gets its markers here.
+    prompt = args.prompt if args.plain else f"<用户>{args.prompt}<AI>"
+    completion = client.completions.create(model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=0)
     print("completion:", completion.choices[0].text)
+    if args.plain:
+        return 0
 
     # Chat completion: the server applies the FM9G chat template (<用户>{content}<AI>).
     chat = client.chat.completions.create(
