@@ -230,6 +230,9 @@ def check_ranges(sampling: Sampling) -> None:
         raise SamplingError("; ".join(problems))
 
 
+_DEFAULTS = {spec.name: spec.default for spec in fields(Sampling)}
+
+
 def check_engine(sampling: Sampling, engine: EngineName) -> None:
     """Refuse what `engine` would refuse or ignore (`auto`: what either engine would)."""
     engines = {"vllm", "transformers"} if engine == "auto" else {engine}
@@ -239,8 +242,7 @@ def check_engine(sampling: Sampling, engine: EngineName) -> None:
             + (" and --engine auto may run vLLM; use --engine transformers for more" if engine == "auto" else "")
         )
     for name, (_, honoured) in PARAMETERS.items():
-        spec = next(f for f in fields(Sampling) if f.name == name)
-        if getattr(sampling, name) != spec.default and not engines <= honoured:
+        if getattr(sampling, name) != _DEFAULTS[name] and not engines <= honoured:
             missing = sorted(engines - honoured)
             raise SamplingError(
                 f"{name}: the {' and '.join(missing)} engine does not honour it"

@@ -44,14 +44,12 @@ class MemoryEstimate:
 
 def parameter_count(args: ModelArgs) -> int:
     """Every parameter of the model (embedding, layers, norms, an untied head)."""
-    attention = args.dim_model * args.dim_head * (2 * args.num_heads + 2 * args.num_kv_heads)
-    layer = attention + 3 * args.dim_model * args.dim_ff + 2 * args.dim_model  # two RMSNorms
     head = 0 if args.tie_lm_head else args.vocab_size * args.dim_model
-    return args.num_layers * layer + args.vocab_size * args.dim_model + head + args.dim_model
+    return args.num_layers * layer_count(args) + args.vocab_size * args.dim_model + head + args.dim_model
 
 
 def layer_count(args: ModelArgs) -> int:
-    """Parameters of one transformer layer."""
+    """Parameters of one transformer layer (attention, the gated MLP, two RMSNorms)."""
     return (
         args.dim_model * args.dim_head * (2 * args.num_heads + 2 * args.num_kv_heads)
         + 3 * args.dim_model * args.dim_ff

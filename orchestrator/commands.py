@@ -97,22 +97,33 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signum)
 
 
-def run_index(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a batch system's stop) takes Ctrl-C's clean-up path while the block
+    runs; signal handlers can only be set from the main thread, elsewhere this does nothing."""
     import signal
     import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_index(args: argparse.Namespace) -> int:
     from fm9g.data.indexer import build_index
 
     if args.output.resolve() == args.path.resolve() or (
         args.path.is_dir() and args.output.resolve() == args.path.resolve()
     ):
         raise ConfigError(f"--output {args.output} is the input; write the index to a different directory")
-    # SIGTERM (kill, a batch system's stop) takes the same clean-up path as Ctrl-C: the pool's
-    # workers are stopped and the hidden temporary folders removed, instead of an abrupt exit.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    # SIGTERM stops the pool's workers and removes the hidden temporary folders, as Ctrl-C does.
     try:
-        with byte_progress_bar(f"index {args.path.name}", args.progress) as bar:
+        with _sigterm_as_interrupt(), byte_progress_bar(f"index {args.path.name}", args.progress) as bar:
             result = build_index(
                 args.path,
                 args.output,
@@ -127,9 +138,6 @@ def run_index(args: argparse.Namespace) -> int:
             print(f"fm9g-launch: error: {exc}", file=sys.stderr)
             return 2
         raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     print(f"indexed {result.nlines} lines ({result.nbytes} bytes) into {args.output}")
     if result.stale_removed:
         print(
@@ -262,25 +270,18 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """`doctor`: the checks as a table (or JSON); exit 1 when one fails."""
-    import signal
-    import threading
-
     from fm9g.orchestrator.doctor import run_doctor as doctor
     from fm9g.orchestrator.doctor_checks import render_table
     from fm9g.rundir import site
 
     config = site.load(args.config, args.overrides).config
     # SIGTERM takes Ctrl-C's path, so the probe jobs are cancelled (in run_doctor's finally).
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
-        report = doctor(config, timeout_s=args.timeout, say=lambda line: print(line, file=sys.stderr))
+        with _sigterm_as_interrupt():
+            report = doctor(config, timeout_s=args.timeout, say=lambda line: print(line, file=sys.stderr))
     except KeyboardInterrupt as exc:
         print("fm9g-launch: doctor interrupted; its probe jobs were cancelled", file=sys.stderr)
         return 128 + exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(report.to_json())
     else:

@@ -26,7 +26,7 @@ from pathlib import Path
 from fm9g.orchestrator import doctor_checks as checks
 from fm9g.orchestrator import doctor_probe
 from fm9g.orchestrator.doctor_checks import Check, DoctorReport, JobOutcome
-from fm9g.orchestrator.render import _environment, sbatch_flags
+from fm9g.orchestrator.render import render_template, sbatch_flags
 from fm9g.orchestrator.slurm.commands import PollError, SlurmClient, SlurmError, SubmitError
 from fm9g.orchestrator.slurm.parse import Partition
 from fm9g.orchestrator.slurm.states import JobState
@@ -79,25 +79,21 @@ def render_probe_script(
         }
     )
     flags = sbatch_flags(cluster, name=f"fm9g-doctor-{role}", comment=f"fm9g-doctor:{doctor_id}", signal=False)
-    return (
-        _environment()
-        .get_template("doctor.sbatch.j2")
-        .render(
-            role=role,
-            doctor_id=doctor_id,
-            sbatch_flags=flags,
-            token=token,
-            token_path=str(folder / "token"),
-            setup_failures=str(folder / f"setup-failures-{role}.tsv"),
-            setup=config.cluster.setup,
-            train_env=config.cluster.train_env,
-            python=probe_python(config),
-            probe=str(folder / "doctor_probe.py"),
-            env_result=str(folder / "env.json"),
-            folder=str(folder),
-            port=int(config.rendezvous.port),
-            connect_timeout=f"{CONNECT_TIMEOUT_S:g}",
-        )
+    return render_template("doctor.sbatch.j2")(
+        role=role,
+        doctor_id=doctor_id,
+        sbatch_flags=flags,
+        token=token,
+        token_path=str(folder / "token"),
+        setup_failures=str(folder / f"setup-failures-{role}.tsv"),
+        setup=config.cluster.setup,
+        train_env=config.cluster.train_env,
+        python=probe_python(config),
+        probe=str(folder / "doctor_probe.py"),
+        env_result=str(folder / "env.json"),
+        folder=str(folder),
+        port=int(config.rendezvous.port),
+        connect_timeout=f"{CONNECT_TIMEOUT_S:g}",
     )
 
 

@@ -31,10 +31,6 @@ class StageCancelled(StageFailed):
     """The user cancelled the run (control/cancel) while a data stage ran."""
 
 
-def next_attempt(tracker: JobTracker, stage: str) -> int:
-    return max((row.attempt for row in tracker.store.jobs(stage)), default=0) + 1
-
-
 def submit_index(tracker: JobTracker, source: IndexSource, datasets_at_once: int) -> list[JobRow]:
     """Write the shard plan and submit the shard array and its merge."""
     from fm9g.data.index_plan import plan_shards
@@ -43,7 +39,7 @@ def submit_index(tracker: JobTracker, source: IndexSource, datasets_at_once: int
     assert plan_path == source.shard_plan, (plan_path, source.shard_plan)
     shards = len(read_json(plan_path)["shards"])
     shard, merge = index_specs(source, shards)
-    attempt = next_attempt(tracker, shard.stage)
+    attempt = tracker.next_attempt(shard.stage)
     array = tracker.submit(shard, attempt=attempt, why=f"{shards} shard(s)", jobs_at_once=datasets_at_once)
     assert array.job_id is not None
     merged = tracker.submit(merge, attempt=attempt, why="merge after the shards", after=[array.job_id])
@@ -139,7 +135,7 @@ def train_tokenizer(plan: Plan, tracker: JobTracker, say: Say, interval: float) 
     else:
         row = tracker.submit(
             tokenizer_spec(run, plan.config.data.tokenizer_vocab_size),
-            attempt=next_attempt(tracker, TOKENIZER),
+            attempt=tracker.next_attempt(TOKENIZER),
             why="no data.tokenizer_path",
         )
         say(f"tokenizer: training sentencepiece (vocab {plan.config.data.tokenizer_vocab_size}) as job {row.job_id}")

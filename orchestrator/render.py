@@ -15,6 +15,7 @@ import functools
 import hashlib
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -134,31 +135,32 @@ class ScriptRenderer:
         flags = sbatch_flags(
             cluster, name=spec.name(self.run_name), comment=spec.tag(self.run_name, attempt), signal=spec.signal
         )
-        return (
-            _environment()
-            .get_template(spec.template)
-            .render(
-                run_name=self.run_name,
-                run_dir=self.run_dir,
-                stage=spec.stage,
-                role=spec.role,
-                node_rank=spec.node_rank,
-                attempt=attempt,
-                generation=spec.generation,
-                python=self.python,
-                config_hash=self.config_hash,
-                sbatch_flags=flags,
-                setup=cluster.setup,
-                # The GPU environments (issue 17): train jobs and infer/serve jobs each activate their own.
-                train_env=cluster.train_env,
-                serve_env=cluster.serve_env,
-                env=list(spec.env),
-                **spec.values,
-            )
+        return render_template(spec.template)(
+            run_name=self.run_name,
+            run_dir=self.run_dir,
+            stage=spec.stage,
+            role=spec.role,
+            node_rank=spec.node_rank,
+            attempt=attempt,
+            generation=spec.generation,
+            python=self.python,
+            config_hash=self.config_hash,
+            sbatch_flags=flags,
+            setup=cluster.setup,
+            # The GPU environments (issue 17): train jobs and infer/serve jobs each activate their own.
+            train_env=cluster.train_env,
+            serve_env=cluster.serve_env,
+            env=list(spec.env),
+            **spec.values,
         )
 
 
 @functools.cache
+def render_template(name: str) -> Callable[..., str]:
+    """The render function of one of the project's templates (strict, `q` quotes)."""
+    return _environment().get_template(name).render
+
+
 def _environment() -> jinja2.Environment:
     """One strict environment per process (templates compile once)."""
     env = jinja2.Environment(

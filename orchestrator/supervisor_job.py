@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from fm9g.orchestrator.launch import LaunchError, SupervisorLock, say
-from fm9g.orchestrator.render import _environment, sbatch_value
+from fm9g.orchestrator.render import render_template, sbatch_value
 from fm9g.orchestrator.state import StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import write_text
@@ -95,16 +95,12 @@ def sbatch_flags(config: RunConfig, run: RunDir) -> list[str]:
 
 
 def render_script(config: RunConfig, run: RunDir) -> str:
-    return (
-        _environment()
-        .get_template("supervisor.sbatch.j2")
-        .render(
-            run_name=run.name,
-            sbatch_flags=sbatch_flags(config, run),
-            setup=config.cluster.setup,
-            python=config.cluster.python or sys.executable,
-            run_root=str(run.root),
-        )
+    return render_template("supervisor.sbatch.j2")(
+        run_name=run.name,
+        sbatch_flags=sbatch_flags(config, run),
+        setup=config.cluster.setup,
+        python=config.cluster.python or sys.executable,
+        run_root=str(run.root),
     )
 
 

@@ -204,11 +204,7 @@ class LocalExecutor:
         The node agent runs torchrun in a session of its own, so the job's process
         group alone would leave it behind; this walks the tree like Slurm's
         proctrack/linuxproc does.  Fault injection for tests and benchmarks."""
-        for pid in [int(job_id), *descendants(int(job_id))]:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                continue
+        kill_processes([int(job_id), *descendants(int(job_id))], sig)
 
 
 def descendants(root: int) -> list[int]:
