@@ -46,11 +46,11 @@ from typing import Any
 
 from fm9g.launchers.engine_args import parse_engine_arg
 from fm9g.launchers.infer import (
-    VLLM_MISSING,
     check_model_dir,
     choose_engine,
     custom_architecture,
     read_config,
+    refuse_engine_args,
     serving_dtype,
 )
 from fm9g.launchers.prompts import InferenceError
@@ -341,12 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
             engine_args=engine_args,
         )
-        if engine_args and engine != "vllm":
-            keys = ", ".join(key for key, _ in engine_args)
-            raise InferenceError(
-                f"--engine-arg {keys}: engine arguments are vLLM's, and this job serves with transformers "
-                f"({VLLM_MISSING} here, or --engine transformers); drop them, or serve on a GPU node with vLLM"
-            )
+        if engine != "vllm":
+            refuse_engine_args(dict(engine_args))
     except (InferenceError, ValueError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
