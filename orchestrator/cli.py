@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", help="print or follow a job's log")
     logs.add_argument("run", type=Path)
-    logs.add_argument("--role", choices=["master", "worker"], default="master")
+    logs.add_argument(
+        "--role",
+        choices=["master", "worker", "supervisor"],
+        default="master",
+        help="whose log: a training node's, or the supervisor's (supervisor.log: --detach or supervise.where: job)",
+    )
     logs.add_argument("--node", type=int, help="node rank (default: 0 for the master, 1 for workers)")
     logs.add_argument("--stage", default="train")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")

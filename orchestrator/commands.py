@@ -188,6 +188,9 @@ def run_logs(args: argparse.Namespace) -> int:
     from fm9g.orchestrator.state import StateStore
 
     run = _run_dir(args.run)
+    if args.role == "supervisor":
+        follow_log(supervisor_log(run, args.follow), follow=args.follow)
+        return 0
     node = args.node if args.node is not None else (0 if args.role == "master" else 1)
     store = StateStore(run.state_db, readonly=True)
     try:
@@ -199,6 +202,18 @@ def run_logs(args: argparse.Namespace) -> int:
     path = Path(rows[-1].log)
     follow_log(path, follow=args.follow)
     return 0
+
+
+def supervisor_log(run: RunDir, follow: bool) -> Path:  # noqa: F821
+    """RUN/supervisor.log, written by a detached supervisor and by a supervisor job.  A
+    missing one is an error unless followed (a queued supervisor job has not started)."""
+    path = run.supervisor_log
+    if not path.exists() and not follow:
+        raise ConfigError(
+            f"{path} does not exist: the supervisor of {run.name} ran in the foreground (its output went to "
+            "that terminal), or its job has not started yet; follow it with -f to wait for the log"
+        )
+    return path
 
 
 def follow_log(path: Path, follow: bool, interval: float = 0.5) -> None:

@@ -22,6 +22,8 @@ from typing import IO
 
 from fm9g.orchestrator.plan import TRAIN, Plan, plan_run
 from fm9g.orchestrator.state import StageStatus, StateStore
+from fm9g.orchestrator.tui.format import format_node_seconds
+from fm9g.orchestrator.waiting import run_waiting
 from fm9g.rundir import RunDir
 from fm9g.rundir import config as config_mod
 from fm9g.rundir import site as site_mod
@@ -139,6 +141,9 @@ def describe_summary(run: RunDir, prompts: str | None = None) -> str:
         lines.append(
             f"  tensorboard:  {summary.get('tensorboard')}   (tensorboard --logdir {shlex.quote(str(run.tensorboard))})"
         )
+    waiting = run_waiting(run, time.time())
+    if waiting is not None:
+        lines.append(f"  waiting:      {format_node_seconds(waiting)} holding nodes while others queued")
     lines.append(f"  run dir:      {run.root}")
     lines.extend(describe_samples(run, prompts))
     return "\n".join(lines)

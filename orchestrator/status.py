@@ -13,7 +13,7 @@ import json
 import time
 
 from fm9g.orchestrator.recovery import RecoveryPhase
-from fm9g.orchestrator.tui.format import format_elapsed, format_loss, format_lr
+from fm9g.orchestrator.tui.format import format_elapsed, format_loss, format_lr, format_node_seconds
 from fm9g.orchestrator.views import collect, find_runs
 from fm9g.rundir import RunDir
 
@@ -57,6 +57,12 @@ def print_tables(runs: list[RunDir]) -> None:
             )
         if facts.get("supervisor_job"):
             line += f"\n  supervisor: Slurm job {escape(str(facts['supervisor_job']))} (supervise.where: job)"
+            if facts.get("supervisor_state"):
+                line += f", {facts['supervisor_state']}"
+        if facts.get("waiting_node_seconds") is not None:
+            line += (
+                f"\n  waiting: {format_node_seconds(facts['waiting_node_seconds'])} holding nodes while others queued"
+            )
         if facts["error"]:
             error = facts["error"]
             line += f"\n  [red]{escape(error['source'])}: {escape(error['message'])}[/red]; {escape(error['fix'])}"

@@ -158,7 +158,9 @@ def launch_job(config: RunConfig, run: RunDir) -> int:
     job_id = submit(config, run, why="launch")
     where = shlex.quote(str(run.root))
     say(f"supervisor submitted as Slurm job {job_id} (supervise.where: job); log: {run.supervisor_log}")
-    say(f"watch it: fm9g-launch status {where}   fm9g-launch tui {where}   fm9g-launch logs {where}")
+    say(
+        f"watch it: fm9g-launch status {where}   fm9g-launch tui {where}   fm9g-launch logs {where} --role supervisor -f"
+    )
     say(f"stop the run: fm9g-launch cancel {where}")
     return 0
 

@@ -19,6 +19,7 @@ from fm9g.orchestrator.jobs import JobTracker, log_tail
 from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec
 from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
 from fm9g.orchestrator.state import JobRow, JobState, StageStatus, StateStore
+from fm9g.orchestrator.waiting import stage_waiting
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import read_json
 from fm9g.rundir.config import ClusterConfig, RunConfig
@@ -88,7 +89,8 @@ class TrainPolicy:
         `hang` event and the master's job cancelled; its end is an application failure
         and its repair (a new generation) pays from the application budget.
 
-    It stops (`stop`: a `stage_end` event, live jobs cancelled, the stage row's status)
+    It stops (`stop`: a `stage_end` event with the waiting node-seconds, live jobs
+    cancelled, the stage row's status)
     COMPLETED once control/DONE exists and every node ended; FAILED when every node ended
     without DONE, on a do-not-retry end, a spent budget, stalled checkpoints or an end
     with repair off; CANCELLED on control/cancel (the user's `fm9g-launch cancel`).
@@ -415,6 +417,7 @@ class TrainPolicy:
             status=status.value,
             reason=reason,
             cancelled=ids,
+            waiting_node_s=self.waiting(),
         )
         self.say(f"train {status.value.lower()}: {reason}")
 
@@ -438,7 +441,13 @@ class TrainPolicy:
         ended = bool(rows) and all(not row.live for row in rows.values())
         if ended and self.run.done_flag.exists():
             self.store.set_stage(STAGE, StageStatus.COMPLETED, detail=self.summary_line(), progress=1.0)
-            self.store.event("stage_end", "train completed", stage=STAGE, status=StageStatus.COMPLETED.value)
+            self.store.event(
+                "stage_end",
+                "train completed",
+                stage=STAGE,
+                status=StageStatus.COMPLETED.value,
+                waiting_node_s=self.waiting(),
+            )
             return StageStatus.COMPLETED
         continuing = sorted(rank for rank, row in rows.items() if row.exit_code == protocol.EXIT_CONTINUE)
         if ended and continuing:
@@ -508,6 +517,10 @@ class TrainPolicy:
         # Straight to the executor, not tracker.cancel: the row must stay live so the next
         # poll sees the end and on_end repairs it like any lost master.
         self.executor.cancel([master.job_id])
+
+    def waiting(self) -> float:
+        """Node-seconds the stage's nodes held allocations waiting for the rest (waiting.py)."""
+        return stage_waiting(self.store, STAGE, self.config.cluster.nodes, self.clock())
 
     def summary_line(self) -> str:
         """The finished run's summary for the stage row's detail."""

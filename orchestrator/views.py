@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fm9g.orchestrator.reconcile import job_end, reconcile_run
+from fm9g.orchestrator import supervisor_state
+from fm9g.orchestrator.reconcile import job_end, reconcile_run, supervised
 from fm9g.orchestrator.state import EventRow, JobRow, StageRow, StateStore
+from fm9g.orchestrator.waiting import TRAIN_KIND, spans, waiting_node_seconds
 from fm9g.rundir import RunDir
 from fm9g.rundir.atomic import read_json
 
@@ -382,6 +384,8 @@ class RunView:
     owner: str | None = None
     executor: str | None = None
     supervisor_job: str | None = None  # the run's supervisor Slurm job (supervise.where: job)
+    supervisor: supervisor_state.SupervisorJob | None = None  # the newest one and its phase
+    waiting_node_s: float | None = None  # the training stage's (orchestrator/waiting.py)
     stages: tuple[StageRow, ...] = ()
     jobs: tuple[JobRow, ...] = ()  # stage order, then attempt, node rank
     changed: frozenset[int] = frozenset()  # job row ids new or changed since the previous view
@@ -428,6 +432,7 @@ class RunReader:
         self._config_iters: int | None = None
         self._config_error: RunError | None = None
         self._reconciled_at: float | None = None
+        self._supervisor: supervisor_state.SupervisorJob | None = None
 
     def _reconcile(self) -> list[str]:
         """Let reconcile write down what the files show, at most every RECONCILE_EVERY_S.
@@ -462,7 +467,7 @@ class RunReader:
         return found if found is not None else self._config_iters
 
     def _read_state(self, store: StateStore) -> tuple[set[int], list[EventRow]]:
-        self._meta = {key: store.meta(key) for key in ("owner", "executor", "supervisor_job")}
+        self._meta = {key: store.meta(key) for key in ("owner", "executor", "supervisor_job", "nodes")}
         stages = store.stages()
         since = None if self._since is None else self._since - UPDATE_OVERLAP_S
         changed: set[int] = set()
@@ -474,7 +479,9 @@ class RunReader:
                 self._since = job.updated_at
         if self._since is None:
             self._since = 0.0
-        events = [e for e in store.events(since_id=self._last_event) if e.kind not in QUIET_EVENTS]
+        new_events = store.events(since_id=self._last_event)
+        self._supervisor = supervisor_state.follow(new_events, self._supervisor)
+        events = [e for e in new_events if e.kind not in QUIET_EVENTS]
         self._last_event = max(self._last_event, store.max_event_id())
         self._stages = stages
         return changed, events
@@ -525,6 +532,8 @@ class RunReader:
             owner=self._meta.get("owner"),
             executor=self._meta.get("executor"),
             supervisor_job=self._meta.get("supervisor_job"),
+            supervisor=self._supervisor_view(),
+            waiting_node_s=self._waiting(stages, now),
             stages=tuple(stages),
             jobs=tuple(self._jobs[i] for i in self._order),
             changed=frozenset(changed),
@@ -536,6 +545,22 @@ class RunReader:
             reconciled=tuple(reconciled),
             error=error or self._config_error,
         )
+
+    def _supervisor_view(self) -> supervisor_state.SupervisorJob | None:
+        """The newest supervisor job; a started one is probed against the run's lock."""
+        job = self._supervisor
+        if job is None or job.phase is not supervisor_state.SupervisorPhase.RUNNING:
+            return job
+        return supervisor_state.with_lock(job, supervised(self.run))
+
+    def _waiting(self, stages: Sequence[StageRow], now: float) -> float | None:
+        """The training stage's waiting node-seconds; None before it has a job."""
+        nodes = self._meta.get("nodes")
+        train = {stage.name for stage in stages if stage.kind == TRAIN_KIND}
+        rows = [job for job in self._jobs.values() if job.stage in train]
+        if not isinstance(nodes, int) or not rows:
+            return None
+        return waiting_node_seconds(spans(rows), nodes, now)
 
     def _metrics_view(self) -> MetricsView:
         points = list(self.metrics.points)
@@ -579,6 +604,8 @@ def collect(run: RunDir, now: float | None = None) -> dict[str, Any]:
         "owner": view.owner,
         "executor": view.executor,
         "supervisor_job": view.supervisor_job,
+        "supervisor_state": view.supervisor.phase.value if view.supervisor else None,
+        "waiting_node_seconds": view.waiting_node_s,
         "stages": [
             {
                 "name": s.name,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 __all__ = [
     "format_elapsed",
     "format_eta",
+    "format_node_seconds",
     "format_rate",
     "format_loss",
     "format_lr",
@@ -45,6 +46,16 @@ def format_elapsed(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_node_seconds(value: float | None, short: bool = False) -> str:
+    """Node-seconds as '37.2 node-seconds', or in node-hours from one hour on ('2.35
+    node-hours'); `short` writes 'node-s'/'node-h'.  '-' when unknown."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value >= 3600:
+        return f"{value / 3600:.2f} " + ("node-h" if short else "node-hours")
+    return f"{value:.1f} " + ("node-s" if short else "node-seconds")
 
 
 def format_eta(seconds: float | None) -> str:

@@ -10,7 +10,9 @@ import pytest
 from textual.widgets import Button
 
 from fm9g.orchestrator import actions
+from fm9g.orchestrator.launch import SupervisorLock
 from fm9g.orchestrator.state import JobState, StageStatus, StateStore
+from fm9g.orchestrator.supervisor_state import SupervisorJob, SupervisorPhase
 from fm9g.orchestrator.tui.app import make_app
 from fm9g.orchestrator.tui.screens.confirm import ConfirmScreen
 from fm9g.orchestrator.tui.screens.help import HelpScreen
@@ -153,6 +155,42 @@ async def test_filter_narrows_the_job_rows(demo_run: DemoRun, settle) -> None:
         await pilot.press("slash", *"nothing-matches", "enter")
         await settle(pilot)
         assert keys_of(table) == []
+
+
+async def test_header_shows_waiting_node_seconds_and_the_supervisor_job(demo_run: DemoRun, settle) -> None:
+    # The demo's nodes started at +320, +321 and +322; worker 2 was lost at +1500 and its
+    # replacement started at +1530: 1x1 + 2x1 + 2x30 node-seconds waiting.
+    app = make_app(demo_run.run.root, clock=lambda: NOW)
+    async with app.run_test(size=(200, 30)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, MainScreen)
+        header = screen.query_one(RunHeader)
+        assert header.view is not None and header.view.waiting_node_s == pytest.approx(63.0)
+        assert header.view.supervisor is None
+        assert "waiting 63.0 node-s" in str(header.render()) and "supervisor" not in str(header.render())
+
+        # A supervisor job (supervise.where: job) starts and takes the run's lock.
+        store = StateStore(demo_run.run.state_db)
+        try:
+            store.set_meta("supervisor_job", "9001")
+            store.event("supervisor_job", "supervisor job 9001 started on cn09", job_id="9001", why="start")
+        finally:
+            store.close()
+        lock = SupervisorLock(demo_run.run)
+        lock.acquire()
+        try:
+            screen.refresh_now()
+            await settle(pilot)
+            assert header.view.supervisor == SupervisorJob("9001", SupervisorPhase.RUNNING)
+            assert "supervisor job 9001 running" in str(header.render())
+        finally:
+            lock.release()
+        # Killed without a word (scancel): started, and nobody holds the lock.
+        screen.refresh_now()
+        await settle(pilot)
+        assert header.view.supervisor == SupervisorJob("9001", SupervisorPhase.LOST)
+        assert "supervisor job 9001 lost" in str(header.render())
 
 
 async def test_switching_runs_and_read_only(demo_run: DemoRun, runs_root: Path, settle) -> None:

@@ -11,6 +11,7 @@ from fm9g.orchestrator.tui.format import (
     format_eta,
     format_loss,
     format_lr,
+    format_node_seconds,
     format_phases,
     format_rate,
     format_state,
@@ -39,6 +40,14 @@ from fm9g.orchestrator.views import estimate_eta
 )
 def test_format_eta(seconds: float | None, text: str) -> None:
     assert format_eta(seconds) == text
+
+
+def test_format_node_seconds() -> None:
+    assert format_node_seconds(None) == "-"
+    assert format_node_seconds(37.24) == "37.2 node-seconds"
+    assert format_node_seconds(37.24, short=True) == "37.2 node-s"
+    assert format_node_seconds(2 * 3600 + 1260) == "2.35 node-hours"
+    assert format_node_seconds(7200, short=True) == "2.00 node-h"
 
 
 def test_format_elapsed() -> None:
