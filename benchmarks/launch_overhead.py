@@ -9,27 +9,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from _slurm import first_step_time, start_tiny_run
+from _slurm import bare_sbatch, first_step_time, start_tiny_run
 
 from tests.helpers.runs import wait_for as wait  # _slurm put the repository root on sys.path
-
-
-def bare_sbatch(tmp: Path, nodes: int) -> float:
-    marks = [tmp / f"bare-{i}" for i in range(nodes)]
-    start = time.time()
-    for mark in marks:
-        subprocess.run(
-            ["sbatch", "--parsable", "-N1", "-o", "/dev/null", f"--wrap=date +%s.%N > {mark}"],
-            check=True,
-            capture_output=True,
-        )
-    wait(lambda: all(m.exists() and m.read_text().strip() for m in marks), 300, "the bare jobs")
-    return max(float(m.read_text()) for m in marks) - start
 
 
 def fm9g_launch(tmp: Path, nodes: int, index: int) -> float:

@@ -9,15 +9,14 @@ reference is the run's own median step time, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import faults, runs  # noqa: E402
+from _slurm import first_step_after, median_step_time
+
+from tests.helpers import faults, runs  # _slurm put the repository root on sys.path
 
 SCENARIOS = {
     "worker": faults.scancel_worker,
@@ -25,22 +24,6 @@ SCENARIOS = {
     "trainer": faults.kill_trainer,
     "crash": lambda run: faults.crash_node(run, "worker"),
 }
-
-
-def first_step_after(run: Path, moment: float) -> float | None:
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if float(record["time"]) > moment and int(record.get("generation", 0)) >= 0:
-            return float(record["time"])
-    return None
-
-
-def step_time(run: Path) -> float:
-    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()[:12]]
-    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def measure(root: Path, scenario: str, index: int, reuse: Path | None) -> tuple[float, float]:
@@ -61,7 +44,7 @@ def measure(root: Path, scenario: str, index: int, reuse: Path | None) -> tuple[
         if scenario == "crash":
             faults.repair_nodes()
     proc.wait(timeout=900)
-    return float(recovered) - fault_at, step_time(run)
+    return float(recovered) - fault_at, median_step_time(run, first=12)
 
 
 def main() -> None:

@@ -12,28 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from _slurm import start_tiny_run
+from _slurm import USER, idle_rate, rpcs_per_poll, start_tiny_run, user_rpcs
 
-from fm9g.orchestrator.executors.slurm import SlurmExecutor
 from fm9g.orchestrator.slurm.commands import SlurmClient
-
-USER = getpass.getuser()
-
-
-def user_rpcs(client: SlurmClient) -> int:
-    return client.sdiag_user_rpcs().get(USER, 0)
-
-
-def idle_rate(client: SlurmClient, seconds: float) -> float:
-    before = user_rpcs(client)
-    time.sleep(seconds)
-    return (user_rpcs(client) - before - 1) / seconds * 60  # minus our own second sdiag
 
 
 def run_load(client: SlurmClient, nodes: int, iters: int) -> tuple[float, float, float]:
@@ -47,28 +32,6 @@ def run_load(client: SlurmClient, nodes: int, iters: int) -> tuple[float, float,
             raise SystemExit(f"the run failed:\n{output[-3000:]}")
         total = user_rpcs(client) - before - 1
     return total, minutes, total / minutes
-
-
-def per_tick(client: SlurmClient, jobs: int, ticks: int) -> float:
-    ids = []
-    for _ in range(jobs):
-        out = subprocess.run(
-            ["sbatch", "--parsable", "-N1", "-o", "/dev/null", "--wrap=sleep 300"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        ids.append(out.strip().split(";")[0])
-    try:
-        executor = SlurmExecutor(client)
-        executor.poll(ids)  # warm: the first poll may need sacct for nothing
-        before = user_rpcs(client)
-        for _ in range(ticks):
-            executor.poll(ids)
-        after = user_rpcs(client)
-    finally:
-        subprocess.run(["scancel", *ids], check=False)
-    return (after - before - 1) / ticks
 
 
 def main() -> None:
@@ -86,8 +49,8 @@ def main() -> None:
             f"{args.nodes}-node run: {total} RPCs by {USER} in {minutes:.2f} min = {rate:.1f}/min; "
             f"idle rate {idle:.1f}/min; attributable to the run {rate - idle:.1f}/min"
         )
-    small = per_tick(client, 4, args.ticks)
-    large = per_tick(client, 16, args.ticks)
+    small = rpcs_per_poll(client, 4, args.ticks)
+    large = rpcs_per_poll(client, 16, args.ticks)
     print(
         f"RPCs per poll tick: {small:.2f} with 4 jobs, {large:.2f} with 16 jobs (ratio {large / small if small else float('nan'):.2f})"
     )
