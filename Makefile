@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo runs on this machine by definition, even where a Slurm controller answers
+# (the config names no executor, and auto would pick Slurm there).
 demo: install
-	$(VENV)/bin/fm9g-launch pretrain --config examples/tiny/pretrain.yaml
+	$(VENV)/bin/fm9g-launch pretrain --config examples/tiny/pretrain.yaml --executor local --yes
 	@echo "next: . $(VENV)/bin/activate, then the README's 'The first ten minutes' (status, tui, logs, plot, infer, serve)"
 
 # Lint, then every test: unit, slow (real training runs) and `cluster` (the real Slurm

@@ -13,8 +13,8 @@ Prepare data for, pretrain, fine-tune, convert and serve FM9G (九格) models on
 cluster, or on this machine, with one command.
 
 typical session:
-  fm9g-launch pretrain --config examples/tiny/pretrain.yaml               # on this machine, 2 nodes
-  fm9g-launch doctor --config examples/fm9g_2b/pretrain.yaml              # check the cluster first
+  fm9g-launch pretrain --config examples/tiny/pretrain.yaml  # 2 nodes: Slurm if it answers, else here
+  fm9g-launch doctor --config examples/fm9g_2b/pretrain.yaml # check the cluster first
   fm9g-launch pretrain --nodes 4 --executor slurm --config examples/fm9g_2b/pretrain.yaml
   fm9g-launch status                       # every run under ./runs, or one: status runs/NAME
   fm9g-launch logs runs/NAME --role worker --node 2 -f
@@ -51,7 +51,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_set_option(parser, "override a config field, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--nodes", "-N", type=int, help="nodes for the training stage (cluster.nodes)")
     parser.add_argument(
-        "--executor", choices=["local", "slurm"], help="local: processes on this machine (default); slurm: sbatch jobs"
+        "--executor",
+        choices=["auto", "local", "slurm"],
+        help="auto (default): slurm where sbatch is on the PATH and `scontrol ping` answers, else local; "
+        "chosen once when the run is created and kept in its config.yaml. local: processes on this "
+        "machine; slurm: sbatch jobs",
+    )
+    parser.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="with --executor local and several nodes where Slurm answers: run them here without asking",
     )
     parser.add_argument("--name", help="run name (default: train.model_unique, else the config file name)")
     parser.add_argument(
@@ -240,8 +250,9 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--executor",
-        choices=["local", "slurm"],
-        help="where the job runs (default: the run's executor; local for a model folder)",
+        choices=["auto", "local", "slurm"],
+        help="where the job runs (default: the run's executor; for a model folder, auto: slurm where "
+        "sbatch is on the PATH and `scontrol ping` answers, else local)",
     )
     parser.add_argument(
         "--engine",

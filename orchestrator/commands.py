@@ -70,6 +70,7 @@ def run_launch(args: argparse.Namespace) -> int:
         detach=args.detach,
         sft=args.command == "sft",
         progress=args.progress,
+        yes=args.yes,
     )
     return launch(options)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fm9g.orchestrator.executors.choose import ExecutorChoice, Kind
 from fm9g.orchestrator.plan import TRAIN, Plan, plan_run
 from fm9g.orchestrator.state import StageStatus, StateStore
 from fm9g.orchestrator.tui.format import format_node_seconds
@@ -46,6 +47,7 @@ class LaunchOptions:
     detach: bool = False
     sft: bool = False
     progress: bool = True
+    yes: bool = False  # run a local multi-node run next to a live Slurm without asking
 
 
 def say(message: str) -> None:
@@ -68,6 +70,74 @@ def resolve_config(options: LaunchOptions) -> tuple[RunConfig, str, str]:
     name = options.name or layered.name
     check_run_name(name)
     return layered.config, name, layered.site_note
+
+
+def settle_executor(config: RunConfig, run: RunDir, options: LaunchOptions) -> tuple[RunConfig, ExecutorChoice]:
+    """The config with a concrete executor, and why it is that one.  `auto` probes Slurm,
+    unless the run exists: then it keeps the executor its jobs were started with."""
+    from fm9g.orchestrator.executors import choose
+
+    requested = config.executor
+    if requested == "auto":
+        kept = _run_executor(run)
+        if kept is not None:
+            choice = ExecutorChoice(kept, f"run {run.name} was started with it (its config.yaml)")
+        else:
+            choice = choose.choose_auto()
+    else:
+        named = f"--executor {requested}" if options.executor else f"executor: {requested} (config, site file or --set)"
+        choice = ExecutorChoice(requested, f"named by {named}", requested=requested)
+    return config.model_copy(update={"executor": choice.kind}), choice
+
+
+def _run_executor(run: RunDir) -> Kind | None:
+    """The concrete executor an existing run's config.yaml names; None for a new run."""
+    try:
+        kind = config_mod.read_file(run.config).get("executor")
+    except (OSError, ConfigError, AttributeError):
+        return None
+    return kind if kind in ("local", "slurm") else None
+
+
+def confirm_local(choice: ExecutorChoice, nodes: int, yes: bool) -> ExecutorChoice:
+    """Local named with several nodes where Slurm answers needs a yes (a terminal's, or
+    --yes): on a login node it would run every node's trainers there.  `choice` as
+    confirmed; a LaunchError when refused.  Slurm is probed only in that case."""
+    from dataclasses import replace
+
+    from fm9g.orchestrator.executors.choose import probe_slurm
+
+    if choice.requested != "local" or nodes < 2:
+        return choice
+    probe = probe_slurm()
+    if not probe.answers:
+        return choice
+    if yes:
+        return replace(choice, confirmed="--yes")
+    what = f"executor local runs all {nodes} nodes' trainers on this machine, but Slurm answers here ({probe.why})"
+    if not sys.stdin.isatty():
+        raise LaunchError(
+            f"not started: {what}; pass --yes to run them here anyway, or drop `--executor local` "
+            f"(auto picks Slurm here) or pass `--executor slurm` to submit them"
+        )
+    try:
+        answer = input(f"fm9g-launch: {what}. Run them here? [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise LaunchError("not started; `--executor slurm` (or no --executor: auto) submits the run to Slurm")
+    return replace(choice, confirmed="terminal")
+
+
+def record_choice(run: RunDir, choice: ExecutorChoice) -> None:
+    """The executor choice as an `executor_choice` event in the run's state.db."""
+    from fm9g.orchestrator.executors import choose
+
+    store = open_store(run)
+    try:
+        choose.record(store, choice)
+    finally:
+        store.close()
 
 
 def check_run_name(name: str) -> None:
@@ -183,6 +253,9 @@ def greeting(run: RunDir, existed: bool) -> str:
 def launch(options: LaunchOptions) -> int:
     config, name, site_note = resolve_config(options)
     run = RunDir.of(Path(config.run_root) / name)
+    config, choice = settle_executor(config, run, options)  # config.yaml then names local or slurm
+    if choice.requested == "auto":
+        say(choice.describe())
     warnings = preflight(config)
     plan = plan_run(config, run)  # validates everything a real run does; writes nothing
     for warning in warnings:
@@ -200,12 +273,14 @@ def launch(options: LaunchOptions) -> int:
         say(describe_summary(run, config.pipeline.eval_prompts))
         say("nothing to do; give the run a new name (--name or train.model_unique) to train again")
         return 0
+    choice = confirm_local(choice, config.cluster.nodes, options.yes)  # after validation: errors first
     existed = run.config.exists()
     lock = SupervisorLock(run)
     lock.acquire()  # before any write: a refused command changes nothing
     try:
         run.make()
         write_text(run.config, plan.config_text)
+        record_choice(run, choice)
         if not site_note.startswith("site defaults: none"):  # said only when a site file applied
             say(site_note)  # config.yaml holds the resolved values: the site file is not read again
         if options.detach:
@@ -227,6 +302,11 @@ def resume(run: RunDir, *, detach_it: bool, progress: bool) -> int:
     try:
         # The run's own resolved config, never the site file: it may have changed since.
         config = config_mod.load_resolved(run.config)
+        if config.executor == "auto":  # launch writes local or slurm; a hand edit can leave auto
+            raise ConfigError(
+                f"{run.config}: executor: auto, but a run's config.yaml names the executor its jobs "
+                f"were started with: set `executor: local` or `executor: slurm` there"
+            )
         for warning in preflight(config):
             say(f"warning: {warning}")
         plan = plan_run(config, run)

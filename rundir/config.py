@@ -425,7 +425,12 @@ class RunConfig(Section):
     """A whole run."""
 
     run_root: str = Field("runs", description="Directory that holds runs/<name>/.")
-    executor: Literal["local", "slurm"] = Field("local", description="local: processes on this machine; slurm: sbatch.")
+    executor: Literal["auto", "local", "slurm"] = Field(
+        "auto",
+        description="auto: slurm where `sbatch` is on the PATH and the controller answers `scontrol ping`, "
+        "else local (chosen once, at launch; the run's config.yaml names the result); "
+        "local: processes on this machine; slurm: sbatch jobs.",
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

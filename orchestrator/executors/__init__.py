@@ -20,4 +20,14 @@ def make_executor(kind: str, since: float | None = None) -> Executor:
 
         start = datetime.fromtimestamp(since) - timedelta(minutes=10) if since else None
         return SlurmExecutor(since=start)
+    if kind == "auto":
+        from fm9g.rundir.config import ConfigError
+
+        # `auto` is made concrete when a run is launched (executors.choose), and config.yaml
+        # keeps the result: jobs are polled and cancelled where they were started.
+        raise ConfigError(
+            "executor: auto was not resolved to local or slurm before jobs were submitted or polled; "
+            "a run's config.yaml names the executor its jobs use: set `executor: local` or "
+            "`executor: slurm` there"
+        )
     raise ValueError(f"unknown executor {kind!r}: use local or slurm")

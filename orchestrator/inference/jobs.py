@@ -125,7 +125,38 @@ def stop_on_interrupt(ctx: StageContext, row: JobRow) -> Iterator[None]:
 def open_context(
     run: RunDir, config: RunConfig, executor_kind: str, say: Say, python: str | None = None
 ) -> StageContext:
-    """A StageContext on a fresh StateStore and executor; close its store when done."""
+    """A StageContext on a fresh StateStore and executor; close its store when done.
+    `executor_kind` auto (a model folder's run) is made concrete here, once."""
     from fm9g.orchestrator.executors import make_executor
 
-    return stage_context(run, config, StateStore(run.state_db), make_executor(executor_kind), say, python)
+    store = StateStore(run.state_db)
+    try:
+        if executor_kind == "auto":
+            from fm9g.orchestrator.executors import choose
+
+            choice = choose.choose_auto()
+            say(choice.describe())
+            choose.record(store, choice)
+            executor_kind = choice.kind
+        config = keep_executor(run, config, executor_kind)
+        return stage_context(run, config, store, make_executor(executor_kind), say, python)
+    except BaseException:
+        store.close()
+        raise
+
+
+def keep_executor(run: RunDir, config: RunConfig, kind: str) -> RunConfig:
+    """A run whose config.yaml says auto (a model folder's) gets the executor of its first
+    job written there, so `cancel` and `serve --stop` reach its jobs without probing again."""
+    from fm9g.rundir import config as config_mod
+    from fm9g.rundir.atomic import write_text
+
+    try:
+        raw = config_mod.read_file(run.config)
+    except (OSError, config_mod.ConfigError):
+        return config
+    if not isinstance(raw, dict) or raw.get("executor") != "auto":
+        return config
+    raw["executor"] = kind
+    write_text(run.config, config_mod.dump(config_mod.validate(raw, str(run.config))))
+    return config.model_copy(update={"executor": kind})

@@ -322,11 +322,21 @@ class SlurmClient:
 
     def ping(self) -> bool:
         """The controller answers `scontrol ping`."""
+        return self.ping_report()[0]
+
+    def ping_report(self) -> tuple[bool, str]:
+        """(the controller answers `scontrol ping`, what it said or why it said nothing: one line)."""
         try:
             result = self._run(ping_argv(), self.timeout_s)
-        except (subprocess.TimeoutExpired, SlurmError):
-            return False
-        return result.returncode == 0 and "is UP" in result.stdout
+        except subprocess.TimeoutExpired:
+            return False, f"no answer within {self.timeout_s:g}s"
+        except SlurmError as exc:
+            return False, str(exc).split(":")[0]  # "scontrol ping not found on PATH"
+        # One line per controller ("Slurmctld(primary) at vm is UP", then any backups).
+        up = [line.strip() for line in result.stdout.splitlines() if "is UP" in line]
+        if result.returncode == 0 and up:
+            return True, up[0]
+        return False, _last_line(result.stdout) or _last_line(result.stderr) or f"exit status {result.returncode}"
 
     # -------------------------------------------------------------------- plumbing
 

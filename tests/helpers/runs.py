@@ -33,14 +33,19 @@ def cli(*args: str) -> list[str]:
 
 
 def pretrain_argv(
-    root: Path, name: str, *extra: str, executor: str | None = None, poll_interval: float | None = 0.5
+    root: Path, name: str, *extra: str, executor: str | None = "local", poll_interval: float | None = 0.5
 ) -> list[str]:
     """`fm9g-launch pretrain` of the tiny example as run `name` under `root`: no progress
     bar, every step logged, a short supervisor tick (None keeps the config's).  `extra`
-    comes last, so its `--set` options win over these."""
+    comes last, so its `--set` options win over these.
+
+    The executor is named (local by default, with --yes: the tiny run has two nodes and the
+    test cluster answers wherever these tests run); None leaves it to `auto`."""
     argv = cli("pretrain", "--config", str(TINY), "--name", name, "--no-progress")
     if executor is not None:
         argv += ["--executor", executor]
+    if executor == "local":
+        argv += ["--yes"]
     argv += ["--set", f"run_root={root}", "--set", "train.log_iters=1"]
     if poll_interval is not None:
         argv += ["--set", f"supervise.poll_interval={poll_interval}"]
@@ -48,7 +53,12 @@ def pretrain_argv(
 
 
 def run_tiny(
-    root: Path, name: str, *extra: str, executor: str | None = None, cwd: Path | None = None, timeout: float = 600
+    root: Path,
+    name: str,
+    *extra: str,
+    executor: str | None = "local",
+    cwd: Path | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
     """Run the tiny pretraining to its end and return its exit status and output."""
     return subprocess.run(
@@ -60,7 +70,7 @@ def start_tiny(
     root: Path,
     name: str,
     *extra: str,
-    executor: str | None = None,
+    executor: str | None = "local",
     cwd: Path | None = None,
     log: Path | None = None,
     poll_interval: float | None = 0.5,

@@ -139,6 +139,8 @@ def test_infer_on_a_model_folder(hf_model: Path, tmp_path: Path, monkeypatch: py
         "16",
         "--name",
         "tiny-model",
+        "--executor",
+        "local",
     )
     assert code == 0
     assert json.loads(out.read_text())["text"] == ANSWER

@@ -102,6 +102,7 @@ def test_serve_the_converted_folder(converted: Converted, served: RunDir, tmp_pa
     prompts.write_text(json.dumps({"prompt": PROMPTS[converted.kind]}, ensure_ascii=False) + "\n")
     out = tmp_path / "o.jsonl"
     argv = ["--prompts", prompts, "--output", out, "--temperature", "0", "--max-tokens", "8", "--name", name]
+    argv += ["--executor", "local"]
     assert main(["infer", str(converted.folder), *map(str, argv)]) == 0
     expected = json.loads(out.read_text())["text"]
 

@@ -6,7 +6,9 @@ holds the repository's `examples/`, with this interpreter's environment first on
 (what `. .venv/bin/activate` gives).  Then it checks what a newcomer looks at: the run
 completed (state.db), `status` shows it, the TUI renders it, the plot file exists in the
 run directory, the generations of the summary and of `infer` are readable text, and so is
-the served completion; `serve --stop` leaves no server."""
+the served completion; `serve --stop` leaves no server.  Neither tour names an executor:
+the local one runs with Slurm hidden (SLURM_CONF naming no file, as on a machine without
+Slurm) and its run records that `auto` chose local; the cluster one records slurm."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fm9g.orchestrator.executors.choose import EVENT as EXECUTOR_CHOICE
 from fm9g.orchestrator.state import StageStatus
 from tests.helpers import runs
 
@@ -47,9 +50,10 @@ def readable(text: str) -> bool:
     return not NOT_TEXT.search(text) and any(char.isalpha() for char in text)
 
 
-def walk(blocks: list[str], cwd: Path) -> list[str]:
+def walk(blocks: list[str], cwd: Path, **extra_env: str) -> list[str]:
     """Run each block in `cwd`; their outputs.  A failing block fails the test with its output."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(extra_env)
     (cwd / "examples").symlink_to(runs.REPO / "examples")
     outputs = []
     for block in blocks:
@@ -70,10 +74,16 @@ def output_of(blocks: list[str], outputs: list[str], command: str) -> str:
     return found[0]
 
 
-def check_tour(blocks: list[str], outputs: list[str], cwd: Path) -> None:
+def check_tour(blocks: list[str], outputs: list[str], cwd: Path, executor: str) -> None:
     script = "\n".join(blocks)
     name = re.search(r"runs/([\w.-]+)", script).group(1)  # type: ignore[union-attr]
     run = cwd / "runs" / name
+    # No executor is named: `auto` chose this one, once, and the run keeps it.
+    assert "--executor" not in script.split("fm9g-launch pretrain", 1)[1].split("\n", 1)[0]
+    [choice] = runs.events(run, EXECUTOR_CHOICE)
+    assert (choice.data["requested"], choice.data["chosen"]) == ("auto", executor), choice.data
+    with runs.state(run) as store:
+        assert store.meta("executor") == executor
     # The run completed.
     stage = runs.stage(run)
     assert stage is not None and stage.status is StageStatus.COMPLETED, stage
@@ -104,8 +114,10 @@ def check_tour(blocks: list[str], outputs: list[str], cwd: Path) -> None:
 
 @pytest.mark.slow
 def test_local_tour(tmp_path: Path) -> None:
+    """On a machine without Slurm (hidden here: SLURM_CONF names no file), auto picks local."""
     blocks = tour("local")
-    check_tour(blocks, walk(blocks, tmp_path), tmp_path)
+    outputs = walk(blocks, tmp_path, SLURM_CONF=str(tmp_path / "no-slurm.conf"))
+    check_tour(blocks, outputs, tmp_path, executor="local")
 
 
 @pytest.fixture
@@ -119,9 +131,8 @@ def shared_tmp() -> Iterator[Path]:
 @pytest.mark.cluster
 def test_cluster_tour(shared_tmp: Path) -> None:
     blocks = tour("cluster")
-    assert any("--executor slurm" in block for block in blocks)
     try:
-        check_tour(blocks, walk(blocks, shared_tmp), shared_tmp)
+        check_tour(blocks, walk(blocks, shared_tmp), shared_tmp, executor="slurm")
     finally:
         for run in (shared_tmp / "runs").glob("*"):  # never leave jobs on the shared cluster
             subprocess.run(runs.cli("serve", str(run), "--stop"), capture_output=True, timeout=120, check=False)

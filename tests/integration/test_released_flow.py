@@ -85,6 +85,8 @@ def test_import_sft_convert_transformers(name: str, kind: str, layout: str, tmp_
         "--name",
         name,
         "--no-progress",
+        "--executor",
+        "local",
         *sum((["--set", s] for s in sets), []),
         cwd=tmp_path,
     )

@@ -146,7 +146,9 @@ def test_a_bad_site_file_is_named_with_its_field_and_fix(
 
 
 def launch_argv(root: Path, name: str, *extra: str) -> list[str]:
-    return ["pretrain", "--config", str(TINY), "--name", name, "--no-progress", "--set", f"run_root={root}", *extra]
+    # Local: the site file's partition is made up, so a Slurm preflight would refuse it.
+    head = ["pretrain", "--config", str(TINY), "--name", name, "--no-progress", "--executor", "local", "--yes"]
+    return [*head, "--set", f"run_root={root}", *extra]
 
 
 def test_the_dry_run_plan_names_the_site_file_and_its_config_holds_the_site_values(
