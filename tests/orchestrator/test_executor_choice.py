@@ -138,3 +138,39 @@ def test_local_on_one_node_asks_nothing(tmp_path: Path) -> None:
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and str(run.state_db) in result.stderr  # past the question
     assert config_mod.load_resolved(run.config).executor == "local"
+
+
+def answer_at_a_terminal(argv: list[str], answer: bytes) -> subprocess.CompletedProcess[str]:
+    """Run `argv` with a pseudo-terminal as stdin, `answer` typed ahead into it."""
+    import os
+    import pty
+
+    master, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(terminal)
+        os.write(master, answer)  # the terminal holds it until the question reads it
+        out, error = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, error)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("answer", [b"n\n", b"\n"])
+def test_no_at_the_terminal_starts_nothing(tmp_path: Path, answer: bytes) -> None:
+    root = tmp_path / "runs"
+    result = answer_at_a_terminal(launch_argv(root, "--executor", "local", "--nodes", "2"), answer)
+    assert result.returncode == 2, result.stderr
+    assert not (root / "r").exists()
+
+
+@pytest.mark.cluster
+def test_yes_at_the_terminal_goes_on(tmp_path: Path) -> None:
+    """Without a terminal the same command is refused; with one, `y` lets it start.  It
+    stops at an unreadable state.db, right after config.yaml is written."""
+    run = RunDir.of(tmp_path / "runs" / "r").make()
+    run.state_db.write_bytes(b"not a database" * 100)
+    result = answer_at_a_terminal(launch_argv(tmp_path / "runs", "--executor", "local", "--nodes", "2"), b"y\n")
+    assert result.returncode == 2 and str(run.state_db) in result.stderr  # past the question
+    assert config_mod.load_resolved(run.config).executor == "local"
