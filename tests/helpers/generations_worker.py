@@ -128,6 +128,7 @@ def run_rank(spec: dict[str, Any]) -> None:
     fresh (True: built from the seed; False: a replacement), and optional hooks:
     die_on [event, gen] (SIGKILL itself then), reform_every (request a generation after
     every k-th step), step_sleep, payload_mb (extra state to sync)."""
+    entered = time.time()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     from fm9g.model.generations import Membership, MembershipConfig, RecoveryFailed
@@ -154,7 +155,7 @@ def run_rank(spec: dict[str, Any]) -> None:
         on_event=on_event,
         rank_hint=spec.get("rank_hint"),
     )
-    log("started", {"uid": spec["uid"], "pid": os.getpid(), "t": time.time()})
+    log("started", {"uid": spec["uid"], "pid": os.getpid(), "entered": entered, "t": time.time()})
     try:
         train(spec, membership, state, log)
     except RecoveryFailed as error:
@@ -221,7 +222,10 @@ class Ranks:
 
     def __init__(self) -> None:
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["torch", "torch.distributed", "fm9g.model.generations", __name__])
+        # torch._dynamo too: building an optimizer imports it lazily (~800 modules, 1.6 s
+        # here), which a starter that preloads only `torch` would pay in every child.
+        preload = ["torch", "torch.distributed", "torch._dynamo", "fm9g.model.generations", __name__]
+        self.context.set_forkserver_preload(preload)
         self.processes: list[BaseProcess] = []
 
     def start(self, spec: dict[str, Any], target: Any = None) -> BaseProcess:

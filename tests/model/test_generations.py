@@ -28,6 +28,7 @@ from fm9g.model.generation_rules import (
     keep_global_batch,
 )
 from fm9g.model.generation_state import StateSyncError, describe, rebuild
+from fm9g.model.generations import Membership, MembershipConfig
 from tests.helpers.generations_worker import Ranks, read_log, reference_losses, serve_store, wait_for
 
 STEPS = 24
@@ -307,3 +308,55 @@ def test_store_host_loss_ends_every_rank_with_a_recovery_failure_naming_the_stor
         [failure] = [r for r in records if r["kind"] == "recovery_failed"]
         assert f"127.0.0.1:{port}" in failure["error"]
         print(f"{uid}: store host killed -> RecoveryFailed after {failure['t'] - lost_at:.3f} s")
+
+
+class Counter:
+    """A minimal caller state for the in-process lifecycle test."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="the NCCL path (abort, then re-init) needs a CUDA GPU"
+                ),
+            ],
+        ),
+    ],
+)
+def test_one_process_re_forms_its_group_in_place(store, backend) -> None:
+    """The same interface on either backend: each re-form leaves (gloo: destroy; NCCL:
+    abort) and builds a fresh group; the caller's objects are untouched."""
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    config = MembershipConfig(policy="shrink", world_size=1, backend=backend, namespace=f"one-{backend}", **FAST)
+    state = Counter()
+    membership = Membership("127.0.0.1", store.port, "solo", config, state, applied=0, device=device)
+    generations = []
+    try:
+        for _ in range(6):
+            with membership.step() as guard:
+                total = guard.all_reduce(torch.ones(3, device=device))
+                guard.commit()
+                state.value += int(total.sum().item())
+            generations.append(guard.generation.number)
+            if not membership.reform_pending:
+                membership.request_reform()
+    finally:
+        membership.close()
+    assert not dist.is_initialized()
+    assert state.value == 18 and membership.applied == 6
+    assert generations[-1] >= 2 and generations == sorted(generations)
