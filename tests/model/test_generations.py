@@ -218,6 +218,26 @@ def test_kill9_wait_replacement_gets_state_from_a_survivor_and_the_loss_curve_is
     print(f"      state sync at the join: {synced[0]['sync_s']:.3f} s")
 
 
+def test_a_warm_spare_takes_the_lost_rank_slot_at_once(store, ranks, tmp_path) -> None:
+    for uid in ("r0", "r1", "r2"):
+        ranks.start(spec(store, tmp_path, uid, "wait", 3))
+    wait_for(tmp_path / "r0.jsonl", reached(2))
+    ranks.start(spec(store, tmp_path, "s9", "wait", 3, fresh=False))  # finds the world full: waits as a spare
+    wait_for(tmp_path / "s9.jsonl", lambda rs: any(r.get("event") == "spare" for r in rs))
+    os.kill(ranks.processes[1].pid or 0, signal.SIGKILL)
+    killed_at = time.time()
+    for uid in ("r0", "r2", "s9"):
+        wait_for(tmp_path / f"{uid}.jsonl", finished)
+    reference = reference_losses(STEPS)
+    for uid in ("r0", "r2"):
+        check_losses(check_exactly_once(tmp_path, uid), reference)
+    spare = applied(tmp_path, "s9")
+    check_exactly_once(tmp_path, "s9", spare[0]["step"])
+    check_losses(spare, reference)
+    assert {r["rank"] for r in spare} == {1}
+    print(f"spare promoted: survivors' pause {pause_after(tmp_path, 'r0', killed_at):.3f} s")
+
+
 def test_two_faults_inside_one_recovery(store, ranks, tmp_path) -> None:
     uids = ["r0", "r1", "r2", "r3"]
     for uid in uids:
