@@ -46,7 +46,13 @@ class RendezvousTimeout(RuntimeError):
 
 class NodeAgent:
     def __init__(
-        self, role: Literal["master", "worker"], run: RunDir, config: RunConfig, node_rank: int, generation: int
+        self,
+        role: Literal["master", "worker"],
+        run: RunDir,
+        config: RunConfig,
+        node_rank: int,
+        generation: int,
+        in_allocation: bool = False,
     ) -> None:
         self.role = role
         self.run = run
@@ -55,8 +61,29 @@ class NodeAgent:
         self.generation = generation
         self.job_id = os.environ.get("SLURM_JOB_ID", f"pid{os.getpid()}")
         self.host = os.environ.get("FM9G_HOST") or socket.gethostname()
+        # One step of a multi-node allocation (cluster.start: together): the job id is
+        # shared with the other nodes, so this node's records carry its rank.
+        self.in_allocation = in_allocation
         self.child: TorchrunProcess | None = None
         self.preempted = False
+
+    @property
+    def exit_record(self) -> Path:
+        return self.run.exit_record(self.job_id, self.node_rank if self.in_allocation else None)
+
+    def enter_allocation(self) -> None:
+        """Record this step's host and id (the supervisor cancels or releases one node by
+        them), then drop srun's step variables so torchrun sees a single-node job."""
+        from fm9g.launchers.slurm_env import single_node_environment
+
+        write_json(
+            self.run.step_record(self.job_id, self.node_rank),
+            {"host": self.host, "step": os.environ.get("SLURM_STEP_ID"), "time": time.time()},
+        )
+        clean = single_node_environment(os.environ, self.host)
+        for key in set(os.environ) - set(clean):
+            del os.environ[key]
+        os.environ.update(clean)
 
     # ------------------------------------------------------------------ plumbing
     def log(self, message: str) -> None:
@@ -255,10 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="master: the generation to publish at least; worker: the oldest generation to join",
     )
+    parser.add_argument(
+        "--in-allocation",
+        action="store_true",
+        help="started by srun as one node of a multi-node allocation (cluster.start: together)",
+    )
     args = parser.parse_args(argv)
     run = RunDir.of(args.run_dir)
     config = load_resolved(run.config)
-    agent = NodeAgent(args.role, run, config, args.node_rank, args.generation)
+    agent = NodeAgent(args.role, run, config, args.node_rank, args.generation, in_allocation=args.in_allocation)
+    if args.in_allocation:
+        agent.enter_allocation()
     agent.install_signals()
     agent.log(f"starting (SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
     try:
@@ -267,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.log(f"error: {exc}")
         code = protocol.EXIT_ENDPOINT_TIMEOUT
     write_json(
-        run.exit_record(agent.job_id),
+        agent.exit_record,
         {"code": code, "time": time.time(), "node_rank": args.node_rank, "role": args.role},
     )
     return code

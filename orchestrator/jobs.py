@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -134,6 +135,7 @@ class JobTracker:
         self.requeue = requeue  # cluster.requeue: Slurm, not us, brings NODE_FAIL'd jobs back
         self.clock = clock
         self.unseen: set[int] = set()  # row ids the last poll could not see (UNKNOWN)
+        self.last_statuses: dict[str, JobStatus] = {}  # the last successful poll, by job id
 
     # ------------------------------------------------------------------ submission
     def write_script(self, spec: JobSpec, attempt: int, cluster: ClusterConfig | None = None) -> tuple[Path, str]:
@@ -202,6 +204,65 @@ class JobTracker:
         assert row is not None
         return row
 
+    def submit_together(
+        self, allocation: JobSpec, nodes: Sequence[JobSpec], *, attempt: int, why: str, cluster: ClusterConfig | None
+    ) -> list[JobRow]:
+        """Submit `allocation`, one job holding every node of `nodes`, and record one row per
+        node (its own role, rank and log) sharing the job id: the policy follows and
+        replaces nodes one by one, whatever job started them."""
+        script, text = self.write_script(allocation, attempt, cluster)
+        log = self.run.stage_logs(allocation.stage) / allocation.log_name(attempt)
+        tag = allocation.tag(self.run.name, attempt)
+        row_ids = [
+            self.store.record_intent(
+                stage=node.stage,
+                role=node.role,
+                node_rank=node.node_rank,
+                attempt=attempt,
+                generation=node.generation,
+                tag=tag,
+                script=str(script),
+                script_hash=config_hash(text),
+                log=str(self.run.stage_logs(node.stage) / node.log_name(attempt)),
+            )
+            for node in nodes
+        ]
+        try:
+            job_id = self.executor.submit(script, log=log, tag=tag, env=self.executor.job_env(1), after=(), array=None)
+        except Exception as exc:
+            for row_id in row_ids:
+                self.store.update_job(
+                    row_id, state=JobState.FAILED, reason=f"not submitted: {exc}", ended_at=self.clock()
+                )
+            self.store.event(
+                "submit_failed",
+                f"{allocation.stage} allocation of {len(nodes)} nodes, attempt {attempt}: {exc}",
+                stage=allocation.stage,
+                why=why,
+            )
+            raise
+        rows = []
+        for row_id, node in zip(row_ids, nodes, strict=True):
+            self.store.mark_submitted(row_id, job_id)
+            self.store.event(
+                "submitted",
+                f"{node.stage} {node.role}{node.node_rank} attempt {attempt} submitted in allocation {job_id} ({why})",
+                stage=node.stage,
+                job=row_id,
+                node_rank=node.node_rank,
+                role=node.role,
+                job_id=job_id,
+                generation=node.generation,
+                attempt=attempt,
+                why=why,
+                after=[],
+                together=True,
+            )
+            row = self.store.job(row_id)
+            assert row is not None
+            rows.append(row)
+        return rows
+
     # ------------------------------------------------------------------ following
     def next_attempt(self, stage: str) -> int:
         """The attempt number a new submission of `stage` gets."""
@@ -224,24 +285,29 @@ class JobTracker:
         if not live:
             return []
         try:
-            statuses = self.executor.poll([row.job_id for row in live if row.job_id])
+            # dict.fromkeys: the nodes of one allocation (cluster.start: together) share a job id.
+            statuses = self.executor.poll(list(dict.fromkeys(row.job_id for row in live if row.job_id)))
         except PollError as exc:
             self.unseen = {row.id for row in live}
             self.store.event("poll_error", f"poll failed, state unknown this tick: {exc}", stage=stage or "")
             return None
+        self.last_statuses = statuses
+        counts = Counter(row.job_id for row in self.store.jobs(stage) if row.job_id)
         transitions = []
         for row in live:
             status = statuses.get(row.job_id or "")
             if status is None or status.state is JobState.UNKNOWN:
                 self.unseen.add(row.id)
                 continue  # cannot tell: never acted on
-            after = self.apply(row, status)
+            after = self.apply(row, status, own_node=counts[row.job_id] == 1)
             if after is not None:
                 transitions.append(Transition(row, after))
         return transitions
 
-    def apply(self, row: JobRow, status: JobStatus) -> JobRow | None:
-        """Write what a poll saw into `row`; the updated row, or None when nothing changed."""
+    def apply(self, row: JobRow, status: JobStatus, own_node: bool = True) -> JobRow | None:
+        """Write what a poll saw into `row`; the updated row, or None when nothing changed.
+        `own_node` False: the row is one node of a job of several, whose host is the batch
+        host's or a node list; the row learns its own host elsewhere (its step record)."""
         fields: dict[str, object] = {}
         if self.requeue and status.state in (JobState.NODE_FAIL, JobState.PREEMPTED):
             # Slurm owns requeue for this run (--requeue): the same job id comes back by
@@ -264,7 +330,7 @@ class JobTracker:
             )
         if status.state is not row.state:
             fields["state"] = status.state
-        if status.node and status.node != row.node:
+        if own_node and status.node and status.node != row.node:
             fields["node"] = status.node
         if status.reason != row.reason:
             fields["reason"] = status.reason

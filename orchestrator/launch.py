@@ -107,19 +107,28 @@ def confirm_local(choice: ExecutorChoice, nodes: int, yes: bool) -> ExecutorChoi
 
     from fm9g.orchestrator.executors.choose import probe_slurm
 
-    if choice.requested != "local" or nodes < 2:
+    if nodes < 2:
         return choice
-    probe = probe_slurm()
-    if not probe.answers:
+    if choice.requested == "auto" and choice.kind == "local" and choice.slurm_silent:
+        # A login node whose controller is down for a moment must not quietly become
+        # the training machine.
+        what = (
+            f"auto picked this machine for all {nodes} nodes' trainers because Slurm is installed here "
+            f"but does not answer ({choice.why})"
+        )
+        instead = "or wait until `scontrol ping` answers and run the same command again"
+    elif choice.requested == "local":
+        probe = probe_slurm()
+        if not probe.answers:
+            return choice
+        what = f"executor local runs all {nodes} nodes' trainers on this machine, but Slurm answers here ({probe.why})"
+        instead = "or drop `--executor local` (auto picks Slurm here) or pass `--executor slurm` to submit them"
+    else:
         return choice
     if yes:
         return replace(choice, confirmed="--yes")
-    what = f"executor local runs all {nodes} nodes' trainers on this machine, but Slurm answers here ({probe.why})"
     if not sys.stdin.isatty():
-        raise LaunchError(
-            f"not started: {what}; pass --yes to run them here anyway, or drop `--executor local` "
-            f"(auto picks Slurm here) or pass `--executor slurm` to submit them"
-        )
+        raise LaunchError(f"not started: {what}; pass --yes to run them here anyway, {instead}")
     try:
         answer = input(f"fm9g-launch: {what}. Run them here? [y/N] ")
     except EOFError:

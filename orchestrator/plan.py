@@ -119,6 +119,24 @@ def node_spec(node_rank: int, generation: int) -> JobSpec:
     return JobSpec(stage=TRAIN, role=role, template=f"{role}.sbatch.j2", node_rank=node_rank, generation=generation)
 
 
+def together_spec(run: RunDir, nodes: int, generation: int) -> JobSpec:
+    """One allocation of all `nodes` nodes of the training stage (cluster.start: together):
+    its script starts each node's agent as an srun step, logging where that node's own job
+    would (JobSpec.log_name of its node_spec)."""
+    return JobSpec(
+        stage=TRAIN,
+        role="together",
+        template="together.sbatch.j2",
+        generation=generation,
+        nodes=nodes,
+        values={
+            "node_specs": [node_spec(rank, generation) for rank in range(nodes)],
+            "log_dir": str(run.stage_logs(TRAIN)),
+            "exits_dir": str(run.exit_record("0").parent),
+        },
+    )
+
+
 def index_specs(source: IndexSource, shards: int) -> tuple[JobSpec, JobSpec]:
     """The shard array job and the merge job of one dataset's index stage."""
     stage = f"index:{source.task_name}"
@@ -239,13 +257,24 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
         data_stages = (*index_stages, TOKENIZER) if not skip else index_stages
 
     nodes = config.cluster.nodes
+    together = config.cluster.start == "together" and nodes > 1
+    if config.cluster.start == "together" and config.executor == "local":
+        raise ConfigError(
+            "cluster.start: together takes the nodes as one Slurm allocation, and this run uses the local "
+            "executor: set executor: slurm (or --executor slurm), or cluster.start: separate"
+        )
     stages.append(
         StagePlan(
             TRAIN,
             StageKind.TRAIN,
             depends_on=data_stages,
-            jobs=tuple(node_spec(rank, 0) for rank in range(nodes)),
-            note=f"{nodes} node job(s), torchrun rendezvous through the master's store",
+            jobs=(together_spec(run, nodes, 0),) if together else tuple(node_spec(rank, 0) for rank in range(nodes)),
+            note=(
+                f"one allocation of {nodes} nodes (cluster.start: together), a node agent per node; "
+                "a lost node is replaced by a single-node job"
+                if together
+                else f"{nodes} node job(s), torchrun rendezvous through the master's store"
+            ),
         )
     )
     wanted = set(config.pipeline.after_train)

@@ -37,20 +37,23 @@ def sbatch_value(value: object, what: str) -> str:
     return text
 
 
-def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str, signal: bool = True) -> list[str]:
-    """The #SBATCH options of one node job, sorted (stable golden files)."""
+def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str, signal: bool = True, nodes: int = 1) -> list[str]:
+    """The #SBATCH options of one job, sorted (stable golden files)."""
     flags = {
         "--job-name": name,
         "--comment": comment,
-        "--nodes": "1",
+        "--nodes": str(nodes),
         "--ntasks-per-node": "1",
         "--open-mode": "append",  # a requeue must not truncate the log
         # --signal=B: to the batch shell only; torchrun itself dies on USR1 and kills its
-        # workers 30 s after a SIGTERM, so the agent must be the one that hears it.
-        "--signal": f"B:USR1@{cluster.signal_lead}",
+        # workers 30 s after a SIGTERM, so the agent must be the one that hears it.  In an
+        # allocation of several nodes the agents are srun steps: the signal goes to the steps.
+        "--signal": f"B:USR1@{cluster.signal_lead}" if nodes == 1 else f"USR1@{cluster.signal_lead}",
     }
     if not signal:
         del flags["--signal"]
+    if nodes > 1:
+        flags["--no-kill"] = ""  # one node failing must not end the others
     optional = {
         "--partition": cluster.partition,
         "--account": cluster.account,
@@ -66,7 +69,8 @@ def sbatch_flags(cluster: ClusterConfig, *, name: str, comment: str, signal: boo
         if value is not None:
             flags[key] = str(value)
     lines = [
-        f"{key}={sbatch_value(value, 'cluster.' + key.lstrip('-').replace('-', '_'))}" for key, value in flags.items()
+        f"{key}={sbatch_value(value, 'cluster.' + key.lstrip('-').replace('-', '_'))}" if value else key
+        for key, value in flags.items()
     ]
     # One owner of requeue per job: Slurm (--requeue) or the supervisor (--no-requeue).
     lines.append("--requeue" if cluster.requeue else "--no-requeue")
@@ -93,6 +97,7 @@ class JobSpec:
     gpus: bool = True  # False: index and tokenizer jobs ask for no GPU
     signal: bool = True  # False: no --signal (jobs with no checkpoint to take)
     array: int | None = None  # array tasks (index shards); given to sbatch as --array
+    nodes: int = 1  # nodes in the allocation: > 1 only for the training stage's `together` job
 
     def tag(self, run_name: str, attempt: int) -> str:
         return job_tag(run_name, self.stage, self.role, self.node_rank, attempt)
@@ -133,7 +138,11 @@ class ScriptRenderer:
             if not _ENV_NAME.match(key):
                 raise ConfigError(f"environment variable name {key!r} is not valid in a shell")
         flags = sbatch_flags(
-            cluster, name=spec.name(self.run_name), comment=spec.tag(self.run_name, attempt), signal=spec.signal
+            cluster,
+            name=spec.name(self.run_name),
+            comment=spec.tag(self.run_name, attempt),
+            signal=spec.signal,
+            nodes=spec.nodes,
         )
         return render_template(spec.template)(
             run_name=self.run_name,
@@ -151,6 +160,7 @@ class ScriptRenderer:
             train_env=cluster.train_env,
             serve_env=cluster.serve_env,
             env=list(spec.env),
+            gpus_per_node=cluster.gpus_per_node,
             **spec.values,
         )
 

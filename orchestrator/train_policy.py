@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.jobs import JobTracker, log_tail
-from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec
+from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec, together_spec
 from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
 from fm9g.orchestrator.state import JobRow, JobState, StageStatus, StateStore
 from fm9g.orchestrator.waiting import stage_waiting
@@ -118,7 +118,10 @@ class TrainPolicy:
         self.base_interval = self.executor.tick_interval(config.supervise.poll_interval)
         self.interval = self.base_interval
         self.timeline = RecoveryTimeline(store, STAGE)
-        self.hang_cancelled: set[str] = set()  # master job ids the hang watchdog cancelled
+        self.hang_cancelled: set[int] = set()  # master job rows the hang watchdog cancelled
+        # Allocations (cluster.start: together) whose end was paid for this tick: the
+        # nodes of one allocation that ended together are one failure, not N.
+        self.paid_allocations: set[str] = set()
 
     @property
     def repairs(self) -> bool:
@@ -143,6 +146,103 @@ class TrainPolicy:
         )
         self.say(f"submitted {row.role} node {node_rank} as job {row.job_id} ({why})")
         return row
+
+    def submit_together(self, ranks: list[int], *, attempt: int, generation: int, why: str) -> list[JobRow]:
+        """Submit the nodes `ranks` (every node of the stage) as one allocation."""
+        rows = self.tracker.submit_together(
+            together_spec(self.run, len(ranks), generation),
+            [node_spec(rank, generation) for rank in ranks],
+            attempt=attempt,
+            why=why,
+            cluster=self.cluster_config(),
+        )
+        self.say(
+            f"submitted {len(rows)} nodes as one allocation, job {rows[0].job_id} ({why}; cluster.start: together)"
+        )
+        return rows
+
+    def in_allocation(self, row: JobRow) -> bool:
+        """Whether `row` is one node of a multi-node allocation (its job id is shared)."""
+        return bool(row.job_id) and sum(other.job_id == row.job_id for other in self.store.jobs(STAGE)) > 1
+
+    def node_ends(self) -> list[JobRow]:
+        """Nodes of a running allocation whose own end is on record (the agent's exit
+        record, or the allocation script's for a node that died): ended now, though
+        the job itself runs on.  Also gives each such row its host, from its step record."""
+        ended = []
+        for row in self.live_latest():
+            if not self.in_allocation(row):
+                continue
+            assert row.job_id is not None
+            step = read_json(self.run.step_record(row.job_id, row.node_rank)) or {}
+            if step.get("host") and row.node != step["host"]:
+                self.store.update_job(row.id, node=str(step["host"]))
+            recorded = protocol.read_exit_code(self.run.exit_record(row.job_id, row.node_rank))
+            if recorded is None:
+                continue
+            code, when = recorded
+            state = JobState.COMPLETED if code == protocol.EXIT_OK else JobState.FAILED
+            self.store.update_job(row.id, state=state, exit_code=code, ended_at=when, reason="its node's step ended")
+            after = self.store.job(row.id)
+            assert after is not None
+            ended.append(after)
+        return ended
+
+    def nodes_lost(self) -> list[JobRow]:
+        """Nodes of a running allocation that left it: Slurm drops a failed node from a
+        --no-kill job and the job runs on, and a node whose host died (the batch host
+        included) has no step left to report its end."""
+        from fm9g.orchestrator.slurm.parse import expand_hostlist
+
+        lost = []
+        for row in self.live_latest():
+            status = self.tracker.last_statuses.get(row.job_id or "")
+            if status is None or status.state is not JobState.RUNNING or not status.held:
+                continue
+            if not row.node or not self.in_allocation(row):
+                continue
+            if row.node in expand_hostlist(status.held):
+                continue
+            self.store.update_job(
+                row.id,
+                state=JobState.NODE_FAIL,
+                ended_at=self.clock(),
+                reason=f"{row.node} left allocation {row.job_id} (node failure)",
+            )
+            after = self.store.job(row.id)
+            assert after is not None
+            lost.append(after)
+        return lost
+
+    def release_allocation_node(self, row: JobRow) -> None:
+        """Give a replaced node's host back to the cluster while its allocation runs on
+        (best effort: a node that died has already left the allocation).  Never rank 0's
+        host: the allocation's batch script runs there."""
+        if not row.job_id or not row.node or row.node_rank == 0:
+            return
+        try:
+            released = self.executor.release_node(row.job_id, row.node)
+        except Exception as exc:  # noqa: BLE001 - the repair itself has been made
+            self.store.event(
+                "release_node",
+                f"could not release {row.node} from job {row.job_id}: {exc}",
+                stage=STAGE,
+                job=row.id,
+                node=row.node,
+                job_id=row.job_id,
+                released=False,
+            )
+            return
+        if released:
+            self.store.event(
+                "release_node",
+                f"released {row.node} from allocation {row.job_id}: node {row.node_rank} runs in its replacement",
+                stage=STAGE,
+                job=row.id,
+                node=row.node,
+                job_id=row.job_id,
+                released=True,
+            )
 
     def cluster_config(self) -> ClusterConfig:
         """The cluster section with the live node exclusions added.
@@ -213,9 +313,12 @@ class TrainPolicy:
         # user's word that the cause was fixed (the reason stays in the failure event).
         self.run.fatal_record.unlink(missing_ok=True)
         self.store.set_stage(STAGE, StageStatus.RUNNING, detail=f"{self.config.cluster.nodes} nodes")
-        for rank in range(self.config.cluster.nodes):
-            if rank not in live:
-                self.submit_node(rank, attempt=attempt, generation=generation, why=why)
+        missing = [rank for rank in range(self.config.cluster.nodes) if rank not in live]
+        if self.config.cluster.start == "together" and not live and len(missing) > 1:
+            self.submit_together(missing, attempt=attempt, generation=generation, why=why)
+            return
+        for rank in missing:
+            self.submit_node(rank, attempt=attempt, generation=generation, why=why)
 
     def live_latest(self) -> list[JobRow]:
         """Each node's newest job row, where that job is submitted and has not ended."""
@@ -236,10 +339,15 @@ class TrainPolicy:
     # ------------------------------------------------------------------ one tick
     def tick(self) -> StageStatus | None:
         """Poll once and act; the stage's final status once it ended, else None."""
+        self.paid_allocations = set()
+        node_ends = self.node_ends()  # before the poll: a node's own code beats its job's
         transitions = self.tracker.poll(STAGE)
         if transitions is None:
             return None  # a failed poll: nothing is concluded from it
         latest = {row.id for row in self.latest_rows().values()}
+        for row in [*node_ends, *self.nodes_lost()]:
+            if row.id in latest:
+                self.on_end(row)
         for transition in transitions:
             if transition.requeued:
                 self.say(f"job {transition.after.job_id} was requeued by Slurm; not resubmitting it")
@@ -248,7 +356,8 @@ class TrainPolicy:
         beats = read_heartbeats(self.run, self.config.cluster.nodes)  # once per tick, for every check
         self.timeline.track(beats)
         outcome = self.decide(beats)
-        self.interval = self.base_interval if transitions else min(self.interval * 1.5, self.base_interval * 8)
+        changed = transitions or node_ends
+        self.interval = self.base_interval if changed else min(self.interval * 1.5, self.base_interval * 8)
         return outcome
 
     def run_until_done(self) -> StageStatus:
@@ -264,14 +373,16 @@ class TrainPolicy:
     def classify_end(self, row: JobRow, cancelled_by_user: bool) -> tuple[JobRow, Failure]:
         """Why `row` ended: its class and reason (the row comes back with the agent's exit code)."""
         exit_code = row.exit_code
-        if exit_code is None and row.job_id:
+        if (exit_code is None or self.in_allocation(row)) and row.job_id:
             # squeue shows an end before sacct knows its exit code; the agent wrote it down.
-            recorded = protocol.read_exit_code(self.run.exit_record(row.job_id))
+            # A node of an allocation has its own record: the job's code is the script's.
+            rank = row.node_rank if self.in_allocation(row) else None
+            recorded = protocol.read_exit_code(self.run.exit_record(row.job_id, rank))
             if recorded is not None:
                 exit_code = recorded[0]
                 self.store.update_job(row.id, exit_code=exit_code)
                 row = replace(row, exit_code=exit_code)
-        if row.job_id in self.hang_cancelled:
+        if row.id in self.hang_cancelled:
             return row, Failure(FailureClass.APP, "no training progress within supervise.hang_timeout")
         return row, classify(
             row.state,
@@ -370,6 +481,12 @@ class TrainPolicy:
 
     def repair_node(self, row: JobRow, failure: Failure) -> None:
         """Pay for the failure from its budget and resubmit that node alone, or stop."""
+        shared = self.in_allocation(row)
+        if shared and row.job_id in self.paid_allocations:
+            self.resubmit(row, failure)  # another node of this allocation paid this tick
+            return
+        if shared and row.job_id:
+            self.paid_allocations.add(row.job_id)
         if not self.spend(failure.klass):
             self.stop(
                 StageStatus.FAILED,
@@ -385,6 +502,10 @@ class TrainPolicy:
             )
             return
         self.note_node_failure(row.node)
+        self.resubmit(row, failure)
+
+    def resubmit(self, row: JobRow, failure: Failure) -> None:
+        """Submit node `row.node_rank` again, alone, and open its recovery timeline."""
         current = read_endpoint(self.run.endpoint)
         generation = current.generation if current else 0
         if NodeRole(row.role) is NodeRole.MASTER:
@@ -404,6 +525,8 @@ class TrainPolicy:
             detected=detected,
             resubmitted=self.clock(),
         )
+        if self.in_allocation(row):
+            self.release_allocation_node(row)
 
     def stop(self, status: StageStatus, reason: str) -> None:
         """End the stage with `status`: cancel its live jobs and write a stage_end event."""
@@ -501,7 +624,7 @@ class TrainPolicy:
         if self.clock() - max(newest, started) <= limit:
             return
         master = rows.get(0)
-        if master is None or not master.job_id or master.job_id in self.hang_cancelled:
+        if master is None or not master.job_id or master.id in self.hang_cancelled:
             return
         self.store.event(
             "hang",
@@ -513,10 +636,15 @@ class TrainPolicy:
             timeout=limit,
         )
         self.say(f"no training progress for {limit}s: replacing the master to start a new generation")
-        self.hang_cancelled.add(master.job_id)
+        self.hang_cancelled.add(master.id)
         # Straight to the executor, not tracker.cancel: the row must stay live so the next
-        # poll sees the end and on_end repairs it like any lost master.
-        self.executor.cancel([master.job_id])
+        # poll sees the end and on_end repairs it like any lost master.  In an allocation
+        # only the master's step goes (its end is then on record like any node's).
+        step = read_json(self.run.step_record(master.job_id, 0)) or {} if self.in_allocation(master) else {}
+        if step.get("step") is not None:
+            self.executor.cancel_node(master.job_id, str(step["step"]))
+        else:
+            self.executor.cancel([master.job_id])
 
     def waiting(self) -> float:
         """Node-seconds the stage's nodes held allocations waiting for the rest (waiting.py)."""

@@ -9,7 +9,8 @@
       rendezvous/endpoint.json    {host, port, generation, job_id, rdzv_id}
       logs/<stage>/<job>.out
       heartbeats/<node>.json      last step, time, pid
-      control/                    flags: checkpoint_now, DONE, cancel, fatal.json, exits/<job>.json
+      control/                    flags: checkpoint_now, DONE, cancel, fatal.json, exits/<job>[.n<rank>].json,
+                                  steps/<job>.n<rank>.json (cluster.start: together)
       checkpoints/<step>/  checkpoints/latest
       hf/<step>/                  converted Hugging Face folders
       infer/<stage>.jsonl         completions of an eval prompt set
@@ -108,10 +109,19 @@ class RunDir:
         reason = record.get("reason") if isinstance(record, dict) else None
         return str(reason) if reason else None
 
-    def exit_record(self, job_id: str) -> Path:
+    def exit_record(self, job_id: str, node_rank: int | None = None) -> Path:
         """Written by a node agent as it exits: its exit code, which squeue cannot tell
-        and sacct may report only seconds later."""
-        return self.control / "exits" / f"{job_id}.json"
+        and sacct may report only seconds later.  In an allocation of several nodes
+        (cluster.start: together) the job id is shared, so each node's record carries its
+        rank; the allocation's batch script writes it when the node agent could not (its
+        node died, or it was killed)."""
+        name = job_id if node_rank is None else f"{job_id}.n{node_rank}"
+        return self.control / "exits" / f"{name}.json"
+
+    def step_record(self, job_id: str, node_rank: int) -> Path:
+        """Written by a node agent started as a step of a shared allocation: its host and
+        Slurm step id, so one node can be cancelled or released without the others."""
+        return self.control / "steps" / f"{job_id}.n{node_rank}.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -50,7 +50,17 @@ class ClusterConfig(Section):
     """Where and how the jobs run (Slurm options; the local executor ignores most)."""
 
     partition: str | None = Field(None, description="Slurm partition (-p). None: the cluster's default partition.")
-    nodes: int = Field(1, ge=1, description="Nodes in a training stage; each node is its own single-node job.")
+    nodes: int = Field(1, ge=1, description="Nodes in a training stage.")
+    start: Literal["separate", "together"] = Field(
+        "separate",
+        description=(
+            "How a training stage takes its nodes. separate: one single-node job per node, each "
+            "starting when it finds a node (the guide's way; a node that starts first holds its "
+            "allocation while the rest queue). together: one allocation of all the nodes, so they "
+            "start at once, with one node agent per node (srun step); a lost node is still "
+            "replaced by a single-node job. Slurm executor only."
+        ),
+    )
     gpus_per_node: int = Field(
         0, ge=0, description="GPUs per node, requested as --gres=gpu:N; also torchrun's --nproc-per-node when > 0."
     )

@@ -28,6 +28,7 @@ class JobStatus:
     restarts: int = 0  # Slurm's own requeue count (same job id)
     started_at: float | None = None
     ended_at: float | None = None
+    held: str = ""  # every node the job holds (a Slurm hostlist); `node` is its batch host
 
 
 UNKNOWN = JobStatus(JobState.UNKNOWN)
@@ -60,6 +61,15 @@ class Executor(Protocol):
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Ask each job to stop (SIGTERM to its batch step, as scancel does)."""
+        ...
+
+    def cancel_node(self, job_id: str, step: str) -> None:
+        """Stop one node of a multi-node allocation (cluster.start: together): its step."""
+        ...
+
+    def release_node(self, job_id: str, node: str) -> bool:
+        """Give a node of a multi-node allocation back to the cluster, the rest running on;
+        False when the job no longer holds it."""
         ...
 
     def adopt(self, job_id: str, log: Path) -> None:

@@ -31,6 +31,7 @@ class SlurmProbe:
 
     answers: bool
     why: str
+    installed: bool = False  # sbatch and a Slurm config are here, whether or not the controller answers
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ExecutorChoice:
     why: str
     requested: str = "auto"
     confirmed: str = ""  # local with several nodes where Slurm answers: "--yes" or "terminal"
+    slurm_silent: bool = False  # auto chose local because an installed Slurm did not answer
 
     def describe(self) -> str:
         """`executor: slurm (why); --executor local runs it here`, for the command's output."""
@@ -65,14 +67,18 @@ def probe_slurm(timeout_s: float = PING_TIMEOUT_S) -> SlurmProbe:
 
     up, said = SlurmClient(timeout_s=timeout_s).ping_report()
     if up:
-        return SlurmProbe(True, f"sbatch on PATH; scontrol ping: {said}")
-    return SlurmProbe(False, f"sbatch on PATH, but the controller does not answer (scontrol ping: {said})")
+        return SlurmProbe(True, f"sbatch on PATH; scontrol ping: {said}", installed=True)
+    return SlurmProbe(
+        False, f"sbatch on PATH, but the controller does not answer (scontrol ping: {said})", installed=True
+    )
 
 
 def choose_auto(timeout_s: float = PING_TIMEOUT_S) -> ExecutorChoice:
     """`auto` made concrete: slurm where Slurm answers, else local."""
     probe = probe_slurm(timeout_s)
-    return ExecutorChoice("slurm" if probe.answers else "local", probe.why)
+    return ExecutorChoice(
+        "slurm" if probe.answers else "local", probe.why, slurm_silent=probe.installed and not probe.answers
+    )
 
 
 def record(store: StateStore, choice: ExecutorChoice) -> None:

@@ -187,6 +187,12 @@ class LocalExecutor:
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         return {job_id: self._status(job_id) for job_id in job_ids}
 
+    def cancel_node(self, job_id: str, step: str) -> None:
+        raise NotImplementedError("the local executor starts no multi-node allocations (cluster.start: together)")
+
+    def release_node(self, job_id: str, node: str) -> bool:
+        raise NotImplementedError("the local executor starts no multi-node allocations (cluster.start: together)")
+
     def cancel(self, job_ids: Sequence[str]) -> None:
         """SIGTERM each job's process group, as scancel does to a job's batch step.
         A pid that no longer belongs to the job is left alone."""

@@ -22,7 +22,7 @@ def _from_squeue(row: SqueueRow, now: float) -> JobStatus:
     running = row.state in (JobState.RUNNING, JobState.COMPLETING)
     started = now - row.elapsed.total_seconds() if row.elapsed and running else None
     reason = "" if row.reason == "None" else row.reason  # squeue prints "None" for no reason
-    return JobStatus(row.state, node=row.batch_host or row.nodes, reason=reason, started_at=started)
+    return JobStatus(row.state, node=row.batch_host or row.nodes, reason=reason, started_at=started, held=row.nodes)
 
 
 def _from_sacct(row: SacctRow) -> JobStatus:
@@ -114,6 +114,12 @@ class SlurmExecutor:
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         self.client.cancel(int(job_id) for job_id in job_ids)
+
+    def cancel_node(self, job_id: str, step: str) -> None:
+        self.client.cancel_step(int(job_id), int(step))
+
+    def release_node(self, job_id: str, node: str) -> bool:
+        return self.client.release_node(int(job_id), node)
 
     def adopt(self, job_id: str, log: Path) -> None:
         """Nothing to do: squeue and sacct see every job by its id."""

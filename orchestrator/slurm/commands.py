@@ -172,6 +172,16 @@ def scancel_argv(job_ids: Iterable[int], signal: str | None = None, *, batch_onl
     return argv + [str(job_id) for job_id in job_ids]
 
 
+def scancel_step_argv(job_id: int, step: int) -> list[str]:
+    """`scancel JOB.STEP`: one step of a job (one node of a `together` allocation)."""
+    return ["scancel", f"{int(job_id)}.{int(step)}"]
+
+
+def release_nodes_argv(job_id: int, keep: Iterable[str]) -> list[str]:
+    """`scontrol update JobId=J NodeList=...`: shrink a running job to the nodes in `keep`."""
+    return ["scontrol", "update", f"JobId={int(job_id)}", f"NodeList={','.join(keep)}"]
+
+
 def sinfo_argv() -> list[str]:
     """Partitions with node counts, states, node lists and gres."""
     return ["sinfo", "--noheader", f"--format={parse.SINFO_FORMAT}"]
@@ -309,6 +319,26 @@ class SlurmClient:
             scancel_argv(ids, signal, batch_only=batch_only),
             "check `scontrol ping` and cancel again",
         )
+
+    def cancel_step(self, job_id: int, step: int) -> None:
+        """scancel one step of a job; the job and its other steps run on."""
+        self._check(scancel_step_argv(job_id, step), "check `scontrol ping` and cancel again")
+
+    def release_node(self, job_id: int, node: str) -> bool:
+        """Shrink a running job by one node (Slurm frees it for other jobs); False when
+        the job no longer holds `node` (Slurm already dropped a failed node)."""
+        listing = self._check(["squeue", "-h", "-j", str(int(job_id)), "-o", "%N"], "check `scontrol ping`")
+        nodelist = listing.stdout.strip()
+        if not nodelist:
+            return False
+        hosts = parse.expand_hostlist(nodelist)
+        if node not in hosts or len(hosts) < 2:
+            return False
+        self._check(
+            release_nodes_argv(job_id, [host for host in hosts if host != node]),
+            f"release node {node} from job {job_id} by hand (scontrol update JobId={job_id} NodeList=...)",
+        )
+        return True
 
     def partitions(self) -> dict[str, Partition]:
         """Every partition this user can see, keyed by name."""

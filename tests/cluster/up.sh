@@ -53,6 +53,12 @@ die() { echo "up.sh: $*" >&2; exit 1; }
 [[ "$NODES" =~ ^[0-9]+$ ]] && [ "$NODES" -ge "$SMALL_NODES" ] && [ "$NODES" -le 40 ] \
   || die "NODES must be $SMALL_NODES..40 (got '$NODES')"
 
+# One up.sh at a time: two rewriting /etc/hosts together (a test repairing crashed
+# nodes while another brings the cluster up) once left it without its localhost lines.
+mkdir -p "$STATE"
+exec 9>"$STATE/up.lock"
+flock 9
+
 # alive NAME PROGRAM: the PID recorded for NAME is running PROGRAM.  Checking
 # /proc/PID/exe guards against a recycled PID belonging to someone else.
 alive() {

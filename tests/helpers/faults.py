@@ -118,11 +118,14 @@ def crash_node(run: Path, role: str) -> str:
 
 def repair_nodes() -> None:
     """Bring crashed nodes back: links up, slurmd restarted (up.sh is idempotent)."""
-    for k in range(1, 5):
-        subprocess.run(["ip", "-n", f"fm9g-node{k}", "link", "set", "eth0", "up"], check=False)
-    subprocess.run(["bash", str(CLUSTER / "up.sh")], check=True, capture_output=True)
-    for k in range(1, 5):
-        subprocess.run(["scontrol", "update", f"NodeName=node{k}", "State=RESUME"], capture_output=True)
+    namespaces = node_namespaces()  # every node the cluster was brought up with (NODES)
+    for namespace in namespaces:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "up"], check=False)
+    nodes = {"NODES": str(len(namespaces))} if namespaces else {}
+    subprocess.run(["bash", str(CLUSTER / "up.sh")], check=True, capture_output=True, env={**os.environ, **nodes})
+    for namespace in namespaces:
+        node = namespace.removeprefix("fm9g-")
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], capture_output=True)
 
 
 def signal_walltime(run: Path) -> str:

@@ -177,3 +177,36 @@ def test_hang_watchdog_restarts_the_generation(root: Path, reference: dict[int, 
     finish(proc, root, name)
     assert runs.events(run, "hang")
     check_curve(root, name, reference)
+
+
+def allocated_nodes(job_id: str) -> int:
+    """How many nodes Slurm's accounting says job `job_id` held (sacct -X: the allocation)."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NNodes"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out, f"sacct knows no job {job_id}"
+    return int(out[0])
+
+
+def test_together_worker_node_crash(root: Path, reference: dict[int, float]) -> None:
+    """cluster.start: together takes both nodes as one allocation; when the worker's node
+    crashes, the master's node trains on in it and a single-node job replaces the worker."""
+    name = "together_crash"
+    proc = faults.start_run(root, name, "--set", "cluster.start=together", reuse=root / "reference")
+    run = mid_run(root, name)
+    crashed = faults.job_of(run, "worker")
+    try:
+        faults.crash_node(run, "worker")
+        finish(proc, root, name, timeout=1200)
+    finally:
+        faults.repair_nodes()
+    check_curve(root, name, reference)
+    first = [s for s in runs.submissions(run) if s.attempt == 1]
+    assert sorted(s.node_rank for s in first) == [0, 1]
+    assert len({s.job_id for s in first}) == 1, first  # one job for both nodes ...
+    assert allocated_nodes(first[0].job_id) == 2  # ... holding both at once
+    assert [(s.node_rank, s.role) for s in repairs(run)] == [(1, "worker")]
+    replacement = repairs(run)[0]
+    assert replacement.job_id != first[0].job_id and allocated_nodes(replacement.job_id) == 1
+    failures = runs.failures(run)
+    assert any(f.node_rank == 1 and f.job_id == crashed.job_id and f.klass == INFRA for f in failures), failures

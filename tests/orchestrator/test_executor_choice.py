@@ -174,3 +174,29 @@ def test_yes_at_the_terminal_goes_on(tmp_path: Path) -> None:
     result = answer_at_a_terminal(launch_argv(tmp_path / "runs", "--executor", "local", "--nodes", "2"), b"y\n")
     assert result.returncode == 2 and str(run.state_db) in result.stderr  # past the question
     assert config_mod.load_resolved(run.config).executor == "local"
+
+
+def silent_slurm_conf(tmp_path: Path) -> str:
+    """A Slurm config whose controller is nobody: `scontrol ping` says DOWN at once."""
+    conf = tmp_path / "silent.conf"
+    conf.write_text(
+        "ClusterName=silent\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
+        "NodeName=n1\nPartitionName=p Nodes=n1\n"
+    )
+    return str(conf)
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs Slurm's commands installed (not a running cluster)")
+def test_auto_with_a_silent_controller_does_not_quietly_run_every_node_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_CONF", silent_slurm_conf(tmp_path))
+    root = tmp_path / "runs"
+    refused = subprocess.run(
+        launch_argv(root, "--nodes", "2"), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "--yes" in refused.stderr, refused.stderr
+    assert not (root / "r").exists(), "a refused launch writes nothing"
+    # One node on this machine is what a laptop run looks like: no question.
+    config, choice = settle_executor(config_mod.load(TINY)[0], RunDir.of(root / "r"), options())
+    assert choice.kind == "local" and choice.slurm_silent
