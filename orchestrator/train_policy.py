@@ -177,12 +177,24 @@ class TrainPolicy:
             step = read_json(self.run.step_record(row.job_id, row.node_rank)) or {}
             if step.get("host") and row.node != step["host"]:
                 self.store.update_job(row.id, node=str(step["host"]))
-            recorded = protocol.read_exit_code(self.run.exit_record(row.job_id, row.node_rank))
+            path = self.run.exit_record(row.job_id, row.node_rank)
+            recorded = protocol.read_exit_code(path)
             if recorded is None:
                 continue
             code, when = recorded
-            state = JobState.COMPLETED if code == protocol.EXIT_OK else JobState.FAILED
-            self.store.update_job(row.id, state=state, exit_code=code, ended_at=when, reason="its node's step ended")
+            if (read_json(path) or {}).get("by") == "allocation":
+                # The agent wrote nothing: its node failed or it was killed.  srun's own
+                # status says little (22.05 exits 0 after "Node failure on nodeK").
+                self.store.update_job(
+                    row.id,
+                    state=JobState.NODE_FAIL,
+                    exit_code=code or None,
+                    ended_at=when,
+                    reason=f"the node agent on {row.node or 'its node'} ended without a word (srun exit {code})",
+                )
+            else:
+                state = JobState.COMPLETED if code == protocol.EXIT_OK else JobState.FAILED
+                self.store.update_job(row.id, state=state, exit_code=code, ended_at=when, reason="its step ended")
             after = self.store.job(row.id)
             assert after is not None
             ended.append(after)
