@@ -157,52 +157,8 @@ class JobTracker:
     ) -> JobRow:
         """Submit one attempt of `spec`, recorded before it is made (a crash in between
         leaves a SUBMITTING row that `resume` resolves by the job's tag)."""
-        script, text = self.write_script(spec, attempt, cluster)
-        log = self.run.stage_logs(spec.stage) / spec.log_name(attempt)
-        tag = spec.tag(self.run.name, attempt)
-        row_id = self.store.record_intent(
-            stage=spec.stage,
-            role=spec.role,
-            node_rank=spec.node_rank,
-            attempt=attempt,
-            generation=spec.generation,
-            tag=tag,
-            script=str(script),
-            script_hash=config_hash(text),
-            log=str(log),
-        )
-        try:
-            job_id = self.executor.submit(
-                script, log=log, tag=tag, env=self.executor.job_env(jobs_at_once), after=after, array=spec.array
-            )
-        except Exception as exc:
-            self.store.update_job(row_id, state=JobState.FAILED, reason=f"not submitted: {exc}", ended_at=self.clock())
-            self.store.event(
-                "submit_failed",
-                f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt}: {exc}",
-                stage=spec.stage,
-                job=row_id,
-                node_rank=spec.node_rank,
-                why=why,
-            )
-            raise
-        self.store.mark_submitted(row_id, job_id)
-        self.store.event(
-            "submitted",
-            f"{spec.stage} {spec.role}{spec.node_rank} attempt {attempt} submitted as job {job_id} ({why})",
-            stage=spec.stage,
-            job=row_id,
-            node_rank=spec.node_rank,
-            role=spec.role,
-            job_id=job_id,
-            generation=spec.generation,
-            attempt=attempt,
-            why=why,
-            after=list(after),
-        )
-        row = self.store.job(row_id)
-        assert row is not None
-        return row
+        env = self.executor.job_env(jobs_at_once)
+        return self._submit(spec, [spec], attempt=attempt, why=why, after=after, cluster=cluster, env=env)[0]
 
     def submit_together(
         self, allocation: JobSpec, nodes: Sequence[JobSpec], *, attempt: int, why: str, cluster: ClusterConfig | None
@@ -210,9 +166,24 @@ class JobTracker:
         """Submit `allocation`, one job holding every node of `nodes`, and record one row per
         node (its own role, rank and log) sharing the job id: the policy follows and
         replaces nodes one by one, whatever job started them."""
-        script, text = self.write_script(allocation, attempt, cluster)
-        log = self.run.stage_logs(allocation.stage) / allocation.log_name(attempt)
-        tag = allocation.tag(self.run.name, attempt)
+        env = self.executor.job_env(1)
+        return self._submit(allocation, nodes, attempt=attempt, why=why, after=(), cluster=cluster, env=env)
+
+    def _submit(
+        self,
+        job: JobSpec,
+        nodes: Sequence[JobSpec],
+        *,
+        attempt: int,
+        why: str,
+        after: Sequence[str],
+        cluster: ClusterConfig | None,
+        env: dict[str, str],
+    ) -> list[JobRow]:
+        """Submit `job` as one executor job and record a row for each of `nodes` (`job`
+        itself, or the nodes of an allocation), every row written before sbatch runs."""
+        script, text = self.write_script(job, attempt, cluster)
+        tag = job.tag(self.run.name, attempt)
         row_ids = [
             self.store.record_intent(
                 stage=node.stage,
@@ -227,8 +198,16 @@ class JobTracker:
             )
             for node in nodes
         ]
+        together = len(nodes) > 1
         try:
-            job_id = self.executor.submit(script, log=log, tag=tag, env=self.executor.job_env(1), after=(), array=None)
+            job_id = self.executor.submit(
+                script,
+                log=self.run.stage_logs(job.stage) / job.log_name(attempt),
+                tag=tag,
+                env=env,
+                after=after,
+                array=job.array,
+            )
         except Exception as exc:
             for row_id in row_ids:
                 self.store.update_job(
@@ -236,17 +215,20 @@ class JobTracker:
                 )
             self.store.event(
                 "submit_failed",
-                f"{allocation.stage} allocation of {len(nodes)} nodes, attempt {attempt}: {exc}",
-                stage=allocation.stage,
+                f"{job.stage} {job.role}{job.node_rank} attempt {attempt}: {exc}",
+                stage=job.stage,
+                job=None if together else row_ids[0],
+                node_rank=job.node_rank,
                 why=why,
             )
             raise
         rows = []
         for row_id, node in zip(row_ids, nodes, strict=True):
             self.store.mark_submitted(row_id, job_id)
+            where = f"in allocation {job_id}" if together else f"as job {job_id}"
             self.store.event(
                 "submitted",
-                f"{node.stage} {node.role}{node.node_rank} attempt {attempt} submitted in allocation {job_id} ({why})",
+                f"{node.stage} {node.role}{node.node_rank} attempt {attempt} submitted {where} ({why})",
                 stage=node.stage,
                 job=row_id,
                 node_rank=node.node_rank,
@@ -255,8 +237,8 @@ class JobTracker:
                 generation=node.generation,
                 attempt=attempt,
                 why=why,
-                after=[],
-                together=True,
+                after=list(after),
+                together=together,
             )
             row = self.store.job(row_id)
             assert row is not None

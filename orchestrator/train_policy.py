@@ -234,27 +234,21 @@ class TrainPolicy:
             return
         try:
             released = self.executor.release_node(row.job_id, row.node)
+            message = f"released {row.node} from allocation {row.job_id}: node {row.node_rank} runs in its replacement"
         except Exception as exc:  # noqa: BLE001 - the repair itself has been made
-            self.store.event(
-                "release_node",
-                f"could not release {row.node} from job {row.job_id}: {exc}",
-                stage=STAGE,
-                job=row.id,
-                node=row.node,
-                job_id=row.job_id,
-                released=False,
-            )
-            return
-        if released:
-            self.store.event(
-                "release_node",
-                f"released {row.node} from allocation {row.job_id}: node {row.node_rank} runs in its replacement",
-                stage=STAGE,
-                job=row.id,
-                node=row.node,
-                job_id=row.job_id,
-                released=True,
-            )
+            released, message = False, f"could not release {row.node} from job {row.job_id}: {exc}"
+        else:
+            if not released:
+                return  # the node had left the job already (a failed node)
+        self.store.event(
+            "release_node",
+            message,
+            stage=STAGE,
+            job=row.id,
+            node=row.node,
+            job_id=row.job_id,
+            released=released,
+        )
 
     def cluster_config(self) -> ClusterConfig:
         """The cluster section with the live node exclusions added.

@@ -11,10 +11,8 @@ import json
 import os
 import pty
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,14 +162,6 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- Slurm
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    # The cluster's nodes see this machine's home; pytest's tmp may go while jobs write.
-    path = Path(tempfile.mkdtemp(prefix="fm9g-ctrlc-", dir=Path.home()))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def squeue_ids() -> set[str]:

@@ -4,7 +4,6 @@ examples/tiny/pretrain.yaml`, with no executor named, runs on Slurm and says so.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from fm9g.rundir import config as config_mod
 from tests.helpers import runs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    # Out of pytest's tmp: the jobs may still write while pytest cleans its own folders.
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="fm9g-auto-", dir=Path.home()))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def test_no_executor_named_runs_on_slurm(shared_tmp: Path) -> None:

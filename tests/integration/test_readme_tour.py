@@ -17,8 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,14 +116,6 @@ def test_local_tour(tmp_path: Path) -> None:
     blocks = tour("local")
     outputs = walk(blocks, tmp_path, SLURM_CONF=str(tmp_path / "no-slurm.conf"))
     check_tour(blocks, outputs, tmp_path, executor="local")
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    # The cluster's nodes share this machine's home, not pytest's tmp (cleaned while jobs may write).
-    path = Path(tempfile.mkdtemp(prefix="fm9g-tour-", dir=Path.home()))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @pytest.mark.cluster

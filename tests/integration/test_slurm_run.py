@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ import pytest
 from tests.helpers import runs
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    # The node namespaces share this machine's filesystem, so any path is "shared storage";
-    # keep runs out of pytest's per-test tmp, which may be cleaned while jobs still write.
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="fm9g-slurm-", dir=Path.home()))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def launch(root: Path, name: str, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

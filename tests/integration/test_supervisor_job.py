@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,6 @@ from fm9g.orchestrator.state import StageStatus
 from tests.helpers import runs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    # Out of pytest's tmp: the jobs may still write while pytest cleans its own folders.
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="fm9g-supjob-", dir=Path.home()))
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def launch(root: Path, name: str, iters: int) -> subprocess.CompletedProcess[str]:
