@@ -211,7 +211,7 @@ class Watched:
 
 def measure(root: Path, nodes: int, window_s: float, reuse: Path, client: SlurmClient, ticks: int) -> Figures:
     # Each phase starts with N idle nodes, so none of them waits for the previous one's jobs.
-    runs.wait_for(lambda: idle_nodes() >= nodes, 300, f"{nodes} idle nodes")
+    runs.wait_for(lambda: idle_nodes() >= nodes, 900, f"{nodes} idle nodes")
     figures = Figures(nodes=nodes, load_before=load_average())
     marks_dir = root / f"bare{nodes}"
     marks_dir.mkdir()
@@ -240,24 +240,29 @@ def measure(root: Path, nodes: int, window_s: float, reuse: Path, client: SlurmC
     )
     watched = Watched(proc, client, log)
     begin = Mark(start, before_rpcs, 0.0, 0.0)
-    first = watched.until(lambda: first_step_time(run), 900, "the first training step")
-    figures.launch_s = first - start
-    steady_from = watched.mark()
-    time.sleep(window_s)
-    watched.until(lambda: runs.checkpoint_step(run) >= 5 and len(runs.live_jobs(run)) == nodes, 600, "a checkpoint")
-    # The fault lands right after a step was logged, as in recovery.py.
-    logged = runs.last_step(run)
-    watched.until(lambda: runs.last_step(run) > logged, 300, "a fresh step", interval=0.05)
-    steady_to = watched.mark()
-    fault_at = time.time()
-    faults.scancel_worker(run)
-    recovered = watched.until(lambda: first_step_after(run, fault_at + 0.05), 900, "the first step after the fault")
-    recovered_mark = watched.mark()
-    figures.recover_s = recovered - fault_at
-    event = watched.until(lambda: runs.events(run, "recovery"), 300, "the run's recovery event")[0]
-    phases = event.data["phases"]
-    figures.recovery_phases = {k: round(v - fault_at, 2) for k, v in phases.items()}
-    figures.step_s = median_step_time(run, since=steady_from.time, until=steady_to.time)
+    try:
+        first = watched.until(lambda: first_step_time(run), 900, "the first training step")
+        figures.launch_s = first - start
+        steady_from = watched.mark()
+        time.sleep(window_s)
+        watched.until(lambda: runs.checkpoint_step(run) >= 5 and len(runs.live_jobs(run)) == nodes, 600, "a checkpoint")
+        # The fault lands right after a step was logged, as in recovery.py.
+        logged = runs.last_step(run)
+        watched.until(lambda: runs.last_step(run) > logged, 300, "a fresh step", interval=0.05)
+        steady_to = watched.mark()
+        fault_at = time.time()
+        faults.scancel_worker(run)
+        recovered = watched.until(lambda: first_step_after(run, fault_at + 0.05), 900, "the first step after the fault")
+        recovered_mark = watched.mark()
+        figures.recover_s = recovered - fault_at
+        event = watched.until(lambda: runs.events(run, "recovery"), 300, "the run's recovery event")[0]
+        phases = event.data["phases"]
+        figures.recovery_phases = {k: round(v - fault_at, 2) for k, v in phases.items()}
+        figures.step_s = median_step_time(run, since=steady_from.time, until=steady_to.time)
+    except BaseException:
+        # A failed measurement leaves no run behind on the shared cluster.
+        subprocess.run(runs.cli("cancel", str(run)), capture_output=True)
+        raise
     subprocess.run(runs.cli("cancel", str(run)), check=True, capture_output=True)
     end = watched.exited(300)
     figures.load_after = load_average()
@@ -382,15 +387,16 @@ def main() -> None:
             f"warning: {len(foreign)} jobs already in the queue ({' '.join(foreign[:8])}); figures will include their load"
         )
     rows = []
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        root = Path(tmp)
-        reuse = warm_up(root)
-        for nodes in counts:
-            rows.append(measure(root, nodes, args.window, reuse, client, args.ticks))
-            print(f"{nodes} nodes measured: {json.dumps(asdict(rows[-1]))}", flush=True)
+    # Kept when a run fails, so its supervisor log and run directory can be read.
+    root = Path(tempfile.mkdtemp(prefix="fm9g-scale-", dir=Path.home()))
+    reuse = warm_up(root)
+    for nodes in counts:
+        rows.append(measure(root, nodes, args.window, reuse, client, args.ticks))
+        print(f"{nodes} nodes measured: {json.dumps(asdict(rows[-1]))}", flush=True)
+        if args.json:  # after each node count, so a failure later keeps these
+            args.json.write_text(json.dumps({"figures": [asdict(f) for f in rows]}, indent=2) + "\n")
+    shutil.rmtree(root)
     print(report(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"figures": [asdict(f) for f in rows]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
