@@ -102,9 +102,12 @@ class MetricsLogger:
             self.fd = None
 
 
-def write_heartbeat(path: Path, step: int, generation: int, started: float, start_step: int) -> None:
+def write_heartbeat(
+    path: Path, step: int, generation: int, started: float, start_step: int, first_step_at: float | None = None
+) -> None:
     """The node's liveness record, read by the supervisor: `started` (when this trainer
-    process passed the rendezvous) and `start_step` date the phases of a recovery."""
+    process passed the rendezvous), `start_step` and `first_step_at` (when it finished its
+    first step) date the phases of a recovery."""
     write_json(
         path,
         {
@@ -114,6 +117,7 @@ def write_heartbeat(path: Path, step: int, generation: int, started: float, star
             "generation": generation,
             "started": started,
             "start_step": start_step,
+            "first_step_at": first_step_at,
         },
         indent=None,
         durable=False,

@@ -245,6 +245,7 @@ class Trainer:
         self.progress.origin = self.cfg.resume_ckpt.strip()  # checkpoints from here on belong to this line
         self.start_step = self.progress.step
         self.session_started = time.time()
+        self.first_step_at: float | None = None  # when this process finished its first step
         self.scheduler = build_scheduler(
             self.optimizer,
             self.cfg.lr_scheduler,
@@ -505,12 +506,16 @@ class Trainer:
 
     def _heartbeat(self) -> None:
         if self.ctx.local_rank == 0:
+            if self.first_step_at is None and self.progress.step > self.start_step:
+                # Kept apart from the heartbeat's own time, which every later step moves on.
+                self.first_step_at = time.time()
             write_heartbeat(
                 self.run.heartbeat(self.node_rank),
                 self.progress.step,
                 self.generation,
                 self.session_started,
                 self.start_step,
+                self.first_step_at,
             )
 
     # ------------------------------------------------------------------ close

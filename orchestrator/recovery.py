@@ -39,6 +39,7 @@ class Heartbeat:
     time: float
     started: float
     start_step: int
+    first_step_at: float | None = None  # when this trainer finished its first step (older files: None)
 
     @classmethod
     def parse(cls, node_rank: int, record: object) -> Heartbeat | None:
@@ -52,6 +53,7 @@ class Heartbeat:
                 time=float(record.get("time", 0.0)),
                 started=float(record.get("started", 0.0)),
                 start_step=int(record.get("start_step", -1)),
+                first_step_at=float(record["first_step_at"]) if record.get("first_step_at") is not None else None,
             )
         except (TypeError, ValueError):
             return None
@@ -104,7 +106,8 @@ class Recovery:
         fresh = [beat for beat in beats if beat.started > self.detected]  # trainers started after the failure
         if self.allocated is not None and self.rendezvous is None and fresh:
             self.rendezvous = min(beat.started for beat in fresh)
-        stepped = [beat.time for beat in fresh if beat.stepped]
+        # The first step's own time: the heartbeat's `time` is its latest write, up to a tick later.
+        stepped = [beat.first_step_at or beat.time for beat in fresh if beat.stepped]
         if self.rendezvous is not None and stepped:
             self.first_step = min(stepped)
             return True

@@ -584,6 +584,32 @@ def test_recovery_timeline_phases(tmp_path: Path) -> None:
     assert recovery.data["node_rank"] == 1 and recovery.data["step_at_failure"] == 12
 
 
+def test_first_step_is_the_trainers_own_first_step_time_not_its_latest_heartbeat(tmp_path: Path) -> None:
+    case = make_case(tmp_path)
+    case.running()
+    detected = case.clock() + 0.5
+    case.set(1, JobState.NODE_FAIL, node="n1", ended_at=detected)
+    case.tick()
+    case.set(1, JobState.RUNNING, node="n2", started_at=detected + 20)
+    case.tick()
+    # Seen a tick late: by now the trainer has taken three steps; its first ended at +26.
+    write_json(
+        case.run.heartbeat(1),
+        {
+            "step": 15,
+            "time": detected + 29,
+            "pid": 1,
+            "generation": 0,
+            "started": detected + 25,
+            "start_step": 12,
+            "first_step_at": detected + 26,
+        },
+    )
+    case.tick()
+    (recovery,) = case.events("recovery")
+    assert recovery.data["phases"]["first_step"] == detected + 26
+
+
 def test_recovery_fields_follow_the_phases() -> None:
     recovery = Recovery(id=1, node_rank=1, new_job_row=2, step_at_failure=0, detected=1.0, resubmitted=2.0)
     assert recovery.phases() == {"detected": 1.0, "resubmitted": 2.0}
