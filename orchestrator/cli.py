@@ -61,7 +61,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--yes",
         "-y",
         action="store_true",
-        help="with --executor local and several nodes where Slurm answers: run them here without asking",
+        help=(
+            "run several nodes on this machine without asking, where Slurm is installed: "
+            "with --executor local while Slurm answers, or with auto while its controller is silent"
+        ),
     )
     parser.add_argument("--name", help="run name (default: train.model_unique, else the config file name)")
     parser.add_argument(
