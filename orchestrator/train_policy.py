@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -161,17 +162,23 @@ class TrainPolicy:
         )
         return rows
 
+    def allocation_ids(self) -> set[str]:
+        """Job ids shared by several node rows: the multi-node allocations of this stage."""
+        counts = Counter(row.job_id for row in self.store.jobs(STAGE) if row.job_id)
+        return {job_id for job_id, count in counts.items() if count > 1}
+
     def in_allocation(self, row: JobRow) -> bool:
         """Whether `row` is one node of a multi-node allocation (its job id is shared)."""
-        return bool(row.job_id) and sum(other.job_id == row.job_id for other in self.store.jobs(STAGE)) > 1
+        return bool(row.job_id) and row.job_id in self.allocation_ids()
 
     def node_ends(self) -> list[JobRow]:
         """Nodes of a running allocation whose own end is on record (the agent's exit
         record, or the allocation script's for a node that died): ended now, though
         the job itself runs on.  Also gives each such row its host, from its step record."""
         ended = []
+        shared = self.allocation_ids()  # once per tick, not once per row
         for row in self.live_latest():
-            if not self.in_allocation(row):
+            if row.job_id not in shared:
                 continue
             assert row.job_id is not None
             step = read_json(self.run.step_record(row.job_id, row.node_rank)) or {}
@@ -207,11 +214,12 @@ class TrainPolicy:
         from fm9g.orchestrator.slurm.parse import expand_hostlist
 
         lost = []
+        shared = self.allocation_ids()
         for row in self.live_latest():
             status = self.tracker.last_statuses.get(row.job_id or "")
             if status is None or status.state is not JobState.RUNNING or not status.held:
                 continue
-            if not row.node or not self.in_allocation(row):
+            if not row.node or row.job_id not in shared:
                 continue
             if row.node in expand_hostlist(status.held):
                 continue
