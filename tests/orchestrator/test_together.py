@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from fm9g.launchers.slurm_env import single_node_environment
 from fm9g.orchestrator.executors.base import JobStatus
 from fm9g.orchestrator.plan import together_spec
@@ -234,3 +236,16 @@ def test_a_step_of_an_allocation_looks_like_a_single_node_job() -> None:
         "SLURM_CPUS_ON_NODE": "8",
         "PATH": "/usr/bin",
     }
+
+
+def test_together_with_the_local_executor_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from fm9g.orchestrator.plan import plan_run
+    from fm9g.rundir import config as cfg
+    from fm9g.rundir.config import ConfigError
+    from tests.helpers.runs import TINY
+
+    config, _ = cfg.load(TINY, ["executor=local", "cluster.nodes=2", "cluster.start=together"])
+    run = RunDir.of(tmp_path / "run")
+    with pytest.raises(ConfigError, match="cluster.start: together .* set executor: slurm"):
+        plan_run(config, run)
+    assert not run.root.exists()
