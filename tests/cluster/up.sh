@@ -53,12 +53,6 @@ die() { echo "up.sh: $*" >&2; exit 1; }
 [[ "$NODES" =~ ^[0-9]+$ ]] && [ "$NODES" -ge "$SMALL_NODES" ] && [ "$NODES" -le 40 ] \
   || die "NODES must be $SMALL_NODES..40 (got '$NODES')"
 
-# One up.sh at a time: two rewriting /etc/hosts together (a test repairing crashed
-# nodes while another brings the cluster up) once left it without its localhost lines.
-mkdir -p "$STATE"
-exec 9>"$STATE/up.lock"
-flock 9
-
 # alive NAME PROGRAM: the PID recorded for NAME is running PROGRAM.  Checking
 # /proc/PID/exe guards against a recycled PID belonging to someone else.
 alive() {
@@ -168,13 +162,20 @@ done
 # Node names must resolve everywhere (torchrun hands out MASTER_ADDR=nodeK).
 # The namespaces share /etc, so one marked block serves host and nodes.  The
 # file is rewritten in place because it may be a bind mount.
-{
-  sed "/^$HOSTS_BEGIN\$/,/^$HOSTS_END\$/d" /etc/hosts
-  echo "$HOSTS_BEGIN"
-  for k in $(seq "$NODES"); do echo "$NET.$((10 + k)) node$k"; done
-  echo "$HOSTS_END"
-} > "$STATE/hosts.new"
-cmp -s "$STATE/hosts.new" /etc/hosts || cat "$STATE/hosts.new" > /etc/hosts
+# One writer at a time: two up.sh rewriting it together (a test repairing crashed nodes
+# while another brings the cluster up) once left it without its localhost lines.  The
+# lock lives in a subshell: a daemon started later must not inherit (and hold) it.
+mkdir -p "$STATE"
+(
+  flock 9
+  {
+    sed "/^$HOSTS_BEGIN\$/,/^$HOSTS_END\$/d" /etc/hosts
+    echo "$HOSTS_BEGIN"
+    for k in $(seq "$NODES"); do echo "$NET.$((10 + k)) node$k"; done
+    echo "$HOSTS_END"
+  } > "$STATE/hosts.new"
+  cmp -s "$STATE/hosts.new" /etc/hosts || cat "$STATE/hosts.new" > /etc/hosts
+) 9>"$STATE/hosts.lock"
 say "network: $BRIDGE $NET.1/24, node1..node$NODES at $NET.11..$NET.$((10 + NODES))"
 
 # ------------------------------------------------------------------ slurm.conf
