@@ -184,7 +184,12 @@ def test_kill9_shrink_survivors_reform_and_train_every_step_once(store, ranks, t
     for uid in uids[:2]:
         steps = check_exactly_once(tmp_path, uid)
         check_losses(steps, reference)  # 12 micro-batches per step at world 3 and at world 2
-        assert {r["world"] for r in steps if r["t"] > killed_at} == {2}
+        # World 3 until the re-form, world 2 after it.  Not split at killed_at: a step all
+        # three ranks committed just before the kill may be logged a moment after it.
+        worlds = [r["world"] for r in steps]
+        assert 2 in worlds, f"{uid} never re-formed without the victim"
+        shrunk = worlds.index(2)
+        assert set(worlds[:shrunk]) == {3} and set(worlds[shrunk:]) == {2}, worlds
         assert events(tmp_path, uid, "detected"), f"{uid} never saw the fault"
         print(f"{uid}: pause after kill -9: {pause_after(tmp_path, uid, killed_at):.3f} s")
 
