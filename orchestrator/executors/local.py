@@ -188,10 +188,12 @@ class LocalExecutor:
         return {job_id: self._status(job_id) for job_id in job_ids}
 
     def cancel_node(self, job_id: str, step: str) -> None:
-        raise NotImplementedError("the local executor starts no multi-node allocations (cluster.start: together)")
+        """A local job is one node (plan_run refuses cluster.start: together here): its node is the job."""
+        self.cancel([job_id])
 
     def release_node(self, job_id: str, node: str) -> bool:
-        raise NotImplementedError("the local executor starts no multi-node allocations (cluster.start: together)")
+        """Nothing to give back: a local job holds no allocation."""
+        return False
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """SIGTERM each job's process group, as scancel does to a job's batch step.

@@ -102,3 +102,14 @@ def test_array_tasks_and_afterok_dependencies(tmp_path: Path) -> None:
         assert executor.poll([array])[array].state == array_state
         assert sorted((tmp_path / f"a{fail}.out").read_text().split("\n")[:4]) == [f"task {i}" for i in range(4)]
         assert ("merged" in (tmp_path / f"m{fail}.out").read_text()) == (merge_state == "COMPLETED")
+
+
+def test_a_local_job_is_its_own_node(tmp_path: Path) -> None:
+    """The node calls of an allocation, on a job that is one node: cancelling the node
+    cancels the job; there is nothing to release."""
+    executor = LocalExecutor()
+    job = executor.submit(script(tmp_path, "sleep 300"), log=tmp_path / "n.out", tag="t")
+    assert wait_state(executor, job, {"RUNNING"}) == "RUNNING"
+    assert executor.release_node(job, "localhost") is False
+    executor.cancel_node(job, "0")
+    assert wait_state(executor, job, {"CANCELLED", "FAILED"}) in {"CANCELLED", "FAILED"}
