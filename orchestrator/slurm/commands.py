@@ -363,10 +363,12 @@ class SlurmClient:
         except SlurmError as exc:
             return False, str(exc).split(":")[0]  # "scontrol ping not found on PATH"
         # One line per controller ("Slurmctld(primary) at vm is UP", then any backups).
-        up = [line.strip() for line in result.stdout.splitlines() if "is UP" in line]
+        said = [line.strip() for line in result.stdout.splitlines() if "Slurmctld" in line]
+        up = [line for line in said if "is UP" in line]
         if result.returncode == 0 and up:
             return True, up[0]
-        return False, _last_line(result.stdout) or _last_line(result.stderr) or f"exit status {result.returncode}"
+        # A DOWN controller's line comes before a banner of asterisks: name the line.
+        return False, (said[0] if said else "") or _last_line(result.stderr) or f"exit status {result.returncode}"
 
     # -------------------------------------------------------------------- plumbing
 

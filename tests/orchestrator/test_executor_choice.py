@@ -200,3 +200,4 @@ def test_auto_with_a_silent_controller_does_not_quietly_run_every_node_here(
     # One node on this machine is what a laptop run looks like: no question.
     config, choice = settle_executor(config_mod.load(TINY)[0], RunDir.of(root / "r"), options())
     assert choice.kind == "local" and choice.slurm_silent
+    assert "is DOWN" in choice.why  # the controller's own line, not the banner under it
