@@ -171,12 +171,11 @@ class TrainPolicy:
         """Whether `row` is one node of a multi-node allocation (its job id is shared)."""
         return bool(row.job_id) and row.job_id in self.allocation_ids()
 
-    def node_ends(self) -> list[JobRow]:
+    def node_ends(self, shared: set[str]) -> list[JobRow]:
         """Nodes of a running allocation whose own end is on record (the agent's exit
         record, or the allocation script's for a node that died): ended now, though
         the job itself runs on.  Also gives each such row its host, from its step record."""
         ended = []
-        shared = self.allocation_ids()  # once per tick, not once per row
         for row in self.live_latest():
             if row.job_id not in shared:
                 continue
@@ -207,14 +206,13 @@ class TrainPolicy:
             ended.append(after)
         return ended
 
-    def nodes_lost(self) -> list[JobRow]:
+    def nodes_lost(self, shared: set[str]) -> list[JobRow]:
         """Nodes of a running allocation that left it: Slurm drops a failed node from a
         --no-kill job and the job runs on, and a node whose host died (the batch host
         included) has no step left to report its end."""
         from fm9g.orchestrator.slurm.parse import expand_hostlist
 
         lost = []
-        shared = self.allocation_ids()
         for row in self.live_latest():
             status = self.tracker.last_statuses.get(row.job_id or "")
             if status is None or status.state is not JobState.RUNNING or not status.held:
@@ -354,12 +352,13 @@ class TrainPolicy:
     def tick(self) -> StageStatus | None:
         """Poll once and act; the stage's final status once it ended, else None."""
         self.paid_allocations = set()
-        node_ends = self.node_ends()  # before the poll: a node's own code beats its job's
+        shared = self.allocation_ids()  # once per tick: the multi-node allocations' job ids
+        node_ends = self.node_ends(shared)  # before the poll: a node's own code beats its job's
         transitions = self.tracker.poll(STAGE)
         if transitions is None:
             return None  # a failed poll: nothing is concluded from it
         latest = {row.id for row in self.latest_rows().values()}
-        for row in [*node_ends, *self.nodes_lost()]:
+        for row in [*node_ends, *self.nodes_lost(shared)]:
             if row.id in latest:
                 self.on_end(row)
         for transition in transitions:
