@@ -7,6 +7,8 @@
       state.db                    SQLite (WAL): stages, jobs, attempts, events
       scripts/                    rendered scripts, one per job attempt
       rendezvous/endpoint.json    {host, port, generation, job_id, rdzv_id}
+      rendezvous/store.json       supervise.on_node_loss wait/shrink: the store job's {host, port, serial, job_id}
+      events/inproc/<uid>.jsonl   wait/shrink: one line per membership event of one trainer process or agent
       logs/<stage>/<job>.out
       heartbeats/<node>.json      last step, time, pid
       control/                    flags: checkpoint_now, DONE, cancel, fatal.json, exits/<job>[.n<rank>].json,
@@ -58,6 +60,17 @@ class RunDir:
     @property
     def endpoint(self) -> Path:
         return self.rendezvous / "endpoint.json"
+
+    @property
+    def store_endpoint(self) -> Path:
+        """supervise.on_node_loss wait/shrink: where the run's store job listens (StoreEndpoint)."""
+        return self.rendezvous / "store.json"
+
+    @property
+    def inproc_events(self) -> Path:
+        """wait/shrink: one append-only JSON-lines file per trainer process and node agent,
+        <uid>.jsonl, of membership events (rundir.inproc_events); the supervisor imports them."""
+        return self.root / "events" / "inproc"
 
     @property
     def logs(self) -> Path:

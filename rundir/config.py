@@ -61,6 +61,14 @@ class ClusterConfig(Section):
             "replaced by a single-node job. Slurm executor only."
         ),
     )
+    spares: int = Field(
+        0,
+        ge=0,
+        description=(
+            "supervise.on_node_loss wait/shrink: extra node jobs kept running, warm (torch imported, model "
+            "built), that take a lost node's place in about a second; a fresh job then replaces the spare."
+        ),
+    )
     gpus_per_node: int = Field(
         0, ge=0, description="GPUs per node, requested as --gres=gpu:N; also torchrun's --nproc-per-node when > 0."
     )
@@ -357,6 +365,31 @@ class SuperviseConfig(Section):
     )
     poll_interval: float = Field(
         2.0, gt=0, description="Seconds between squeue polls (backs off to 8x when nothing changes)."
+    )
+    on_node_loss: Literal["restart", "wait", "shrink"] = Field(
+        "restart",
+        description=(
+            "What the survivors do when a node or rank is lost. restart: every trainer process is started "
+            "again from the last checkpoint (torchrun's rendezvous; any backend). wait: the survivors keep "
+            "their processes and wait, warm, for the replacement, which gets the state from a peer (the loss "
+            "curve equals an uninterrupted run's). shrink: the survivors go on at once with fewer ranks, "
+            "each taking over the lost ranks' data slots so the global batch stays the same, and grow back "
+            "when the replacement joins. wait and shrink need model.backend: torch without fsdp, and host "
+            "the run's store in a 1-CPU job of its own."
+        ),
+    )
+    inproc_hang_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="wait/shrink: seconds a rank's heartbeat may stay silent before it is declared hung and killed.",
+    )
+    inproc_join_timeout: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "wait/shrink: seconds one re-forming may take (under wait: the replacement's budget) "
+            "before the ranks fall back to a restart from the last checkpoint."
+        ),
     )
     where: Literal["login", "job"] = Field(
         "login",

@@ -21,6 +21,9 @@ EXIT_ENDPOINT_TIMEOUT = 3  # a worker never saw the master's endpoint
 EXIT_NO_SPACE = 74  # a disk filled up (ENOSPC/EDQUOT): do not retry until space is freed
 EXIT_CONTINUE = 75  # checkpointed on request (preemption/walltime): continue the run
 EXIT_CONFIG = 78  # config/data error: retrying cannot help (do-not-retry class)
+# A trainer rank to its node agent only (on_node_loss wait/shrink): in-process recovery
+# gave up, start this rank again from the disk checkpoint (the fallback).
+EXIT_FALLBACK = 76
 
 
 def slug(name: str) -> str:
