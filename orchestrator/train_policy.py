@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
+from fm9g.orchestrator.inproc_import import LOSS_EVENTS, import_inproc_events
 from fm9g.orchestrator.jobs import JobTracker, log_tail
 from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec, together_spec
 from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
@@ -371,6 +372,8 @@ class TrainPolicy:
         outcome = self.decide(beats)
         changed = transitions or node_ends
         self.interval = self.base_interval if changed else min(self.interval * 1.5, self.base_interval * 8)
+        if import_inproc_events(self.run, self.store, counting=LOSS_EVENTS):  # a peer lost, told in-band:
+            self.interval = self.base_interval  # poll at once for its job's end and the replacement
         return outcome
 
     def run_until_done(self) -> StageStatus:
