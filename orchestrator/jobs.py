@@ -29,6 +29,7 @@ from fm9g.rundir.atomic import write_text
 from fm9g.rundir.config import ClusterConfig
 
 Clock = Callable[[], float]
+Stages = str | tuple[str, ...] | None  # one stage, several, or every stage
 
 
 def log_tail(path: str | Path, size: int = 8192) -> str:
@@ -250,8 +251,15 @@ class JobTracker:
         """The attempt number a new submission of `stage` gets."""
         return max((row.attempt for row in self.store.jobs(stage)), default=0) + 1
 
-    def live_rows(self, stage: str | None = None) -> list[JobRow]:
-        return [row for row in self.store.jobs(stage, live_only=True) if row.job_id]
+    def rows(self, stage: Stages = None, live_only: bool = False) -> list[JobRow]:
+        """The job rows of `stage`: one stage, several (the training stage and its store
+        job, polled together), or every stage (None)."""
+        if stage is None or isinstance(stage, str):
+            return self.store.jobs(stage, live_only=live_only)
+        return [row for name in stage for row in self.store.jobs(name, live_only=live_only)]
+
+    def live_rows(self, stage: Stages = None) -> list[JobRow]:
+        return [row for row in self.rows(stage, live_only=True) if row.job_id]
 
     def adopt(self, rows: Sequence[JobRow] | None = None) -> None:
         """Let this process's executor poll and cancel jobs another process submitted."""
@@ -259,9 +267,10 @@ class JobTracker:
             if row.job_id:
                 self.executor.adopt(row.job_id, Path(row.log))
 
-    def poll(self, stage: str | None = None) -> list[Transition] | None:
-        """One executor poll over every live job (of `stage`, or of every stage); None when
-        the poll failed (recorded as a poll_error event; nothing else changes)."""
+    def poll(self, stage: Stages = None) -> list[Transition] | None:
+        """One executor poll over every live job (of `stage`, of several stages, or of every
+        stage); None when the poll failed (recorded as a poll_error event; nothing else
+        changes)."""
         live = self.live_rows(stage)
         self.unseen = set()
         if not live:
@@ -271,10 +280,11 @@ class JobTracker:
             statuses = self.executor.poll(list(dict.fromkeys(row.job_id for row in live if row.job_id)))
         except PollError as exc:
             self.unseen = {row.id for row in live}
-            self.store.event("poll_error", f"poll failed, state unknown this tick: {exc}", stage=stage or "")
+            named = stage if stage is None or isinstance(stage, str) else stage[0]
+            self.store.event("poll_error", f"poll failed, state unknown this tick: {exc}", stage=named or "")
             return None
         self.last_statuses = statuses
-        counts = Counter(row.job_id for row in self.store.jobs(stage) if row.job_id)
+        counts = Counter(row.job_id for row in self.rows(stage) if row.job_id)
         transitions = []
         for row in live:
             status = statuses.get(row.job_id or "")

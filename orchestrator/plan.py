@@ -7,7 +7,8 @@ submits the same specs through the same renderer, so the scripts are the same by
 
     index:<task>   one per raw dataset: an array job over shards, then a merge (afterok)
     tokenizer      when data.tokenizer_path is unset: trains one from the indexed data
-    train          the master and worker node jobs
+    train          the master and worker node jobs (nodes + cluster.spares of them), and,
+                   with supervise.on_node_loss wait/shrink, the store job first
     convert, infer, serve   after training, when pipeline.after_train asks (their
                    scripts name the checkpoint step, so they are rendered when it exists)
 """
@@ -27,6 +28,13 @@ from fm9g.rundir.config import ConfigError, RunConfig
 
 TRAIN = "train"
 TOKENIZER = "tokenizer"
+# The store job's stage name in state.db (job rows, events): not TRAIN, so its row is
+# never one of the training stage's node rows.  It has no row in the stages table.
+STORE = "store"
+# The store job's own resources: one CPU and a little memory (torch imported, a TCPStore
+# of a few thousand keys), never the GPU node's memory; no node features asked for.
+STORE_RESOURCES: tuple[tuple[str, object], ...] = (("cpus_per_task", 1), ("mem", "2G"), ("constraint", None))
+INPROC_MODES = ("wait", "shrink")  # supervise.on_node_loss values that recover in process
 
 # About one shard per 64 MB, at most this many array tasks per dataset.
 SHARD_BYTES = 64 << 20
@@ -113,6 +121,62 @@ class Plan:
         return out.getvalue()
 
 
+def inproc_recovery(config: RunConfig) -> bool:
+    """Whether the trainer ranks recover in process (supervise.on_node_loss wait/shrink):
+    they form their groups through the store job's TCPStore, not torchrun's rendezvous."""
+    return config.supervise.on_node_loss in INPROC_MODES
+
+
+def node_slots(config: RunConfig) -> int:
+    """Node jobs the training stage keeps running: cluster.nodes, plus cluster.spares
+    under in-process recovery (ranks nodes..nodes+spares-1, warm workers that the
+    trainers' own membership takes in when a node is lost)."""
+    return config.cluster.nodes + (config.cluster.spares if inproc_recovery(config) else 0)
+
+
+def check_recovery(config: RunConfig) -> None:
+    """Refuse the combinations in-process recovery cannot run (a ConfigError naming the
+    field and the fix)."""
+    mode = config.supervise.on_node_loss
+    if config.cluster.spares and not inproc_recovery(config):
+        raise ConfigError(
+            f"cluster.spares: {config.cluster.spares} needs supervise.on_node_loss: wait or shrink "
+            f"(with {mode}, torchrun's rendezvous has no place for a warm spare): "
+            "set cluster.spares: 0, or supervise.on_node_loss: wait"
+        )
+    if not inproc_recovery(config):
+        return
+    if config.model.backend != "torch":
+        raise ConfigError(
+            f"supervise.on_node_loss: {mode} needs model.backend: torch (a {config.model.backend} rank's "
+            "ZeRO-3 shards have no live copy on a peer): set model.backend: torch, "
+            "or supervise.on_node_loss: restart"
+        )
+    if config.model.fsdp:
+        raise ConfigError(
+            f"supervise.on_node_loss: {mode} with model.fsdp: true: FSDP2 shards have no live copy on a "
+            "peer yet: set model.fsdp: false or supervise.on_node_loss: restart"
+        )
+    if config.cluster.start == "together":
+        raise ConfigError(
+            f"cluster.start: together is not supported with supervise.on_node_loss: {mode} yet: "
+            "set cluster.start: separate, or supervise.on_node_loss: restart"
+        )
+
+
+def store_spec() -> JobSpec:
+    """The store job (supervise.on_node_loss wait/shrink): one CPU hosting the run's
+    TCPStore (launchers/store_host.py); no GPU, no checkpoint signal."""
+    return JobSpec(
+        stage=STORE,
+        role=STORE,
+        template="store.sbatch.j2",
+        gpus=False,
+        signal=False,
+        resources=STORE_RESOURCES,
+    )
+
+
 def node_spec(node_rank: int, generation: int) -> JobSpec:
     """A master (rank 0) or worker node job of the training stage."""
     role = "master" if node_rank == 0 else "worker"
@@ -194,6 +258,7 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
     from fm9g.data.index_plan import collect_inputs
     from fm9g.data.mixture import check_transforms, load_mixture, needs_index
 
+    check_recovery(config)
     if not config.data.dataset_config:
         raise ConfigError(
             "data.dataset_config is not set: point it at a mixture JSON list (see examples/tiny/mixture.json)"
@@ -263,20 +328,23 @@ def plan_run(config: RunConfig, run: RunDir) -> Plan:
             "cluster.start: together takes the nodes as one Slurm allocation, and this run uses the local "
             "executor: set executor: slurm (or --executor slurm), or cluster.start: separate"
         )
-    stages.append(
-        StagePlan(
-            TRAIN,
-            StageKind.TRAIN,
-            depends_on=data_stages,
-            jobs=(together_spec(run, nodes, 0),) if together else tuple(node_spec(rank, 0) for rank in range(nodes)),
-            note=(
-                f"one allocation of {nodes} nodes (cluster.start: together), a node agent per node; "
-                "a lost node is replaced by a single-node job"
-                if together
-                else f"{nodes} node job(s), torchrun rendezvous through the master's store"
-            ),
+    if together:
+        train_jobs: tuple[JobSpec, ...] = (together_spec(run, nodes, 0),)
+        note = (
+            f"one allocation of {nodes} nodes (cluster.start: together), a node agent per node; "
+            "a lost node is replaced by a single-node job"
         )
-    )
+    elif inproc_recovery(config):
+        spares = config.cluster.spares
+        train_jobs = (store_spec(), *(node_spec(rank, 0) for rank in range(node_slots(config))))
+        note = (
+            f"{nodes} node job(s)" + (f" and {spares} spare(s)" if spares else "") + ", in-process recovery "
+            f"(supervise.on_node_loss: {config.supervise.on_node_loss}) through the store job's TCPStore"
+        )
+    else:
+        train_jobs = tuple(node_spec(rank, 0) for rank in range(nodes))
+        note = f"{nodes} node job(s), torchrun rendezvous through the master's store"
+    stages.append(StagePlan(TRAIN, StageKind.TRAIN, depends_on=data_stages, jobs=train_jobs, note=note))
     wanted = set(config.pipeline.after_train)
     if wanted:
         later = "rendered when training ends: its script names the checkpoint step"

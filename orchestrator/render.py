@@ -98,6 +98,8 @@ class JobSpec:
     signal: bool = True  # False: no --signal (jobs with no checkpoint to take)
     array: int | None = None  # array tasks (index shards); given to sbatch as --array
     nodes: int = 1  # nodes in the allocation: > 1 only for the training stage's `together` job
+    # cluster fields this job sets for itself, over the run's (the store job: 1 CPU, a little memory)
+    resources: tuple[tuple[str, object], ...] = ()
 
     def tag(self, run_name: str, attempt: int) -> str:
         return job_tag(run_name, self.stage, self.role, self.node_rank, attempt)
@@ -134,6 +136,8 @@ class ScriptRenderer:
         cluster = cluster or self.cluster
         if not spec.gpus:
             cluster = cluster.model_copy(update={"gpus_per_node": 0})
+        if spec.resources:
+            cluster = cluster.model_copy(update=dict(spec.resources))
         for key, _ in spec.env:
             if not _ENV_NAME.match(key):
                 raise ConfigError(f"environment variable name {key!r} is not valid in a shell")

@@ -18,9 +18,10 @@ from dataclasses import replace
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.inproc_import import LOSS_EVENTS, import_inproc_events
 from fm9g.orchestrator.jobs import JobTracker, log_tail
-from fm9g.orchestrator.plan import TRAIN, StageKind, node_spec, together_spec
+from fm9g.orchestrator.plan import STORE, TRAIN, StageKind, inproc_recovery, node_slots, node_spec, together_spec
 from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
 from fm9g.orchestrator.state import JobRow, JobState, StageStatus, StateStore
+from fm9g.orchestrator.store_job import StoreKeeper
 from fm9g.orchestrator.waiting import stage_waiting
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import read_json
@@ -91,8 +92,19 @@ class TrainPolicy:
         `hang` event and the master's job cancelled; its end is an application failure
         and its repair (a new generation) pays from the application budget.
 
+    In-process recovery (supervise.on_node_loss wait/shrink, `plan.inproc_recovery`).
+    The stage has node_slots = cluster.nodes + cluster.spares node jobs (ranks nodes.. are
+    spares: ordinary worker jobs whose ranks wait warm; the trainers' own membership
+    decides who trains), and a store job that `keeper` (store_job.StoreKeeper) submits
+    before any node and keeps alive: its rows are of stage "store", polled in the same
+    executor poll as the nodes', and never one of this stage's node rows (latest_rows,
+    ends, watchdogs, heartbeats, waiting node-seconds read stage "train" only).  A
+    master's replacement keeps the generation: no torchrun endpoint is used.  Waiting
+    node-seconds still count against cluster.nodes: the stage trains once that many
+    nodes hold allocations, spares or not.
+
     It stops (`stop`: a `stage_end` event with the waiting node-seconds, live jobs
-    cancelled, the stage row's status)
+    cancelled, the store job's included, the stage row's status)
     COMPLETED once control/DONE exists and every node ended; FAILED when every node ended
     without DONE, on a do-not-retry end, a spent budget, stalled checkpoints or an end
     with repair off; CANCELLED on control/cancel (the user's `fm9g-launch cancel`).
@@ -124,6 +136,10 @@ class TrainPolicy:
         # Allocations (cluster.start: together) whose end was paid for this tick: the
         # nodes of one allocation that ended together are one failure, not N.
         self.paid_allocations: set[str] = set()
+        self.keeper = StoreKeeper(run, config, store, tracker, self.cluster_config, say=say, clock=clock)
+        self.slots = node_slots(config)  # node jobs kept running: nodes (+ spares)
+        # What each tick polls: the node jobs, and the store job's under in-process recovery.
+        self.polled: str | tuple[str, ...] = (STAGE, STORE) if inproc_recovery(config) else STAGE
 
     @property
     def repairs(self) -> bool:
@@ -144,7 +160,7 @@ class TrainPolicy:
             attempt=attempt,
             why=why,
             cluster=self.cluster_config(),
-            jobs_at_once=self.config.cluster.nodes,
+            jobs_at_once=self.slots,
         )
         self.say(f"submitted {row.role} node {node_rank} as job {row.job_id} ({why})")
         return row
@@ -279,11 +295,10 @@ class TrainPolicy:
             return self.config.cluster
         if known is not None:
             excluded &= known
-            if len(known - excluded - set(self.config.cluster.exclude)) < self.config.cluster.nodes:
+            if len(known - excluded - set(self.config.cluster.exclude)) < self.slots:
                 self.store.event(
                     "exclude",
-                    f"excluding {sorted(excluded)} would leave fewer than "
-                    f"{self.config.cluster.nodes} nodes; not excluding",
+                    f"excluding {sorted(excluded)} would leave fewer than {self.slots} nodes; not excluding",
                     stage=STAGE,
                     nodes=sorted(excluded),
                     applied=False,
@@ -313,7 +328,8 @@ class TrainPolicy:
         self.refresh_live_rows()
         rows = self.latest_rows()
         live = {rank for rank, row in rows.items() if row.live}
-        if len(live) == self.config.cluster.nodes:
+        if len(live) == self.slots:
+            self.keeper.ensure(why)
             self.say("re-adopting the live node jobs of this run")
             self.store.set_stage(STAGE, StageStatus.RUNNING)
             return
@@ -325,8 +341,10 @@ class TrainPolicy:
         # The node agent exits 78 at once while fatal.json exists: a new start is the
         # user's word that the cause was fixed (the reason stays in the failure event).
         self.run.fatal_record.unlink(missing_ok=True)
+        # The store first (after the flags it would read are gone): the ranks need it to form.
+        self.keeper.ensure(why)
         self.store.set_stage(STAGE, StageStatus.RUNNING, detail=f"{self.config.cluster.nodes} nodes")
-        missing = [rank for rank in range(self.config.cluster.nodes) if rank not in live]
+        missing = [rank for rank in range(self.slots) if rank not in live]
         if self.config.cluster.start == "together" and not live and len(missing) > 1:
             self.submit_together(missing, attempt=attempt, generation=generation, why=why)
             return
@@ -340,12 +358,13 @@ class TrainPolicy:
     def refresh_live_rows(self, attempts: int = 5) -> None:
         """Before trusting the database's idea of what runs (resume, restart), ask the
         executor; a job that ended while no supervisor watched is marked ended."""
-        rows = self.live_latest()
+        store_job = self.keeper.live()
+        rows = self.live_latest() + ([store_job] if store_job is not None else [])
         if not rows:
             return
         self.tracker.adopt(rows)
         for _ in range(attempts):
-            if self.tracker.poll(STAGE) is not None and not self.tracker.unseen:
+            if self.tracker.poll(self.polled) is not None and not self.tracker.unseen:
                 return
             self.sleep(1)
 
@@ -355,7 +374,7 @@ class TrainPolicy:
         self.paid_allocations = set()
         shared = self.allocation_ids()  # once per tick: the multi-node allocations' job ids
         node_ends = self.node_ends(shared)  # before the poll: a node's own code beats its job's
-        transitions = self.tracker.poll(STAGE)
+        transitions = self.tracker.poll(self.polled)
         if transitions is None:
             return None  # a failed poll: nothing is concluded from it
         latest = {row.id for row in self.latest_rows().values()}
@@ -367,9 +386,14 @@ class TrainPolicy:
                 self.say(f"job {transition.after.job_id} was requeued by Slurm; not resubmitting it")
             if transition.ended and transition.after.id in latest:
                 self.on_end(transition.after)
-        beats = read_heartbeats(self.run, self.config.cluster.nodes)  # once per tick, for every check
+        beats = read_heartbeats(self.run, self.slots)  # once per tick, for every check
         self.timeline.track(beats)
         outcome = self.decide(beats)
+        if outcome is None:
+            lost = self.keeper.follow()  # a lost store is submitted again at once
+            if lost is not None:
+                self.stop(StageStatus.FAILED, lost)
+                outcome = StageStatus.FAILED
         changed = transitions or node_ends
         self.interval = self.base_interval if changed else min(self.interval * 1.5, self.base_interval * 8)
         if import_inproc_events(self.run, self.store, counting=LOSS_EVENTS):  # a peer lost, told in-band:
@@ -524,10 +548,10 @@ class TrainPolicy:
         """Submit node `row.node_rank` again, alone, and open its recovery timeline."""
         current = read_endpoint(self.run.endpoint)
         generation = current.generation if current else 0
-        if NodeRole(row.role) is NodeRole.MASTER:
+        if NodeRole(row.role) is NodeRole.MASTER and not inproc_recovery(self.config):
             generation += 1  # a new store, a new rdzv id: the workers follow the newer endpoint
         detected = row.ended_at or self.clock()
-        step = max((beat.step for beat in read_heartbeats(self.run, self.config.cluster.nodes)), default=-1)
+        step = max((beat.step for beat in read_heartbeats(self.run, self.slots)), default=-1)
         new = self.submit_node(
             row.node_rank,
             attempt=row.attempt + 1,
@@ -548,6 +572,7 @@ class TrainPolicy:
         """End the stage with `status`: cancel its live jobs and write a stage_end event."""
         live = self.live_latest()
         ids = self.tracker.cancel(live, reason=f"stopped: {status.value.lower()}")
+        ids += self.keeper.cancel(f"stopped: {status.value.lower()}")
         self.store.set_stage(STAGE, status, detail=reason)
         self.store.event(
             "stage_end",
@@ -579,6 +604,7 @@ class TrainPolicy:
         rows = self.latest_rows()
         ended = bool(rows) and all(not row.live for row in rows.values())
         if ended and self.run.done_flag.exists():
+            self.keeper.cancel("training completed")  # it exits by itself on DONE; no waiting for it
             self.store.set_stage(STAGE, StageStatus.COMPLETED, detail=self.summary_line(), progress=1.0)
             self.store.event(
                 "stage_end",
@@ -606,8 +632,8 @@ class TrainPolicy:
                 + str(self.run.stage_logs(STAGE)),
             )
             return StageStatus.FAILED
-        if self.tracker.unseen:
-            return None  # a job this poll could not see may be fine: no watchdog acts on it
+        if self.tracker.unseen & {row.id for row in rows.values()}:
+            return None  # a node job this poll could not see may be fine: no watchdog acts on it
         if self.check_replacement_bound(rows):
             return None
         self.check_hang(rows, beats)
@@ -663,7 +689,8 @@ class TrainPolicy:
             self.executor.cancel([master.job_id])
 
     def waiting(self) -> float:
-        """Node-seconds the stage's nodes held allocations waiting for the rest (waiting.py)."""
+        """Node-seconds the stage's nodes held allocations waiting for the rest (waiting.py);
+        against cluster.nodes, not the slots: with that many nodes held the stage trains."""
         return stage_waiting(self.store, STAGE, self.config.cluster.nodes, self.clock())
 
     def summary_line(self) -> str:
