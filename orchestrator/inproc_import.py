@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from fm9g.orchestrator.inproc_recoveries import LOSS_EVENTS
+from fm9g.orchestrator.inproc_recoveries import INPROC_KIND, LOSS_EVENTS
 from fm9g.orchestrator.plan import TRAIN
 from fm9g.orchestrator.state import StateStore
 from fm9g.rundir import RunDir
@@ -25,7 +25,6 @@ from fm9g.rundir.inproc_events import read_events
 
 __all__ = ["INPROC_KIND", "INPROC_OFFSETS", "LOSS_EVENTS", "describe", "import_inproc_events"]
 
-INPROC_KIND = "inproc"
 INPROC_OFFSETS = "inproc_offsets"
 # StateStore.event's own parameters: a record field of that name is kept under a prefix.
 RESERVED = frozenset({"kind", "message", "stage", "job"})

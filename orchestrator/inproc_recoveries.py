@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# The state.db event kind of an imported record (orchestrator/inproc_import.py).
+INPROC_KIND = "inproc"
 # Events that open a recovery (rank_exit only with a nonzero code).
 LOSS_EVENTS = frozenset({"detected", "gone", "rank_exit"})
 # Events that mean the fast path gave up: ranks restart from the disk checkpoint.

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from fm9g.orchestrator.recovery import RecoveryPhase
-from fm9g.orchestrator.tui.format import format_elapsed, format_loss, format_lr, format_node_seconds
+from fm9g.orchestrator.tui.format import format_clock, format_elapsed, format_loss, format_lr, format_node_seconds
 from fm9g.orchestrator.views import collect, find_runs
 from fm9g.rundir import RunDir
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["SCHEMA_VERSION", "collect", "find_runs", "render_json", "print_tables", "print_failures"]
 
@@ -107,15 +111,57 @@ def print_failures(runs: list[RunDir]) -> None:
     phases = [phase.value for phase in RecoveryPhase]
     for run in runs:
         facts = collect(run)
-        table = Table(title=f"{facts['name']}: recoveries", box=None)
-        table.add_column("node")
-        for phase in phases[1:]:
-            table.add_column(f"{phase} (+s)")
-        table.add_column("time to recover")
-        for recovery in facts["recoveries"]:
-            marks = recovery["phases"]
-            start = marks.get("detected")
-            cells = [f"{marks[p] - start:.1f}" if p in marks and start else "-" for p in phases[1:]]
-            total = f"{marks['first_step'] - start:.1f}s" if "first_step" in marks and start else "-"
-            table.add_row(str(recovery["node_rank"]), *cells, total)
-        console.print(table if facts["recoveries"] else f"{facts['name']}: no failures recorded")
+        if not facts["recoveries"] and not facts["inproc_recoveries"]:
+            console.print(f"{facts['name']}: no failures recorded")
+            continue
+        if facts["recoveries"]:
+            table = Table(title=f"{facts['name']}: recoveries", box=None)
+            table.add_column("node")
+            for phase in phases[1:]:
+                table.add_column(f"{phase} (+s)")
+            table.add_column("time to recover")
+            for recovery in facts["recoveries"]:
+                marks = recovery["phases"]
+                start = marks.get("detected")
+                cells = [f"{marks[p] - start:.1f}" if p in marks and start else "-" for p in phases[1:]]
+                total = f"{marks['first_step'] - start:.1f}s" if "first_step" in marks and start else "-"
+                table.add_row(str(recovery["node_rank"]), *cells, total)
+            console.print(table)
+        if facts["inproc_recoveries"]:
+            console.print(inproc_table(facts["name"], facts["inproc_recoveries"]))
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _change(before: object, after: object) -> str:
+    return f"{'-' if before is None else before}->{'-' if after is None else after}"
+
+
+def inproc_table(name: str, recoveries: list[dict]) -> Table:
+    """The in-process recoveries (supervise.on_node_loss wait/shrink), one row each: when,
+    policy, fast path or fallback, each phase in seconds after detection, steps lost,
+    world size and generation before -> after."""
+    from rich.table import Table
+
+    table = Table(title=f"{name}: in-process recoveries", box=None)
+    for column in ("detected", "policy", "path", "re_formed (+s)", "state_synced (+s)", "first_step (+s)"):
+        table.add_column(column)
+    for column in ("time to recover", "steps lost", "world", "gen"):
+        table.add_column(column)
+    for recovery in recoveries:
+        phases = recovery["phases"]
+        table.add_row(
+            format_clock(recovery["detected_at"]),
+            recovery["policy"],
+            recovery["path"],
+            _seconds(phases["re_formed"]),
+            _seconds(phases["state_synced"]),
+            _seconds(phases["first_step"]),
+            f"{recovery['total_s']:.1f}s" if recovery["finished"] else "in progress",
+            str(recovery["steps_lost"]),
+            _change(recovery["world_before"], recovery["world_after"]),
+            _change(recovery["generation_before"], recovery["generation_after"]),
+        )
+    return table

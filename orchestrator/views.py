@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fm9g.orchestrator import supervisor_state
+from fm9g.orchestrator.inproc_recoveries import INPROC_KIND, InprocRecovery, inproc_recoveries
 from fm9g.orchestrator.reconcile import job_end, reconcile_run, supervised
 from fm9g.orchestrator.state import EventRow, JobRow, StageRow, StateStore
 from fm9g.orchestrator.waiting import TRAIN_KIND, spans, waiting_node_seconds
@@ -33,6 +34,9 @@ from fm9g.rundir.atomic import read_json
 
 # Events that are not part of the failure timeline: routine or noisy.
 QUIET_EVENTS = frozenset({"submitted", "poll_error"})
+# The in-process recovery events (kind `inproc`) worth a row of their own in the timeline;
+# the rest (every rank's formed, synced, ...) are summed up in its recoveries' rows.
+NOTABLE_INPROC = frozenset({"recovery_failed", "fallback", "start_failed", "killed_lost"})
 # A writer may commit a row stamped slightly before one we already read; re-reading a
 # window of this many seconds (and dropping unchanged rows) never misses it.
 UPDATE_OVERLAP_S = 5.0
@@ -209,6 +213,16 @@ def summary_train_iters(run: RunDir) -> int | None:
         return None
     value = summary.get("train_iters") if isinstance(summary, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def config_on_node_loss(run: RunDir) -> str:
+    """supervise.on_node_loss from config.yaml; 'restart' (the default) when it does not load."""
+    from fm9g.rundir.config import load_resolved
+
+    try:
+        return load_resolved(run.config).supervise.on_node_loss
+    except Exception:  # config_error() says why; the policy's name is all this wants
+        return "restart"
 
 
 def config_train_iters(run: RunDir) -> int | None:
@@ -390,12 +404,18 @@ class RunView:
     jobs: tuple[JobRow, ...] = ()  # stage order, then attempt, node rank
     changed: frozenset[int] = frozenset()  # job row ids new or changed since the previous view
     events: tuple[EventRow, ...] = ()  # the failure timeline's events that are new since the previous view
+    inproc_recoveries: tuple[InprocRecovery, ...] = ()  # every in-process recovery so far (wait/shrink)
     metrics: MetricsView = MetricsView()
     endpoint: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None
     done: bool = False
     reconciled: tuple[str, ...] = ()  # what this load wrote down from the files (reconcile)
     error: RunError | None = None  # state.db first, then config.yaml
+
+
+def _notable_inproc(event: EventRow) -> bool:
+    """Whether an event belongs in the timeline: all but the routine `inproc` ones."""
+    return event.kind != INPROC_KIND or event.data.get("event") in NOTABLE_INPROC
 
 
 def _read_small_json(path: Path) -> dict[str, Any] | None:
@@ -433,6 +453,8 @@ class RunReader:
         self._config_error: RunError | None = None
         self._reconciled_at: float | None = None
         self._supervisor: supervisor_state.SupervisorJob | None = None
+        self._inproc: list[dict[str, Any]] = []  # every `inproc` event's record, as read
+        self._on_node_loss = "restart"
 
     def _reconcile(self) -> list[str]:
         """Let reconcile write down what the files show, at most every RECONCILE_EVERY_S.
@@ -459,6 +481,7 @@ class RunReader:
             self._config_read = True
             self._config_error = config_error(self.run)
             self._config_iters = None if self._config_error else config_train_iters(self.run)
+            self._on_node_loss = "restart" if self._config_error else config_on_node_loss(self.run)
 
     def train_iters(self) -> int | None:
         """From summary.json when the trainer wrote one, else from config.yaml."""
@@ -481,7 +504,8 @@ class RunReader:
             self._since = 0.0
         new_events = store.events(since_id=self._last_event)
         self._supervisor = supervisor_state.follow(new_events, self._supervisor)
-        events = [e for e in new_events if e.kind not in QUIET_EVENTS]
+        self._inproc.extend(e.data for e in new_events if e.kind == INPROC_KIND)
+        events = [e for e in new_events if e.kind not in QUIET_EVENTS and _notable_inproc(e)]
         self._last_event = max(self._last_event, store.max_event_id())
         self._stages = stages
         return changed, events
@@ -538,6 +562,7 @@ class RunReader:
             jobs=tuple(self._jobs[i] for i in self._order),
             changed=frozenset(changed),
             events=tuple(events),
+            inproc_recoveries=tuple(inproc_recoveries(self._inproc, self._on_node_loss)),
             metrics=self._metrics_view(),
             endpoint=_read_small_json(self.run.endpoint),
             serve=_read_small_json(self.run.serve_endpoint),
@@ -647,5 +672,6 @@ def collect(run: RunDir, now: float | None = None) -> dict[str, Any]:
             for e in view.events
             if e.kind == "recovery"
         ],
+        "inproc_recoveries": [recovery.to_json() for recovery in view.inproc_recoveries],
         "error": view.error.to_json() if view.error else None,
     }

@@ -19,6 +19,7 @@ __all__ = [
     "format_state",
     "format_clock",
     "format_phases",
+    "format_inproc",
     "progress_bar",
     "sparkline",
     "job_label",
@@ -29,6 +30,7 @@ __all__ = [
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 RECOVERY_PHASES = ("resubmitted", "allocated", "rendezvous", "first_step")
 PHASE_LABELS = {"resubmitted": "resub", "allocated": "alloc", "rendezvous": "rdzv", "first_step": "step"}
+INPROC_PHASE_LABELS = {"re_formed": "formed", "state_synced": "synced", "first_step": "step"}
 
 
 def _finite(value: object) -> float | None:
@@ -126,6 +128,23 @@ def format_phases(phases: dict[str, float]) -> str:
         if value is not None:
             marks.append(f"{PHASE_LABELS[phase]} +{value - start:.1f}s")
     return " ".join(marks) if marks else "detected"
+
+
+def format_inproc(recovery: dict) -> str:
+    """An in-process recovery (its `status --json` object) in one line:
+    'shrink fast, world 4→3, 1 step lost: formed +1.7s step +3.0s = 3.0s'."""
+    phases = recovery.get("phases") or {}
+    marks = [
+        f"{label} +{value:.1f}s"
+        for name, label in INPROC_PHASE_LABELS.items()
+        if (value := _finite(phases.get(name))) is not None
+    ]
+    lost = recovery.get("steps_lost", 0)
+    world = f"world {recovery.get('world_before') or '?'}→{recovery.get('world_after') or '?'}"
+    head = f"{recovery.get('policy')} {recovery.get('path')}, {world}, {lost} step{'' if lost == 1 else 's'} lost"
+    total = _finite(recovery.get("total_s"))
+    tail = f" = {total:.1f}s" if total is not None else " (in progress)"
+    return f"{head}: {' '.join(marks) or 'detected'}{tail}"
 
 
 def truncate(text: str, width: int) -> str:

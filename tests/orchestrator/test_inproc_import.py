@@ -10,6 +10,7 @@ from fm9g.orchestrator.inproc_import import INPROC_KIND, INPROC_OFFSETS, LOSS_EV
 from fm9g.orchestrator.state import StateStore
 from fm9g.rundir import RunDir
 from fm9g.rundir.inproc_events import EventWriter
+from tests.orchestrator.test_train_policy import make_case
 
 
 def inproc_data(store: StateStore) -> list[dict]:
@@ -85,3 +86,20 @@ def test_a_run_without_inproc_events_imports_nothing(tmp_path: Path) -> None:
     assert import_inproc_events(run, store) == 0
     assert store.events(kind=INPROC_KIND) == [] and store.meta(INPROC_OFFSETS) is None
     store.close()
+
+
+def test_an_in_band_loss_resets_the_supervisors_poll_interval(tmp_path: Path) -> None:
+    case = make_case(tmp_path)
+    case.running()
+    for _ in range(4):  # nothing changes: the poll backs off
+        case.tick()
+    assert case.policy.interval > case.policy.base_interval
+    writer = EventWriter(case.run.inproc_events, "n1r0p7", node_rank=1)
+    writer("batch", {"gen": 1, "world_size": 2, "slots": [1], "global_batch": 8})
+    case.tick()
+    assert case.policy.interval > case.policy.base_interval  # routine events are no news
+    writer("detected", {"gen": 1, "seq": 12, "applied": 11, "reason": "peer"})
+    case.tick()
+    assert case.policy.interval == case.policy.base_interval
+    assert [event.data["event"] for event in case.store.events(kind=INPROC_KIND)] == ["batch", "detected"]
+    writer.close()

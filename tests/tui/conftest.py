@@ -190,6 +190,46 @@ def make_demo_run(
     return demo
 
 
+INPROC_MEMBERS = ["n0r0p10", "n1r0p11", "n2r0p12"]
+
+
+def add_inproc_events(run: RunDir, phase: str) -> None:
+    """Membership events of a shrink recovery (node 2 lost at BASE + 2000) as the trainer
+    processes write them, imported into state.db as the supervisor does.  `phase`:
+    "re_formed" (the survivors formed generation 2) or "first_step" (and stepped)."""
+    from fm9g.orchestrator.inproc_import import import_inproc_events
+
+    survivors = INPROC_MEMBERS[:2]
+
+    def line(event: str, t: float, uid: str, **fields: object) -> dict:
+        return {"event": event, "t": BASE + t, "uid": uid, "node_rank": int(uid[1]), **fields}
+
+    if phase == "re_formed":
+        records = [
+            *(
+                line("formed", 10, uid, gen=1, rank=i, world_size=3, members=INPROC_MEMBERS)
+                for i, uid in enumerate(INPROC_MEMBERS)
+            ),
+            *(line("detected", 2000, uid, gen=1, seq=90, applied=89, reason="peer") for uid in survivors),
+            *(line("gone", 2001, uid, gen=2, uids=["n2r0p12"]) for uid in survivors),
+            *(
+                line("formed", 2001.5, uid, gen=2, rank=i, world_size=2, members=survivors)
+                for i, uid in enumerate(survivors)
+            ),
+        ]
+    else:
+        records = [line("first_step", 2004, uid, gen=2, applied=90) for uid in survivors]
+    run.inproc_events.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        with open(run.inproc_events / f"{record['uid']}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    store = StateStore(run.state_db)
+    try:
+        import_inproc_events(run, store)
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def runs_root(tmp_path: Path) -> Path:
     return tmp_path / "runs"

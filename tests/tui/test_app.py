@@ -24,7 +24,7 @@ from fm9g.orchestrator.tui.widgets.run_header import RunHeader
 from fm9g.orchestrator.tui.widgets.run_list import RunList
 from fm9g.orchestrator.tui.widgets.training_panel import TrainingPanel
 
-from .conftest import NOW, STEPS, TRAIN_ITERS, DemoRun, LocalJobs, make_demo_run
+from .conftest import NOW, STEPS, TRAIN_ITERS, DemoRun, LocalJobs, add_inproc_events, make_demo_run
 
 # anyio's pytest plugin runs the async tests (anyio comes with the dev extra, via openai).
 pytestmark = pytest.mark.anyio
@@ -340,3 +340,28 @@ async def test_refresh_writes_down_a_job_end_that_only_the_files_show(demo_run: 
     finally:
         store.close()
     assert row is not None and row.state is JobState.FAILED and row.exit_code == 1 and row.ended_at == ended
+
+
+async def test_timeline_shows_an_inproc_recovery_and_its_later_phases(demo_run: DemoRun, settle) -> None:
+    add_inproc_events(demo_run.run, "re_formed")
+    app = make_app(demo_run.run.root, clock=lambda: NOW)
+    async with app.run_test(size=(200, 60)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, MainScreen)
+        assert screen.view is not None
+        [recovery] = screen.view.inproc_recoveries
+        assert not recovery.finished and recovery.generation_after == 2
+        timeline = screen.query_one(FailureTimeline)
+        rows = [timeline.get_row_at(i) for i in range(timeline.row_count)]
+        # one row for the recovery; the routine membership events have none of their own
+        assert [str(row[1]) for row in rows] == ["stage_end", "failure", "recovery", "inproc"]
+        assert str(rows[-1][2]) == "r2" and "formed +1.5s" in str(rows[-1][3])
+        add_inproc_events(demo_run.run, "first_step")
+        screen.refresh_now()
+        await settle(pilot)
+        [recovery] = screen.view.inproc_recoveries
+        assert recovery.finished and recovery.total_s == 4.0
+        rows = [timeline.get_row_at(i) for i in range(timeline.row_count)]
+        assert [str(row[1]) for row in rows] == ["stage_end", "failure", "recovery", "inproc"]  # rewritten in place
+        assert "step +4.0s" in str(rows[-1][3])

@@ -15,7 +15,7 @@ from fm9g.orchestrator.cli import main
 from fm9g.orchestrator.status import SCHEMA_VERSION
 from fm9g.rundir.config import RunConfig, dump
 
-from .conftest import DemoRun
+from .conftest import DemoRun, add_inproc_events
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "status-schema.md"
 PRIMITIVES: dict[str, Any] = {
@@ -106,6 +106,20 @@ def test_status_json_matches_the_doc(
     # the demo run exercises the nested objects, so their checks above were not vacuous
     assert demo["progress"] and demo["endpoint"] and demo["recoveries"] and len(demo["jobs"]) == 5
     assert new["status"] == "NEW" and new["progress"] is None and new["owner"] is None
+
+
+def test_inproc_recoveries_match_the_doc(
+    spec: Spec, demo_run: DemoRun, runs_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_inproc_events(demo_run.run, "re_formed")  # in progress: the nulls are documented too
+    assert main(["status", "--json", str(demo_run.run.root)]) == 0
+    [running] = json.loads(capsys.readouterr().out)["runs"]
+    check(running, "run", spec, "$")
+    add_inproc_events(demo_run.run, "first_step")
+    assert main(["status", "--json", str(demo_run.run.root)]) == 0
+    [finished] = json.loads(capsys.readouterr().out)["runs"]
+    check(finished, "run", spec, "$")
+    assert [r["finished"] for r in running["inproc_recoveries"] + finished["inproc_recoveries"]] == [False, True]
 
 
 def test_the_checker_rejects_drift(spec: Spec) -> None:

@@ -173,6 +173,8 @@ class MainScreen(Screen[None]):
         self.query_one(JobTable).view = view
         if view.events:
             self.query_one(FailureTimeline).append(view.events, {job.id: job for job in view.jobs})
+        if view.inproc_recoveries:
+            self.query_one(FailureTimeline).show_inproc(view.inproc_recoveries)
 
     def refresh_now(self) -> None:
         """Refresh at once (tests, and after an action)."""
