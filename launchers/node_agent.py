@@ -29,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
+from fm9g.launchers.inproc_ranks import LocalRanks
 from fm9g.launchers.torchrun import TorchrunProcess, TrainerCommand, torchrun_argv
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import write_json
@@ -64,7 +65,7 @@ class NodeAgent:
         # One step of a multi-node allocation (cluster.start: together): the job id is
         # shared with the other nodes, so this node's records carry its rank.
         self.in_allocation = in_allocation
-        self.child: TorchrunProcess | None = None
+        self.child: TorchrunProcess | LocalRanks | None = None
         self.preempted = False
 
     @property
@@ -232,6 +233,27 @@ class NodeAgent:
             generation = max(generation, current.generation if current else generation) + 1
             self.log(f"torchrun failed and the run is not done: starting generation {generation}")
 
+    def run_inproc(self) -> int:
+        """supervise.on_node_loss wait/shrink: this node's ranks, each restarted alone when it
+        dies; no torchrun and no endpoint (the ranks meet in the run's store job)."""
+        from fm9g.launchers.inproc_ranks import rank_environment
+
+        if self.run.done_flag.exists():
+            self.log("the run is done; nothing to start")
+            return protocol.EXIT_OK
+        env = rank_environment(dict(os.environ), self.nproc_per_node())
+        env.update({protocol.ENV_RUN_DIR: str(self.run.root), protocol.ENV_NODE_RANK: str(self.node_rank)})
+        ranks = LocalRanks(self.run, self.config, self.node_rank, self.nproc_per_node(), env, self.job_id)
+        self.child = ranks
+        self.log(
+            f"{self.nproc_per_node()} rank(s), in-process recovery "
+            f"({self.config.supervise.on_node_loss}); store: {self.run.store_endpoint}"
+        )
+        rc = ranks.supervise(self.log)
+        self.child = None
+        result = self.outcome(rc)
+        return rc if result is None else result
+
     def wait_for_endpoint(self, min_generation: int) -> Endpoint:
         timeout = self.config.rendezvous.endpoint_timeout
         deadline = time.monotonic() + timeout
@@ -296,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     agent.install_signals()
     agent.log(f"starting (SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
     try:
-        code = agent.run_master() if args.role == "master" else agent.run_worker()
+        if config.supervise.on_node_loss != "restart":
+            code = agent.run_inproc()
+        else:
+            code = agent.run_master() if args.role == "master" else agent.run_worker()
     except RendezvousTimeout as exc:
         agent.log(f"error: {exc}")
         code = protocol.EXIT_ENDPOINT_TIMEOUT

@@ -130,11 +130,14 @@ class Checkpointer:
         config: dict[str, Any] | None,
         tokenizer: Any = None,
         blocking: bool = True,
+        data_by_rank: dict[int, Any] | None = None,
     ) -> Path:
         """Collective: every rank calls it; rank 0's model/trainer/log/config/tokenizer are used.
 
         With `blocking=False` the files are written by a thread from a CPU snapshot and the
         checkpoint becomes visible at the next `finish()` (all ranks call it).
+        `data_by_rank`: every rank's data position written by this one process (in-process
+        recovery: one rank saves alone, holding every data slot's position).
         """
         self.finish()
         final = self.step_dir(step)
@@ -150,6 +153,7 @@ class Checkpointer:
             "trainer": trainer,
             "log": log,
             "config": config,
+            "data_by_rank": data_by_rank,
         }
         if blocking:
             self._write_files(tmp, step, payload, tokenizer)
@@ -186,6 +190,8 @@ class Checkpointer:
             _save(payload["optimizer"], tmp / f"{stem}.rank-{self.rank}.opt")
         if payload["data"] is not None:
             _save(payload["data"], tmp / "dataset_ckpt" / f"dataset_{self.rank}.data")
+        for rank, data in (payload["data_by_rank"] or {}).items():
+            _save(data, tmp / "dataset_ckpt" / f"dataset_{rank}.data")
         if self.rank != 0:
             return
         _save(payload["model"], tmp / f"{stem}.pt")
@@ -262,11 +268,12 @@ class Checkpointer:
         file = self._one(path, f"{SAVE_NAME}-*.rank-{self.rank % saved}.opt")
         return torch.load(file, map_location="cpu", weights_only=True)
 
-    def load_data(self, path: Path) -> Any | None:
-        """This rank's data position, or None when the checkpoint has none for this world size."""
+    def load_data(self, path: Path, rank: int | None = None) -> Any | None:
+        """This rank's (or `rank`'s) data position, or None when the checkpoint has none for
+        this world size."""
         if self.saved_world_size(path) != self.world_size:
             return None
-        file = path / "dataset_ckpt" / f"dataset_{self.rank}.data"
+        file = path / "dataset_ckpt" / f"dataset_{self.rank if rank is None else rank}.data"
         return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
 
     def load_trainer(self, path: Path) -> dict[str, Any] | None:

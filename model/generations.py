@@ -161,6 +161,7 @@ class Membership:
         self._attempts = 0  # formations since the last committed step
         self._first_step_due = False
         self._rank_hint = -1 if rank_hint is None else rank_hint
+        self._reported_gone: set[str] = set()
 
     # -- the caller's interface --------------------------------------------------------
 
@@ -262,6 +263,10 @@ class Membership:
             previous = self._previous_members(arrivals)
             self.heartbeat.watch(set(roster) | set(previous))
             gone = self.heartbeat.silent(self.config.absent_after_s)
+            newly_gone = sorted((set(previous) & gone) - self._reported_gone)
+            if newly_gone:  # the supervisor learns of a lost rank from this, not from Slurm
+                self._reported_gone.update(newly_gone)
+                self._emit("gone", gen=gen, uids=newly_gone)
             decision = decide(self.rules, arrivals, previous, gone, time.monotonic() - arrived_at)
             if decision is not None:
                 return Decision.from_json(self.store.compare_set(key, "", decision.to_json()))

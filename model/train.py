@@ -237,11 +237,7 @@ class Trainer:
             if len(rngs) == self.ctx.world_size:
                 set_rng_state(rngs[self.ctx.rank])
             if self.cfg.load_dataloader_ckpt:
-                data_state = self.checkpointer.load_data(source)
-                if data_state is None:
-                    self.notes.append("no data position for this world size in the checkpoint: data starts afresh")
-                else:
-                    self.loader.load_state_dict(data_state)
+                self._load_data(source)
         self.progress.origin = self.cfg.resume_ckpt.strip()  # checkpoints from here on belong to this line
         self.start_step = self.progress.step
         self.session_started = time.time()
@@ -267,6 +263,13 @@ class Trainer:
         )
         for note in self.notes:
             self.logger.say(f"note: {note}")
+
+    def _load_data(self, source: Path) -> None:
+        data_state = self.checkpointer.load_data(source)
+        if data_state is None:
+            self.notes.append("no data position for this world size in the checkpoint: data starts afresh")
+        else:
+            self.loader.load_state_dict(data_state)
 
     def _check_optimizer_layout(self, source: Path, saved: dict[str, Any] | None) -> None:
         """Refuse optimizer files this backend and world size cannot use, before they fail obscurely.
@@ -308,7 +311,22 @@ class Trainer:
         self.model.train()
         self.backend.zero_grad()
         names = list(batches[0]["task_names"])
-        sums = torch.zeros(3 * len(names) + 3, dtype=torch.float64)  # loss, tokens, flops, per-task sums/counts/tokens
+        sums = self.forward_backward(batches, divisor=len(batches))
+        grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
+        if self.cfg.inspect_iters and (self.progress.step + 1) % self.cfg.inspect_iters == 0:
+            self._inspect(self.progress.step + 1)
+        lr = self.scheduler.current_lr  # the lr this update uses
+        self.updating = True  # from here an OOM cannot be skipped: parameters change in place
+        self.backend.step()
+        self.scheduler.step()
+        return step_figures(self.ctx.all_reduce(sums), names, self.ctx.world_size, lr, grad_norm)
+
+    def forward_backward(self, batches: list[dict[str, Any]], divisor: int) -> torch.Tensor:
+        """Forward and backward of each micro-batch, its mean loss divided by `divisor`; the
+        step's sums (loss, tokens, flops, per-task loss sums, counts and tokens), not reduced."""
+        names = list(batches[0]["task_names"])
+        n = len(names)
+        sums = torch.zeros(3 * n + 3, dtype=torch.float64)
         device = self.ctx.device
         for index, batch in enumerate(batches):
             ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
@@ -326,12 +344,11 @@ class Trainer:
                 )  # targets come pre-shifted
                 trained = targets.flatten() != -100
                 loss = per_token.sum() / trained.sum().clamp(min=1)
-                self.backend.backward(loss / len(batches))
+                self.backend.backward(loss / divisor)
             tasks = batch["task_ids"].to(device).flatten().long()
-            sums[0] += float(loss.detach()) / len(batches)
+            sums[0] += float(loss.detach()) / divisor
             sums[1] += int(batch["num_tokens"])
             sums[2] += step_flops(self.args, ids.numel(), batch["cu_seqlens"])
-            n = len(names)
             sums[3 : 3 + n] += (
                 torch.zeros(n, dtype=torch.float64, device=device)
                 .index_add_(0, tasks[trained], per_token.detach()[trained].double())
@@ -339,27 +356,7 @@ class Trainer:
             )
             sums[3 + n : 3 + 2 * n] += torch.bincount(tasks[trained], minlength=n)[:n].double().cpu()
             sums[3 + 2 * n :] += torch.bincount(tasks[tasks >= 0], minlength=n)[:n].double().cpu()
-        grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
-        if self.cfg.inspect_iters and (self.progress.step + 1) % self.cfg.inspect_iters == 0:
-            self._inspect(self.progress.step + 1)
-        lr = self.scheduler.current_lr  # the lr this update uses
-        self.updating = True  # from here an OOM cannot be skipped: parameters change in place
-        self.backend.step()
-        self.scheduler.step()
-        total = self.ctx.all_reduce(sums)
-        n = len(names)
-        task_counts = total[3 + n : 3 + 2 * n]
-        return {
-            "loss": float(total[0]) / self.ctx.world_size,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": int(total[1]),
-            "flops": float(total[2]),
-            "task_loss": {
-                name: float(total[3 + i] / task_counts[i]) for i, name in enumerate(names) if task_counts[i] > 0
-            },
-            "task_tokens": {name: int(total[3 + 2 * n + i]) for i, name in enumerate(names)},
-        }
+        return sums
 
     def _guarded_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """train_step, skipping a batch that runs out of GPU memory when train.ignore_cuda_oom allows it."""
@@ -495,6 +492,7 @@ class Trainer:
             "tokens_per_s": stats["tokens"] / elapsed,
             "tokens": self.progress.tokens_passed,
         }
+        record.update(self.report_extra())
         if loss is not None:
             record.update(loss=loss, lr=stats["lr"], grad_norm=stats["grad_norm"])
             record["tflops"] = stats["flops"] / elapsed / self.ctx.world_size / 1e12  # per device
@@ -503,6 +501,10 @@ class Trainer:
             if self.cfg.tensorboard_all_tasks:
                 record["task_loss"] = stats["task_loss"]
         self.logger.log_step(record)
+
+    def report_extra(self) -> dict[str, Any]:
+        """Fields a subclass adds to every metrics line."""
+        return {}
 
     def _heartbeat(self) -> None:
         if self.ctx.local_rank == 0:
@@ -545,6 +547,24 @@ class Trainer:
         close = getattr(self.loader, "close", None)
         if callable(close):
             close()
+
+
+def step_figures(
+    total: torch.Tensor, names: list[str], loss_divisor: int, lr: float, grad_norm: float
+) -> dict[str, Any]:
+    """A step's global figures from its all-reduced sums (`Trainer.forward_backward`'s layout);
+    `loss_divisor` turns the summed mean losses into the step's mean."""
+    n = len(names)
+    task_counts = total[3 + n : 3 + 2 * n]
+    return {
+        "loss": float(total[0]) / loss_divisor,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": int(total[1]),
+        "flops": float(total[2]),
+        "task_loss": {name: float(total[3 + i] / task_counts[i]) for i, name in enumerate(names) if task_counts[i] > 0},
+        "task_tokens": {name: int(total[3 + 2 * n + i]) for i, name in enumerate(names)},
+    }
 
 
 def merge_summary(before: Any, session: dict[str, Any]) -> dict[str, Any]:
@@ -617,18 +637,13 @@ def _fatal(run: RunDir, exc: BaseException, rank: int) -> int:
 def run(run_dir: str | Path) -> int:
     """One trainer session over a run directory; returns the process exit code."""
     run_dirs = RunDir.of(run_dir)
-    fatal_types = (
-        ConfigError,
-        ModelConfigError,
-        CheckpointError,
-        TrainerConfigError,
-        BackendError,
-        DeviceError,
-        _data_error(),
-    )
     ctx: Dist | None = None
     try:
         config = load_resolved(run_dirs.config)
+        if config.supervise.on_node_loss != "restart":
+            from fm9g.model.inproc_train import run_inproc
+
+            return run_inproc(run_dirs.root)
         ctx = init_process_group(config.model.backend)
         trainer = Trainer(run_dirs, config, ctx)
         try:
@@ -639,16 +654,33 @@ def run(run_dir: str | Path) -> int:
             trainer.close()
         return protocol.EXIT_OK
     except Exception as exc:
-        rank = ctx.rank if ctx else int(os.environ.get("RANK", "0"))
-        full = _no_space_error(exc)
-        if full is not None:  # before fatal_types: an async save's ENOSPC arrives as a CheckpointError
-            return _fatal_no_space(run_dirs, full, rank)
-        if isinstance(exc, fatal_types):
-            return _fatal(run_dirs, exc, rank)
-        raise
+        code = fatal_exit(run_dirs, exc, ctx.rank if ctx else int(os.environ.get("RANK", "0")))
+        if code is None:
+            raise
+        return code
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def fatal_exit(run_dirs: RunDir, exc: BaseException, rank: int) -> int | None:
+    """Record an error no retry can fix (config, data, checkpoint, a full disk) and return
+    its exit code; None for any other error, which the caller re-raises."""
+    fatal_types = (
+        ConfigError,
+        ModelConfigError,
+        CheckpointError,
+        TrainerConfigError,
+        BackendError,
+        DeviceError,
+        _data_error(),
+    )
+    full = _no_space_error(exc)
+    if full is not None:  # before fatal_types: an async save's ENOSPC arrives as a CheckpointError
+        return _fatal_no_space(run_dirs, full, rank)
+    if isinstance(exc, fatal_types):
+        return _fatal(run_dirs, exc, rank)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,437 @@
+"""The trainer under in-process recovery (`supervise.on_node_loss: wait | shrink`).
+
+The same model, optimizer, schedule and data as `train.Trainer`, built once per process;
+only the process group is rebuilt, once per *generation* (`generations.Membership`), over
+the run's store job.  A peer's death costs the survivors the step in flight: they
+discard it on every rank (the commit vote), re-form, and a rank that lacks the state (a
+replacement, a promoted spare) receives it from a survivor.
+
+Data slots keep the global batch.  The run has W = nodes x procs_per_node data slots;
+slot s is the loader a rank s reads in a run without faults.  A generation of w ranks
+gives rank r the slots r, r+w, r+2w, ... < W, so every step trains all W slots' batches
+whatever the world size: under `wait` each rank keeps its slot, under `shrink` the
+survivors take over the lost ranks' slots (more micro-batches each, the same gradient).
+Every rank holds every slot's position (gathered each step before the vote), so a slot
+survives the rank that read it.
+
+Gradients are summed with one all-reduce inside the step guard, not by DDP: DDP holds
+its process group, which dies with every generation.  Checkpoints are written by the
+generation's rank 0 alone (the state is replicated), with one data file per slot, so a
+`restart` run reads them like its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fm9g.model.checkpoint import Checkpointer
+from fm9g.model.distributed import Dist, use_cuda
+from fm9g.model.generation_rules import Keys
+from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, StepDiscarded, connect
+from fm9g.model.metrics import MetricsLogger
+from fm9g.model.train import Outcome, Trainer, fatal_exit, step_figures
+from fm9g.rundir import RunDir, protocol
+from fm9g.rundir.config import RunConfig, load_resolved
+from fm9g.rundir.inproc_events import EventWriter
+from fm9g.rundir.store_endpoint import StoreEndpoint, read_store_endpoint
+
+ENV_LOCAL_RANK = "FM9G_LOCAL_RANK"
+ENV_LOCAL_WORLD = "FM9G_LOCAL_WORLD_SIZE"
+ENV_FRESH = "FM9G_INPROC_FRESH"  # the agent's word: load the disk checkpoint, do not expect peers
+STORE_RETRY_S = 0.5
+
+
+def membership_config(config: RunConfig, world_size: int, cuda: bool, namespace: str) -> MembershipConfig:
+    """The run's recovery numbers from its config."""
+    supervise = config.supervise
+    hang = supervise.inproc_hang_timeout
+    return MembershipConfig(
+        policy="shrink" if supervise.on_node_loss == "shrink" else "wait",
+        world_size=world_size,
+        backend="nccl" if cuda else "gloo",
+        namespace=namespace,
+        collective_timeout_s=max(60.0, 3 * hang),
+        heartbeat_interval_s=min(0.2, hang / 5),
+        absent_after_s=min(1.0, hang),
+        hang_timeout_s=hang,
+        join_timeout_s=supervise.inproc_join_timeout,
+    ).validate()
+
+
+class SlotLoaders:
+    """The loaders of the data slots this rank trains in its current generation."""
+
+    def __init__(self, trainer: Trainer, total: int) -> None:
+        self.trainer, self.total = trainer, total
+        self.loaders: dict[int, Any] = {}
+        self.iterators: dict[int, Any] = {}
+
+    def assign(self, slots: list[int], states: dict[int, Any]) -> None:
+        """Read `slots` from their committed positions (`states`; a missing one starts afresh)."""
+        self.close()
+        for slot in slots:
+            loader = self.trainer.build_slot_loader(slot, self.total)
+            if states.get(slot) is not None:
+                loader.load_state_dict(states[slot])
+            self.loaders[slot] = loader
+            self.iterators[slot] = iter(loader)
+
+    def next_batches(self, count: int) -> dict[int, list[dict[str, Any]] | None]:
+        out: dict[int, list[dict[str, Any]] | None] = {}
+        for slot, iterator in self.iterators.items():
+            try:
+                out[slot] = [next(iterator) for _ in range(count)]
+            except StopIteration:
+                out[slot] = None
+        return out
+
+    def states(self) -> dict[int, Any]:
+        return {slot: loader.state_dict() for slot, loader in self.loaders.items()}
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            close = getattr(loader, "close", None)
+            if callable(close):
+                close()
+        self.loaders, self.iterators = {}, {}
+
+
+class InprocTrainer(Trainer):
+    """One rank's trainer whose process group comes and goes with its generations."""
+
+    def __init__(self, run: RunDir, config: RunConfig, ctx: Dist, node_rank: int, events: EventWriter) -> None:
+        self.total_slots = config.cluster.nodes * ctx.local_world_size
+        super().__init__(run, config, ctx)
+        self.node_rank = node_rank
+        self.events = events
+        self.slots = SlotLoaders(self, self.total_slots)
+        self.slot_states: dict[int, Any] = {}
+        # One process writes the whole (replicated) checkpoint: no barrier, no gather.
+        self.checkpointer = Checkpointer(
+            run.checkpoints, 0, self.total_slots, lambda: None, keep_last=self.cfg.keep_checkpoints
+        )
+        self.gen: Generation | None = None
+        self.membership: Membership | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _build_loader(self) -> Any:
+        return None  # the slot loaders are built per generation (SlotLoaders)
+
+    def build_slot_loader(self, slot: int, total: int) -> Any:
+        view = dataclasses.replace(self.ctx, rank=slot, world_size=total)
+        saved, self.ctx = self.ctx, view
+        try:
+            return super()._build_loader()
+        finally:
+            self.ctx = saved
+
+    def _load_data(self, source: Path) -> None:
+        for slot in range(self.total_slots):
+            self.slot_states[slot] = self.checkpointer.load_data(source, rank=slot)
+        if any(state is None for state in self.slot_states.values()):
+            self.notes.append(f"no data position for {self.total_slots} slots in the checkpoint: data starts afresh")
+            self.slot_states = {}
+
+    def load_as_replacement(self) -> None:
+        """A replacement's start: no disk read, the state comes from a peer at the first formation."""
+        saved = self.cfg.resume_ckpt
+        self.cfg = self.cfg.model_copy(update={"resume_ckpt": "none"})
+        try:
+            self.load()
+        finally:
+            self.cfg = self.cfg.model_copy(update={"resume_ckpt": saved})
+        self.progress.origin = saved.strip()
+
+    # ------------------------------------------------------------------ PeerState
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": self.progress.state_dict(),
+            "slots": {str(slot): state for slot, state in self.slot_states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.backend.load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress.load_state_dict(state["progress"])
+        self.slot_states = {int(slot): value for slot, value in state["slots"].items()}
+        self.start_step = self.progress.step  # this process's first step is the peer's next
+        self.saved_step = self.progress.step
+
+    # ------------------------------------------------------------------ generations
+    def enter(self, generation: Generation) -> None:
+        """Take this generation's rank: its data slots, and the logger on rank 0."""
+        if self.gen is not None and self.gen.number == generation.number:
+            return
+        self.gen = generation
+        self.generation = generation.number
+        self.ctx = dataclasses.replace(self.ctx, rank=generation.rank, world_size=generation.world_size)
+        mine = list(range(generation.rank, self.total_slots, generation.world_size))
+        self.slots.assign(mine, self.slot_states)
+        if generation.rank == 0 and not self.logger.enabled:
+            self.logger = MetricsLogger(self.run.metrics, self.tensorboard_dir, enabled=True)
+        self.events(
+            "batch",
+            {
+                "gen": generation.number,
+                "world_size": generation.world_size,
+                "slots": mine,
+                "global_batch": self.total_slots * self.cfg.grad_accum * self.cfg.batch_size,
+            },
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Outcome:
+        assert self.membership is not None
+        cfg = self.cfg
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.saved_step = self.start_step
+        self._heartbeat()
+        session_steps = 0
+        while not (cfg.stop_when_end and self.progress.step >= cfg.train_iters):
+            started = time.perf_counter()
+            limit = bool(cfg.max_session_steps) and session_steps >= cfg.max_session_steps
+            with self.membership.step() as guard:
+                self.enter(guard.generation)
+                stats, control = self.step(guard, limit)
+            if guard.discarded is not None:
+                continue
+            ended, checkpoint_now, session_limit = control
+            if ended:
+                break
+            elapsed = time.perf_counter() - started
+            self.checkpointer.finish()
+            if cfg.save and self.ctx.rank == 0 and self.progress.step % cfg.save_iters == 0:
+                self.save()
+            self._report(stats, elapsed)
+            self._heartbeat()
+            if cfg.step_sleep:
+                time.sleep(cfg.step_sleep)
+            session_steps += 1
+            if checkpoint_now:
+                return self._stop("checkpoint_now")
+            if session_limit:
+                return self._stop("session_limit")
+        if cfg.save and self.ctx.rank == 0 and self.saved_step != self.progress.step:
+            self.save(blocking=True)
+        self.checkpointer.finish()
+        return "done"
+
+    def step(self, guard: Any, limit: bool) -> tuple[dict[str, Any], tuple[bool, bool, bool]]:
+        """One step inside the guard: forward/backward over this rank's slots, the gradient
+        and figure all-reduces, every slot's position, the vote, then the update."""
+        per_slot = self.slots.next_batches(self.cfg.grad_accum)
+        ended = any(batches is None for batches in per_slot.values())
+        self.model.train()
+        self.backend.zero_grad()
+        n = len(self.slot_task_names())
+        sums = torch.zeros(3 * n + 3, dtype=torch.float64)
+        if not ended:
+            for batches in per_slot.values():
+                assert batches is not None
+                sums += self.forward_backward(batches, divisor=self.cfg.grad_accum * self.total_slots)
+        flags = torch.tensor([float(ended), float(self.run.checkpoint_now_flag.exists()), float(limit)])
+        figures = guard.all_reduce(torch.cat([sums, flags.double()]))
+        control = tuple(bool(flag > 0) for flag in figures[-3:].tolist())
+        if control[0]:  # some rank's data ended: nobody applies anything
+            guard.commit()
+            return {}, control  # type: ignore[return-value]
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = guard.all_reduce(torch.cat([g.flatten() for g in grads]))
+        offset = 0
+        for p in params:
+            size = p.numel()
+            p.grad = flat[offset : offset + size].view_as(p).clone()
+            offset += size
+        gathered: list[Any] = [None] * guard.generation.world_size
+        try:
+            dist.all_gather_object(gathered, self.slots.states())
+        except Exception as error:  # gloo may report a dead peer here as a bare RuntimeError
+            raise StepDiscarded(f"collective failed: {error}") from error
+        grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
+        guard.commit()
+        lr = self.scheduler.current_lr
+        self.backend.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        for states in gathered:
+            self.slot_states.update(states)
+        stats = step_figures(figures[:-3], self.slot_task_names(), 1, lr, grad_norm)
+        self.progress.tokens_passed += stats["tokens"]
+        for task, count in stats["task_tokens"].items():
+            self.progress.task_tokens[task] = self.progress.task_tokens.get(task, 0) + count
+        return stats, control  # type: ignore[return-value]
+
+    def slot_task_names(self) -> list[str]:
+        loader = next(iter(self.slots.loaders.values()))
+        return list(loader.task_names)
+
+    def report_extra(self) -> dict[str, Any]:
+        """The effective batch of every step: this generation's ranks and the slots' batch."""
+        return {"world_size": self.ctx.world_size, "global_batch": self.global_batch}
+
+    @property
+    def global_batch(self) -> int:
+        return self.total_slots * self.cfg.grad_accum * self.cfg.batch_size
+
+    def save(self, blocking: bool | None = None) -> None:
+        """Not collective here: this rank writes every file, one data file per slot."""
+        step = self.progress.step
+        self.checkpointer.save(
+            step,
+            model=self.backend.model_state(),
+            optimizer=self.backend.optimizer_state(),
+            data=None,
+            data_by_rank=dict(self.slot_states),
+            trainer={
+                "progress": self.progress.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": [],
+                "world_size": self.total_slots,
+                "optimizer_layout": {"backend": self.backend.name, "world_size": self.total_slots},
+            },
+            log={
+                "iteration": step,
+                "global_token_pass": self.progress.tokens_passed,
+                "global_total_task_token": self.progress.task_tokens,
+            },
+            config=self.args.to_json(),
+            tokenizer=self.tokenizer,
+            blocking=not self.cfg.async_save if blocking is None else blocking,
+        )
+        self.saved_step = step
+
+    def _stop(self, outcome: Outcome) -> Outcome:
+        if self.ctx.rank == 0 and self.saved_step != self.progress.step:
+            self.save(blocking=True)
+        self.checkpointer.finish()
+        self.logger.say(f"{outcome}: checkpointed at step {self.progress.step}; exiting without DONE")
+        return outcome
+
+    def await_rank0(self, outcome: Outcome, timeout_s: float = 120.0) -> None:
+        """The other ranks leave when rank 0 has written what ends the session (DONE, or
+        the checkpoint of this step), so that no node agent reads an unfinished run as a
+        stop short of the end.  Rank 0 may sit on another node, still saving."""
+        if self.ctx.rank == 0:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if outcome == "done" and self.run.done_flag.exists():
+                return
+            if outcome != "done" and (self.run.latest_step() or 0) >= self.progress.step:
+                return
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.slots.close()
+        if self.membership is not None:
+            self.membership.close()
+        super().close()
+
+
+# ---------------------------------------------------------------------- process entry
+
+
+def wait_for_store(run: RunDir, timeout_s: float) -> tuple[StoreEndpoint, dist.TCPStore]:
+    """The run's store job and a client of it; retried while the job (re)starts."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        endpoint = read_store_endpoint(run.store_endpoint)
+        if endpoint is not None:
+            try:
+                return endpoint, connect(endpoint.host, endpoint.port, timeout_s=5.0)
+            except (dist.DistError, RuntimeError):
+                pass  # a store that just died, or not listening yet
+        if time.monotonic() > deadline:
+            raise RecoveryFailed(
+                f"no reachable store in {run.store_endpoint} within {timeout_s:.0f}s "
+                "(supervise.inproc_join_timeout): see the store job's log under logs/train/"
+            )
+        time.sleep(STORE_RETRY_S)
+
+
+def run_inproc(run_dir: str | Path) -> int:
+    """One trainer process under in-process recovery; returns its exit code."""
+    run = RunDir.of(run_dir)
+    config = load_resolved(run.config)
+    node_rank = int(os.environ.get(protocol.ENV_NODE_RANK, "0"))
+    local_rank = int(os.environ.get(ENV_LOCAL_RANK, "0"))
+    local_world = int(os.environ.get(ENV_LOCAL_WORLD, "1"))
+    uid = f"n{node_rank}r{local_rank}p{os.getpid()}"
+    events = EventWriter(run.inproc_events, uid, node_rank=node_rank, local_rank=local_rank)
+    cuda = use_cuda()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    world = config.cluster.nodes * local_world
+    trainer: InprocTrainer | None = None
+    try:
+        endpoint, probe = wait_for_store(run, config.supervise.inproc_join_timeout)
+        namespace = protocol.slug(run.name)
+        # A group formed in this store before: this process replaces a lost rank (or is a
+        # spare) and gets its state from a peer instead of reading the disk.
+        scoped = dist.PrefixStore(namespace + "/", probe)  # as Membership scopes its keys
+        live = scoped.check([Keys.decision(0)]) and os.environ.get(ENV_FRESH) != "1"
+        del scoped, probe
+        ctx = Dist(
+            rank=node_rank * local_world + local_rank,
+            world_size=1,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            device=device,
+            owns_group=False,
+        )
+        trainer = InprocTrainer(run, config, ctx, node_rank, events)
+        if live:
+            trainer.load_as_replacement()
+        else:
+            trainer.load()
+        trainer.membership = Membership(
+            endpoint.host,
+            endpoint.port,
+            uid,
+            membership_config(config, world, cuda, namespace),
+            trainer,
+            applied=None if live else trainer.progress.step,
+            device=device,
+            on_event=events,
+            rank_hint=ctx.rank,
+        )
+        outcome = trainer.train()
+        trainer.finish(outcome)
+        trainer.await_rank0(outcome)
+        return protocol.EXIT_OK
+    except RecoveryFailed as exc:
+        events("recovery_failed", {"reason": str(exc)[:300]})
+        print(f"rank {uid}: in-process recovery failed, falling back: {exc}", file=sys.stderr, flush=True)
+        return protocol.EXIT_FALLBACK
+    except Exception as exc:
+        rank = trainer.ctx.rank if trainer else node_rank * local_world + local_rank
+        code = fatal_exit(run, exc, rank)
+        if code is None:
+            raise
+        return code
+    finally:
+        if trainer is not None:
+            trainer.close()
+        events.close()
+
+
+def rank_main(run_dir: str, env: dict[str, str]) -> None:
+    """A node agent's child (forked from a starter that imported torch): one rank."""
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.exit(run_inproc(run_dir))
