@@ -1,0 +1,156 @@
+"""In-process recovery end to end on this machine (supervise.on_node_loss wait/shrink): the
+CLI, the local executor, the store job, two node agents, the real trainer.  A fault
+mid-run must cost the survivors their processes nothing: the run completes, every step
+is trained once, and the loss per step equals an uninterrupted run's.  What happened is
+read back from state.db (the imported `inproc` events) and the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fm9g.orchestrator.state import StageStatus
+from tests.helpers import runs
+
+pytestmark = pytest.mark.slow  # each test trains the tiny model through the CLI
+
+STEPS = 30
+COMMON = (
+    "--nodes",
+    "2",
+    "--set",
+    f"train.train_iters={STEPS}",
+    "--set",
+    "train.save_iters=10",
+    "--set",
+    "train.step_sleep=0.15",
+    "--set",
+    "supervise.inproc_hang_timeout=2",
+)
+
+
+def inproc(policy: str, *extra: str) -> tuple[str, ...]:
+    return (*COMMON, "--set", f"supervise.on_node_loss={policy}", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The uninterrupted run's loss per step (wait and shrink train the same slots)."""
+    root = tmp_path_factory.mktemp("reference")
+    result = runs.run_tiny(root / "runs", "ref", *inproc("wait"), cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = root / "runs" / "ref"
+    assert [m["step"] for m in runs.metrics(run)] == list(range(1, STEPS + 1))
+    assert {m["world_size"] for m in runs.metrics(run)} == {2}
+    return runs.losses(run)
+
+
+def rank_pid(run: Path, node_rank: int) -> int:
+    """The pid of node `node_rank`'s newest trainer process (from its events file name)."""
+    files = sorted((run / "events" / "inproc").glob(f"n{node_rank}r0p*.jsonl"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no trainer process of node {node_rank} has written events yet"
+    return int(files[-1].stem.rsplit("p", 1)[1])
+
+
+def processes(*needles: str) -> Iterator[int]:
+    """Pids whose command line holds every needle."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(needle in cmdline for needle in needles):
+            yield int(entry.name)
+
+
+def inproc_events(run: Path, name: str) -> list[dict]:
+    return [event.data for event in runs.events(run, "inproc") if event.data.get("event") == name]
+
+
+def inject_after_step(run: Path, step: int) -> None:
+    runs.wait_for(lambda: runs.last_step(run) >= step, 300, f"step {step}", interval=0.05)
+
+
+def finish(proc: subprocess.Popen[str], run: Path) -> None:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    stage = runs.stage(run)
+    assert stage is not None and stage.status is StageStatus.COMPLETED, out
+
+
+def assert_trained_once_like(run: Path, reference: dict[int, float]) -> None:
+    steps = [m["step"] for m in runs.metrics(run)]
+    assert steps == list(range(1, STEPS + 1)), "every step logged exactly once, in order"
+    got = runs.losses(run)
+    assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
+
+
+def status_json(run: Path) -> dict:
+    out = subprocess.run(runs.cli("status", str(run), "--json"), capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["runs"][0]
+
+
+def test_wait_killed_rank_is_replaced_alone_and_the_curve_is_unchanged(
+    tmp_path: Path, reference: dict[int, float]
+) -> None:
+    proc = runs.start_tiny(tmp_path / "runs", "w", *inproc("wait"), cwd=tmp_path)
+    run = tmp_path / "runs" / "w"
+    inject_after_step(run, 8)
+    survivor = rank_pid(run, 0)
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    finish(proc, run)
+    assert_trained_once_like(run, reference)
+    # The survivor kept its process; node 1's agent restarted only its rank, from a peer's state.
+    assert {event["uid"] for event in inproc_events(run, "first_step")} == {f"n0r0p{survivor}"}
+    received = [e for e in inproc_events(run, "synced") if e["received"]]
+    assert [e["node_rank"] for e in received] == [1]
+    assert [e["replacement"] for e in inproc_events(run, "rank_restart")] == [True]
+    # No node job failed or was resubmitted: the store job and one job per node.
+    assert runs.failures(run) == []
+    assert sorted((s.role, s.attempt) for s in runs.submissions(run)) == [("master", 1), ("worker", 1)]
+    recoveries = status_json(run)["inproc_recoveries"]
+    assert [(r["policy"], r["path"], r["steps_lost"], r["finished"]) for r in recoveries] == [("wait", "fast", 1, True)]
+
+
+def test_shrink_hung_rank_is_killed_by_its_agent(tmp_path: Path, reference: dict[int, float]) -> None:
+    proc = runs.start_tiny(tmp_path / "runs", "s", *inproc("shrink"), cwd=tmp_path)
+    run = tmp_path / "runs" / "s"
+    inject_after_step(run, 8)
+    hung = rank_pid(run, 1)
+    os.kill(hung, signal.SIGSTOP)
+    finish(proc, run)
+    assert_trained_once_like(run, reference)
+    killed = inproc_events(run, "killed_lost")
+    assert [(e["node_rank"], e["pid"]) for e in killed] == [(1, hung)]
+    # The global batch never changed, whatever the world size was.
+    assert {m["global_batch"] for m in runs.metrics(run)} == {runs.metrics(run)[0]["global_batch"]}
+    assert [r["path"] for r in status_json(run)["inproc_recoveries"]] == ["fast"]
+
+
+def test_store_loss_falls_back_to_the_disk_checkpoint(tmp_path: Path, reference: dict[int, float]) -> None:
+    """The fast path forced to fail: the store job dies, every rank gives up in-process
+    recovery, the agents restart their ranks from the last checkpoint, and the
+    supervisor starts a new store job."""
+    proc = runs.start_tiny(tmp_path / "runs", "f", *inproc("wait"), cwd=tmp_path)
+    run = tmp_path / "runs" / "f"
+    inject_after_step(run, 14)  # past the checkpoint of step 10
+    (store,) = processes("fm9g.launchers.store_host", str(run))
+    os.kill(store, signal.SIGKILL)
+    finish(proc, run)
+    # Steps after the checkpoint were trained again: the last record of each step counts.
+    assert sorted(runs.losses(run)) == list(range(1, STEPS + 1))
+    got = runs.losses(run)
+    assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
+    assert {e["node_rank"] for e in inproc_events(run, "recovery_failed")} == {0, 1}
+    assert {e["node_rank"] for e in inproc_events(run, "fallback")} == {0, 1}
+    assert [e.data["job_id"] for e in runs.events(run, "store_lost")]
+    assert len(runs.events(run, "store_submitted")) == 2
+    assert "fallback" in [r["path"] for r in status_json(run)["inproc_recoveries"]]
