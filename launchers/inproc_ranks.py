@@ -186,7 +186,8 @@ class LocalRanks:
             client = connect(endpoint.host, endpoint.port, timeout_s=5.0)
         except (dist.DistError, RuntimeError):
             return None
-        self._store = dist.PrefixStore(protocol.slug(self.run.name) + "/", client)
+        namespace = f"{protocol.slug(self.run.name)}-s{self.env.get(protocol.ENV_GENERATION, '0')}"
+        self._store = dist.PrefixStore(namespace + "/", client)  # as the ranks' session_namespace
         self._store_serial = endpoint.serial
         return self._store
 

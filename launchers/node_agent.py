@@ -242,7 +242,13 @@ class NodeAgent:
             self.log("the run is done; nothing to start")
             return protocol.EXIT_OK
         env = rank_environment(dict(os.environ), self.nproc_per_node())
-        env.update({protocol.ENV_RUN_DIR: str(self.run.root), protocol.ENV_NODE_RANK: str(self.node_rank)})
+        env.update(
+            {
+                protocol.ENV_RUN_DIR: str(self.run.root),
+                protocol.ENV_NODE_RANK: str(self.node_rank),
+                protocol.ENV_GENERATION: str(self.generation),  # the session the ranks scope their keys with
+            }
+        )
         ranks = LocalRanks(self.run, self.config, self.node_rank, self.nproc_per_node(), env, self.job_id)
         self.child = ranks
         self.log(

@@ -433,6 +433,27 @@ class Membership:
             if silent or time.monotonic() - waited > self.config.collective_timeout_s:
                 return self.store.compare_set(key, "", ABORT).decode()
 
+    def _await_work(self, work: dist.Work, generation: Generation) -> None:
+        """Until `work` completes; StepDiscarded when it failed or a member went silent.
+        An abandoned gloo work stays blocked on its own thread until its timeout and then
+        ends there; leaving the group does not wait for it (checked on torch 2.13)."""
+        peers = set(generation.members) - {self.uid}
+        delay = 0.0002
+        while True:
+            try:
+                if work.is_completed():
+                    work.wait()  # raises the collective's own error, if it failed
+                    return
+            except Exception as error:
+                raise StepDiscarded(f"collective failed: {error}") from error
+            silent = peers & self.heartbeat.silent(self.config.hang_timeout_s)
+            if silent:
+                raise StepDiscarded(
+                    f"collective abandoned: {sorted(silent)} silent for {self.config.hang_timeout_s:g}s (hang_timeout_s)"
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 0.005)
+
     def _discard(self, generation: Generation, seq: int, reason: str) -> None:
         try:  # tell the members still waiting on the vote; the store may be gone too
             self.store.compare_set(Keys.outcome(generation.number, seq), "", ABORT)
@@ -460,11 +481,15 @@ class StepGuard:
         self.discarded: str | None = None  # the reason, once discarded
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-        """All-reduce in place over this generation's group."""
+        """All-reduce in place over this generation's group.  Started asynchronously and
+        watched: a member silent for `hang_timeout_s` (a hung process, or a node whose link
+        went down, whose sockets never report an error) makes this rank abandon the
+        collective instead of waiting for gloo's timeout, which nothing can interrupt."""
         try:
-            dist.all_reduce(tensor, op=op)
+            work = dist.all_reduce(tensor, op=op, async_op=True)
         except Exception as error:
             raise StepDiscarded(f"collective failed: {error}") from error
+        self.membership._await_work(work, self.generation)
         return tensor
 
     def commit(self) -> None:

@@ -23,6 +23,7 @@ generation's rank 0 alone (the state is replicated), with one data file per slot
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.distributed import Dist, use_cuda
 from fm9g.model.generation_rules import Keys
-from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, StepDiscarded, connect
+from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, connect
 from fm9g.model.metrics import MetricsLogger
 from fm9g.model.train import Outcome, Trainer, fatal_exit, step_figures
 from fm9g.rundir import RunDir, protocol
@@ -233,6 +234,7 @@ class InprocTrainer(Trainer):
         """One step inside the guard: forward/backward over this rank's slots, the gradient
         and figure all-reduces, every slot's position, the vote, then the update."""
         per_slot = self.slots.next_batches(self.cfg.grad_accum)
+        self.publish_slots(guard)
         ended = any(batches is None for batches in per_slot.values())
         self.model.train()
         self.backend.zero_grad()
@@ -256,24 +258,38 @@ class InprocTrainer(Trainer):
             size = p.numel()
             p.grad = flat[offset : offset + size].view_as(p).clone()
             offset += size
-        gathered: list[Any] = [None] * guard.generation.world_size
-        try:
-            dist.all_gather_object(gathered, self.slots.states())
-        except Exception as error:  # gloo may report a dead peer here as a bare RuntimeError
-            raise StepDiscarded(f"collective failed: {error}") from error
+        gathered = self.gather_slots(guard)
         grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
         guard.commit()
         lr = self.scheduler.current_lr
         self.backend.step()
         self.scheduler.step()
         self.progress.step += 1
-        for states in gathered:
-            self.slot_states.update(states)
+        self.slot_states.update(gathered)
         stats = step_figures(figures[:-3], self.slot_task_names(), 1, lr, grad_norm)
         self.progress.tokens_passed += stats["tokens"]
         for task, count in stats["task_tokens"].items():
             self.progress.task_tokens[task] = self.progress.task_tokens.get(task, 0) + count
         return stats, control  # type: ignore[return-value]
+
+    # Slot positions travel through the store, not a gloo gather: a gather cannot be
+    # watched and abandoned like the guard's all-reduce.  Each rank writes its slots'
+    # positions before the step's all-reduce; once that completed, every rank has written.
+    def _slots_key(self, guard: Any, rank: int, seq: int | None = None) -> str:
+        return f"slots/{guard.generation.number}/{guard.seq if seq is None else seq}/{rank}"
+
+    def publish_slots(self, guard: Any) -> None:
+        assert self.membership is not None
+        states = {str(slot): state for slot, state in self.slots.states().items()}
+        self.membership.store.set(self._slots_key(guard, guard.generation.rank), json.dumps(states))
+
+    def gather_slots(self, guard: Any) -> dict[int, Any]:
+        assert self.membership is not None
+        store, generation = self.membership.store, guard.generation
+        raw = store.multi_get([self._slots_key(guard, rank) for rank in range(generation.world_size)])
+        if guard.seq > 1:  # every rank read step seq-1's positions before this step's all-reduce
+            store.delete_key(self._slots_key(guard, generation.rank, guard.seq - 1))
+        return {int(slot): state for blob in raw for slot, state in json.loads(blob).items()}
 
     def slot_task_names(self) -> list[str]:
         loader = next(iter(self.slots.loaders.values()))
@@ -345,6 +361,12 @@ class InprocTrainer(Trainer):
 # ---------------------------------------------------------------------- process entry
 
 
+def session_namespace(run: RunDir) -> str:
+    """The store key prefix of this session's ranks: the run, and the session number the
+    supervisor gave every node job of one (re)start (a continue starts a new session)."""
+    return f"{protocol.slug(run.name)}-s{int(os.environ.get(protocol.ENV_GENERATION, '0'))}"
+
+
 def wait_for_store(run: RunDir, timeout_s: float) -> tuple[StoreEndpoint, dist.TCPStore]:
     """The run's store job and a client of it; retried while the job (re)starts."""
     deadline = time.monotonic() + timeout_s
@@ -380,7 +402,7 @@ def run_inproc(run_dir: str | Path) -> int:
     trainer: InprocTrainer | None = None
     try:
         endpoint, probe = wait_for_store(run, config.supervise.inproc_join_timeout)
-        namespace = protocol.slug(run.name)
+        namespace = session_namespace(run)
         # A group formed in this store before: this process replaces a lost rank (or is a
         # spare) and gets its state from a peer instead of reading the disk.
         scoped = dist.PrefixStore(namespace + "/", probe)  # as Membership scopes its keys

@@ -334,8 +334,7 @@ class TrainPolicy:
             self.store.set_stage(STAGE, StageStatus.RUNNING)
             return
         attempt = max((row.attempt for row in rows.values()), default=0) + 1
-        current = read_endpoint(self.run.endpoint)
-        generation = current.generation + 1 if current else 0
+        generation = self.start_generation(rows, live)
         self.run.checkpoint_now_flag.unlink(missing_ok=True)
         self.run.cancel_flag.unlink(missing_ok=True)
         # The node agent exits 78 at once while fatal.json exists: a new start is the
@@ -350,6 +349,18 @@ class TrainPolicy:
             return
         for rank in missing:
             self.submit_node(rank, attempt=attempt, generation=generation, why=why)
+
+    def start_generation(self, rows: dict[int, JobRow], live: set[int]) -> int:
+        """The generation the nodes of a (re)start carry.  torchrun's rendezvous: one past
+        the published endpoint's.  In-process recovery: a session number the ranks scope
+        their store keys with, so a continue or restart never meets an earlier session's
+        groups; it moves on only when no node of the last session is left."""
+        if inproc_recovery(self.config):
+            if live:
+                return max(rows[rank].generation for rank in live)
+            return max((row.generation for row in rows.values()), default=-1) + 1
+        current = read_endpoint(self.run.endpoint)
+        return current.generation + 1 if current else 0
 
     def live_latest(self) -> list[JobRow]:
         """Each node's newest job row, where that job is submitted and has not ended."""
@@ -548,7 +559,9 @@ class TrainPolicy:
         """Submit node `row.node_rank` again, alone, and open its recovery timeline."""
         current = read_endpoint(self.run.endpoint)
         generation = current.generation if current else 0
-        if NodeRole(row.role) is NodeRole.MASTER and not inproc_recovery(self.config):
+        if inproc_recovery(self.config):
+            generation = row.generation  # the same session: the replacement joins its peers' groups
+        elif NodeRole(row.role) is NodeRole.MASTER:
             generation += 1  # a new store, a new rdzv id: the workers follow the newer endpoint
         detected = row.ended_at or self.clock()
         step = max((beat.step for beat in read_heartbeats(self.run, self.slots)), default=-1)
