@@ -162,6 +162,8 @@ class Membership:
         self._first_step_due = False
         self._rank_hint = -1 if rank_hint is None else rank_hint
         self._reported_gone: set[str] = set()
+        self._abandoned: dist.Work | None = None  # a collective this rank stopped waiting for
+        self._graveyard: list[tuple[Any, dist.Work]] = []  # groups left with a stuck collective
 
     # -- the caller's interface --------------------------------------------------------
 
@@ -377,12 +379,22 @@ class Membership:
             self.generation = None
         if not dist.is_initialized():
             return
+        abandoned, self._abandoned = self._abandoned, None
         if self.config.backend == "nccl":
             # Abort first: destroying a communicator with a dead peer can block on its
             # pending kernels; abort tears it down without waiting (and unregisters it).
             dist.distributed_c10d._abort_process_group()
+        elif abandoned is not None and not abandoned.is_completed():
+            # gloo has no abort (pytorch#130345), and destroying a group whose collective
+            # is stuck mid-transfer waits for that collective's timeout (measured: the
+            # whole timeout, with a peer frozen mid-send).  The group is unregistered
+            # instead and kept until its stuck collective times out on its own thread.
+            self._graveyard.append((dist.group.WORLD, abandoned))
+            forget_default_group()
         else:
-            dist.destroy_process_group()  # gloo has no abort (pytorch#130345); its sockets close here
+            dist.destroy_process_group()  # its sockets close here
+        # A kept group whose collective has ended can go: its threads are free again.
+        self._graveyard = [(group, work) for group, work in self._graveyard if not work.is_completed()]
 
     def _gen(self) -> int:
         return int(self.store.get(Keys.GEN))
@@ -448,6 +460,7 @@ class Membership:
                 raise StepDiscarded(f"collective failed: {error}") from error
             silent = peers & self.heartbeat.silent(self.config.hang_timeout_s)
             if silent:
+                self._abandoned = work
                 raise StepDiscarded(
                     f"collective abandoned: {sorted(silent)} silent for {self.config.hang_timeout_s:g}s (hang_timeout_s)"
                 )
@@ -465,6 +478,29 @@ class Membership:
     def _emit(self, name: str, **fields: Any) -> None:
         if self.on_event is not None:
             self.on_event(name, {"t": time.time(), "uid": self.uid, **fields})
+
+
+def forget_default_group() -> None:
+    """Unregister the default process group without shutting it down: what
+    `destroy_process_group()` does for the world group, minus the backend shutdown that
+    blocks on a stuck gloo collective.  The caller keeps a reference to the group until
+    that collective ends.  Private state of torch.distributed (checked on torch 2.13);
+    a torch without it gets the blocking destroy."""
+    c10d = dist.distributed_c10d
+    world = getattr(c10d, "_world", None)
+    tables = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg")
+    if world is None or not all(hasattr(world, name) for name in tables) or not hasattr(c10d, "_update_default_pg"):
+        dist.destroy_process_group()
+        return
+    c10d._update_default_pg(None)
+    for name in (*tables, "pg_coalesce_state"):
+        table = getattr(world, name, None)
+        if table is not None:
+            table.clear()
+    unregister = getattr(c10d, "_unregister_all_process_groups", None)
+    if unregister is not None:
+        unregister()
+    world.group_count = 0
 
 
 DISCARDING = (StepDiscarded, dist.DistError)  # gloo reports a dead peer as DistBackendError/DistNetworkError

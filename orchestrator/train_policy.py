@@ -17,6 +17,8 @@ from dataclasses import replace
 
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.inproc_import import LOSS_EVENTS, import_inproc_events
+from fm9g.orchestrator.inproc_losses import LOST_SIGNS, lost_nodes
+from fm9g.orchestrator.inproc_recoveries import INPROC_KIND
 from fm9g.orchestrator.jobs import JobTracker, log_tail
 from fm9g.orchestrator.plan import STORE, TRAIN, StageKind, inproc_recovery, node_slots, node_spec, together_spec
 from fm9g.orchestrator.recovery import Heartbeat, RecoveryTimeline, read_heartbeats
@@ -133,6 +135,7 @@ class TrainPolicy:
         self.interval = self.base_interval
         self.timeline = RecoveryTimeline(store, STAGE)
         self.hang_cancelled: set[int] = set()  # master job rows the hang watchdog cancelled
+        self.silent_cancelled: set[int] = set()  # node job rows cancelled as silent (cancel_silent_nodes)
         # Allocations (cluster.start: together) whose end was paid for this tick: the
         # nodes of one allocation that ended together are one failure, not N.
         self.paid_allocations: set[str] = set()
@@ -409,7 +412,39 @@ class TrainPolicy:
         self.interval = self.base_interval if changed else min(self.interval * 1.5, self.base_interval * 8)
         if import_inproc_events(self.run, self.store, counting=LOSS_EVENTS):  # a peer lost, told in-band:
             self.interval = self.base_interval  # poll at once for its job's end and the replacement
+        if outcome is None and inproc_recovery(self.config):
+            self.cancel_silent_nodes()
         return outcome
+
+    def cancel_silent_nodes(self) -> None:
+        """Cancel the job of a node its peers reported gone while its agent said nothing
+        (inproc_losses): the next poll sees the end and repairs it like any lost node,
+        long before Slurm would call it NODE_FAIL."""
+        records = [event.data for event in self.store.events(INPROC_KIND) if event.data.get("event") in LOST_SIGNS]
+        if not records:
+            return
+        rows = self.latest_rows()
+        for lost in lost_nodes(records, self.clock()):
+            row = rows.get(lost.node_rank)
+            if row is None or not row.live or not row.job_id or row.id in self.silent_cancelled:
+                continue
+            if (row.submitted_at or 0.0) > lost.since:
+                continue  # a replacement submitted after the report: not the lost one
+            self.silent_cancelled.add(row.id)
+            self.interval = self.base_interval
+            self.store.event(
+                "node_silent",
+                f"node {lost.node_rank}'s rank {lost.uid} went silent and its agent said nothing: "
+                f"cancelling job {row.job_id} to replace it now",
+                stage=STAGE,
+                job=row.id,
+                node_rank=lost.node_rank,
+                job_id=row.job_id,
+                uid=lost.uid,
+                since=lost.since,
+            )
+            self.say(f"node {lost.node_rank} (job {row.job_id}) went silent: replacing it")
+            self.executor.cancel([row.job_id])
 
     def run_until_done(self) -> StageStatus:
         """Start (or re-adopt) the nodes and tick until the stage ends; its final status."""
@@ -435,6 +470,10 @@ class TrainPolicy:
                 row = replace(row, exit_code=exit_code)
         if row.id in self.hang_cancelled:
             return row, Failure(FailureClass.APP, "no training progress within supervise.hang_timeout")
+        if row.id in self.silent_cancelled:
+            return row, Failure(
+                FailureClass.INFRA, "its ranks went silent and its agent with them (link down, or the node froze)"
+            )
         return row, classify(
             row.state,
             exit_code,

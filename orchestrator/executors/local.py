@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from fm9g.orchestrator.slurm.states import JobState
 from fm9g.rundir.protocol import read_exit_code
 
 WRAPPER_NAME = "fm9g-local-job"
+KILL_WAIT_S = 10.0  # after a cancel's SIGTERM, what is left of the job gets SIGKILL (slurm.conf KillWait)
 
 # The exit code a job gets when a job it runs afterok of failed; Slurm cancels such a
 # job (--kill-on-invalid-dep), so it reads as CANCELLED here too.
@@ -196,15 +198,23 @@ class LocalExecutor:
         return False
 
     def cancel(self, job_ids: Sequence[str]) -> None:
-        """SIGTERM each job's process group, as scancel does to a job's batch step.
-        A pid that no longer belongs to the job is left alone."""
+        """SIGCONT and SIGTERM each job's process group, then SIGKILL whatever of the job is
+        left after KILL_WAIT_S, as scancel and slurmd's KillWait do.  SIGCONT first: a
+        stopped process holds a SIGTERM pending until it runs again, and a frozen node is
+        exactly the job one cancels.  A pid that no longer belongs to the job is left alone."""
         for job_id in job_ids:
             if not self.owns(job_id):
                 continue
             try:
+                os.killpg(int(job_id), signal.SIGCONT)
                 os.killpg(int(job_id), signal.SIGTERM)
             except (ProcessLookupError, PermissionError, ValueError):
                 continue
+            # The tree as it is now: the wrapper may be gone by then while a child lingers.
+            tree = [int(job_id), *descendants(int(job_id))]
+            timer = threading.Timer(KILL_WAIT_S, kill_processes, (tree, signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
 
     def kill(self, job_id: str, sig: int = signal.SIGKILL) -> None:
         """Kill every process of a job, its own sessions included (a node that dies).
