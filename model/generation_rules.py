@@ -31,6 +31,7 @@ class Keys:
     GEN = "gen"  # the newest announced generation number
     UIDS = "uids"  # every uid that ever registered, "a,b,c,"
     LOST = "lost"  # every uid declared lost, same form
+    CLOSED = "closed"  # the session ended (trained out, or checkpointed to stop): spares and joiners leave
 
     @staticmethod
     def heartbeat(uid: str) -> str:

@@ -65,6 +65,11 @@ class NoLiveState(RecoveryFailed):
     """No member of the new generation holds training state: load the disk checkpoint."""
 
 
+class SessionClosed(Exception):
+    """The session's training ended while this rank waited to be admitted (a spare, a late
+    replacement): there is nothing left to join, and the process exits cleanly."""
+
+
 class StepDiscarded(Exception):
     """The step in flight is void on every rank; raised inside a step guard, which swallows it."""
 
@@ -197,6 +202,10 @@ class Membership:
         current = int(self.store.get(Keys.GEN))
         return self._announce(current + 1)
 
+    def close_session(self) -> None:
+        """Tell every rank still waiting to be admitted that training is over."""
+        self.store.set(Keys.CLOSED, "1")
+
     def close(self) -> None:
         """Leave the group and stop beating (peers then see this rank as silent)."""
         self._leave()
@@ -222,6 +231,8 @@ class Membership:
     def _form(self, target: int) -> Generation:
         started = time.monotonic()
         while True:
+            if self.store.check([Keys.CLOSED]):
+                raise SessionClosed("the session's training ended before this rank was admitted")
             if time.monotonic() - started > self.config.join_timeout_s:
                 raise RecoveryFailed(
                     f"no generation formed within join_timeout_s={self.config.join_timeout_s} "
@@ -285,6 +296,8 @@ class Membership:
         """The world is full: wait, warm, until a newer generation is announced."""
         self._emit("spare", gen=gen)
         while self._gen() <= gen:
+            if self.store.check([Keys.CLOSED]):
+                raise SessionClosed("the session's training ended while this rank waited as a spare")
             time.sleep(10 * POLL_S)
         return self._gen()
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.distributed import Dist, use_cuda
 from fm9g.model.generation_rules import Keys
-from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, connect
+from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, SessionClosed, connect
 from fm9g.model.metrics import MetricsLogger
 from fm9g.model.train import Outcome, Trainer, fatal_exit, step_figures
 from fm9g.rundir import RunDir, protocol
@@ -180,8 +180,9 @@ class InprocTrainer(Trainer):
         self.ctx = dataclasses.replace(self.ctx, rank=generation.rank, world_size=generation.world_size)
         mine = list(range(generation.rank, self.total_slots, generation.world_size))
         self.slots.assign(mine, self.slot_states)
-        if generation.rank == 0 and not self.logger.enabled:
-            self.logger = MetricsLogger(self.run.metrics, self.tensorboard_dir, enabled=True)
+        if (generation.rank == 0) != self.logger.enabled:  # rank 0 of each generation logs, nobody else
+            self.logger.close()
+            self.logger = MetricsLogger(self.run.metrics, self.tensorboard_dir, enabled=generation.rank == 0)
         self.events(
             "batch",
             {
@@ -434,7 +435,12 @@ def run_inproc(run_dir: str | Path) -> int:
         )
         outcome = trainer.train()
         trainer.finish(outcome)
+        if trainer.ctx.rank == 0:
+            trainer.membership.close_session()  # after DONE and the last checkpoint: spares leave now
         trainer.await_rank0(outcome)
+        return protocol.EXIT_OK
+    except SessionClosed as exc:
+        events("session_closed", {"reason": str(exc)})
         return protocol.EXIT_OK
     except RecoveryFailed as exc:
         events("recovery_failed", {"reason": str(exc)[:300]})

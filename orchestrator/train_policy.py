@@ -42,6 +42,9 @@ EXCLUDED = "excluded"  # {node name: excluded until (epoch seconds)}
 CHECKPOINT_AT_FAILURE = "checkpoint_at_failure"  # [latest checkpoint step at each repair]
 
 
+DONE_GRACE_S = 30.0  # a node job still running this long after DONE has nothing left to do
+
+
 class NodeRole(str, enum.Enum):
     """The role of a training node job (plan.node_spec: rank 0 is the master)."""
 
@@ -654,6 +657,9 @@ class TrainPolicy:
             self.stop(StageStatus.CANCELLED, "cancelled by the user (control/cancel)")
             return StageStatus.CANCELLED
         rows = self.latest_rows()
+        if self.run.done_flag.exists():
+            self.cancel_leftovers(rows)
+            rows = self.latest_rows()
         ended = bool(rows) and all(not row.live for row in rows.values())
         if ended and self.run.done_flag.exists():
             self.keeper.cancel("training completed")  # it exits by itself on DONE; no waiting for it
@@ -690,6 +696,20 @@ class TrainPolicy:
             return None
         self.check_hang(rows, beats)
         return None
+
+    def cancel_leftovers(self, rows: dict[int, JobRow]) -> None:
+        """Training is done: cancel node jobs that have nothing left to do.  A replacement
+        still queued would start only to find the run over; a job still running
+        DONE_GRACE_S after DONE is stuck (a frozen spare: a live one leaves at once)."""
+        done_at = self.run.done_flag.stat().st_mtime if self.run.done_flag.exists() else self.clock()
+        live = [row for row in rows.values() if row.live and row.job_id]
+        queued = [row for row in live if row.started_at is None]
+        if queued and len(queued) < len(rows):
+            self.tracker.cancel(queued, reason="training completed before it started")
+        stuck = [row for row in live if row.started_at is not None and self.clock() - done_at > DONE_GRACE_S]
+        if stuck:
+            self.say(f"training is done but {len(stuck)} node job(s) did not exit in {DONE_GRACE_S:g}s: cancelling")
+            self.tracker.cancel(stuck, reason=f"still running {DONE_GRACE_S:g}s after training completed")
 
     def check_replacement_bound(self, rows: dict[int, JobRow]) -> bool:
         """A full restart when a replacement waited past supervise.replacement_timeout

@@ -104,7 +104,11 @@ def freeze_trainer(run: Path) -> str:
 
 def crash_node(run: Path, role: str) -> str:
     """Link down first (so nothing says goodbye), then kill everything in the node."""
-    job = job_of(run, role)
+    return crash_job(job_of(run, role))
+
+
+def crash_job(job: LiveJob) -> str:
+    """Crash the node `job` runs on: link down, then every process in it killed."""
     namespace = namespace_of(job.node)
     subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "down"], check=True)
     pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
@@ -113,7 +117,7 @@ def crash_node(run: Path, role: str) -> str:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return f"crashed {job.node} ({role} job {job.job_id})"
+    return f"crashed {job.node} ({job.role} job {job.job_id})"
 
 
 def repair_nodes() -> None:

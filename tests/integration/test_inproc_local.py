@@ -175,3 +175,83 @@ def test_wait_frozen_node_is_cancelled_in_band_and_replaced(tmp_path: Path, refe
     assert [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)][-1] == ("worker", 1, 2)
     received = [e for e in inproc_events(run, "synced") if e["received"]]
     assert [e["node_rank"] for e in received] == [1]
+
+
+def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: dict[int, float]) -> None:
+    """cluster.spares: 1 keeps a third node job warm; when node 1 freezes, the spare is
+    admitted in its place as soon as the survivor gives up on it, and node 1's job is
+    replaced in the background by what becomes the next spare, which leaves at the end."""
+    proc = runs.start_tiny(
+        tmp_path / "runs",
+        "p",
+        # Slower steps (the losses do not depend on them): the background replacement of
+        # node 1 has time to be submitted before training ends.
+        *inproc("wait", "--set", "cluster.spares=1", "--set", "supervise.repair_local=true"),
+        "--set",
+        "train.step_sleep=0.5",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "runs" / "p"
+    # Whichever two node jobs arrive first form the group; the third waits as the spare.
+    (spare,) = [e["node_rank"] for e in runs.wait_for(lambda: inproc_events_files(run, "spare"), 300, "a spare")]
+    inject_after_step(run, 3)
+    frozen = min({1, 2} - {spare})
+    (agent,) = processes("fm9g.launchers.node_agent", f"--node-rank {frozen}", str(run))
+    os.killpg(os.getpgid(agent), signal.SIGSTOP)
+    finish(proc, run)
+    assert_trained_once_like(run, reference)
+    received = [e for e in inproc_events(run, "synced") if e["received"]]
+    assert [e["node_rank"] for e in received] == [spare], "the spare was promoted"
+    assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
+    assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
+    assert inproc_events(run, "session_closed"), "the last spare left when training ended"
+
+
+def test_two_faults_inside_one_recovery(tmp_path: Path, reference: dict[int, float]) -> None:
+    """The replacement of a killed rank is killed too while it joins: one recovery, the
+    run completes with every step trained once and the same losses."""
+    proc = runs.start_tiny(tmp_path / "runs", "d", *inproc("wait"), cwd=tmp_path)
+    run = tmp_path / "runs" / "d"
+    inject_after_step(run, 8)
+    first = rank_pid(run, 1)
+    os.kill(first, signal.SIGKILL)
+    replacement = runs.wait_for(lambda: [e["pid"] for e in inproc_events_files(run, "rank_restart")], 60, "a restart")
+    os.kill(replacement[0], signal.SIGKILL)
+    finish(proc, run)
+    assert_trained_once_like(run, reference)
+    assert len(inproc_events(run, "rank_restart")) == 2
+    recoveries = status_json(run)["inproc_recoveries"]
+    assert [(r["path"], r["finished"]) for r in recoveries] == [("fast", True)]
+
+
+def test_rank0_killed_while_saving_every_step(tmp_path: Path, reference: dict[int, float]) -> None:
+    """Rank 0 writes every checkpoint alone; killed while it saves (a save every step),
+    it leaves at most a partial temporary folder, never a checkpoint without its marker,
+    and the replacement on its slot goes on saving."""
+    proc = runs.start_tiny(tmp_path / "runs", "k", *inproc("wait", "--set", "train.save_iters=1"), cwd=tmp_path)
+    run = tmp_path / "runs" / "k"
+    inject_after_step(run, 8)
+    os.kill(rank_pid(run, 0), signal.SIGKILL)
+    finish(proc, run)
+    steps = sorted(runs.losses(run))
+    assert steps == list(range(1, STEPS + 1))
+    got = runs.losses(run)
+    assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
+    assert (run / "checkpoints" / "latest").read_text().strip() == str(STEPS)
+    for folder in (run / "checkpoints").iterdir():
+        if folder.is_dir() and folder.name.isdigit():
+            assert (folder / "COMPLETE").exists(), f"{folder} has no COMPLETE marker"
+
+
+def inproc_events_files(run: Path, name: str) -> list[dict]:
+    """Events straight from the run's events files (before the supervisor imports them)."""
+    found = []
+    for path in (run / "events" / "inproc").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+    return sorted(found, key=lambda record: record["t"])
