@@ -178,6 +178,9 @@ class InprocTrainer(Trainer):
         self.gen = generation
         self.generation = generation.number
         self.ctx = dataclasses.replace(self.ctx, rank=generation.rank, world_size=generation.world_size)
+        # The backend wrapped the model alone (no DDP); from here it only asks whether this
+        # rank is the one that copies the replicated weights out for a checkpoint.
+        self.backend.ctx = self.ctx  # type: ignore[attr-defined]
         mine = list(range(generation.rank, self.total_slots, generation.world_size))
         self.slots.assign(mine, self.slot_states)
         if (generation.rank == 0) != self.logger.enabled:  # rank 0 of each generation logs, nobody else

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-LOST_SIGNS = frozenset({"gone", "rank_exit"})  # the only records lost_nodes reads
+LOST_SIGNS = frozenset({"arrived", "gone", "rank_exit"})  # the only records lost_nodes reads
 GRACE_S = 3.0  # a live agent reports its rank's exit within a poll (0.1 s); this is ample
 
 
@@ -25,6 +25,7 @@ class LostNode:
     node_rank: int
     uid: str  # the trainer process reported gone
     since: float  # when it was first reported gone
+    joined: float  # when that process first asked to join: the job hosting it started before
 
 
 def parse_trainer_uid(uid: str) -> tuple[int, int, int] | None:
@@ -43,10 +44,14 @@ def lost_nodes(records: Iterable[Mapping[str, Any]], now: float, grace_s: float 
     """Nodes with a rank reported gone at least `grace_s` ago whose agent never reported
     that rank's exit; one entry per node, its earliest such report."""
     gone: dict[str, float] = {}
+    joined: dict[str, float] = {}
     exited: set[tuple[int, int]] = set()
     for record in records:
         event = record.get("event")
-        if event == "gone":
+        if event == "arrived" and isinstance(record.get("uid"), str):
+            when = float(record.get("t") or 0.0)
+            joined[record["uid"]] = min(when, joined.get(record["uid"], when))
+        elif event == "gone":
             for uid in record.get("uids") or []:
                 when = float(record.get("t") or 0.0)
                 gone[str(uid)] = min(when, gone.get(str(uid), when))
@@ -61,5 +66,5 @@ def lost_nodes(records: Iterable[Mapping[str, Any]], now: float, grace_s: float 
         if (node, pid) in exited:
             continue
         if node not in found or since < found[node].since:
-            found[node] = LostNode(node, uid, since)
+            found[node] = LostNode(node, uid, since, joined.get(uid, since))
     return sorted(found.values(), key=lambda lost: lost.node_rank)

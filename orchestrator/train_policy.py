@@ -431,8 +431,8 @@ class TrainPolicy:
             row = rows.get(lost.node_rank)
             if row is None or not row.live or not row.job_id or row.id in self.silent_cancelled:
                 continue
-            if (row.submitted_at or 0.0) > lost.since:
-                continue  # a replacement submitted after the report: not the lost one
+            if row.started_at is None or row.started_at > lost.joined:
+                continue  # started after the lost process joined: a replacement, not its host
             self.silent_cancelled.add(row.id)
             self.interval = self.base_interval
             self.store.event(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fm9g.orchestrator.state import StageStatus
 from tests.helpers import runs
@@ -202,6 +203,9 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     assert_trained_once_like(run, reference)
     received = [e for e in inproc_events(run, "synced") if e["received"]]
     assert [e["node_rank"] for e in received] == [spare], "the spare was promoted"
+    # Whichever process was rank 0 saved; its checkpoint holds the whole (replicated) model.
+    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
+    assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
     assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
     assert inproc_events(run, "session_closed"), "the last spare left when training ended"
@@ -238,6 +242,9 @@ def test_rank0_killed_while_saving_every_step(tmp_path: Path, reference: dict[in
     got = runs.losses(run)
     assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
     assert (run / "checkpoints" / "latest").read_text().strip() == str(STEPS)
+    # The last saver was the replacement on rank 0's slot: its checkpoint holds the weights.
+    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
+    assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)
     for folder in (run / "checkpoints").iterdir():
         if folder.is_dir() and folder.name.isdigit():
             assert (folder / "COMPLETE").exists(), f"{folder} has no COMPLETE marker"
