@@ -200,10 +200,7 @@ class InprocTrainer(Trainer):
     def train(self) -> Outcome:
         assert self.membership is not None
         cfg = self.cfg
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.saved_step = self.start_step
-        self._heartbeat()
+        self.open_session()
         session_steps = 0
         while not (cfg.stop_when_end and self.progress.step >= cfg.train_iters):
             started = time.perf_counter()

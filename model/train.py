@@ -409,10 +409,7 @@ class Trainer:
         """Run steps until train_iters (or the data's end), checkpoint-now, or the session limit."""
         cfg = self.cfg
         data = iter(self.loader)
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.saved_step = self.start_step
-        self._heartbeat()
+        self.open_session()
         session_steps = 0
         while not (cfg.stop_when_end and self.progress.step >= cfg.train_iters):
             started = time.perf_counter()
@@ -441,6 +438,13 @@ class Trainer:
             self.save(blocking=True)
         self.checkpointer.finish()
         return "done"
+
+    def open_session(self) -> None:
+        """Before the first step of this process: nothing logged or saved yet, a first heartbeat."""
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.saved_step = self.start_step
+        self._heartbeat()
 
     def _stop(self, outcome: Outcome) -> Outcome:
         if not self.cfg.only_run_dataloader and self.saved_step != self.progress.step:

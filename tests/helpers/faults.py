@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers.runs import REPO, LiveJob, live_jobs, start_tiny
+from tests.helpers.runs import REPO, LiveJob, live_jobs, losses, start_tiny
 
 CLUSTER = REPO / "tests" / "cluster"
 
@@ -52,6 +52,16 @@ def start_run(root: Path, name: str, *extra: str, reuse: Path | None = None) -> 
     return start_tiny(
         root, name, *RUN_ARGS, *shared, *extra, executor="slurm", log=root / f"{name}.supervisor.log", new_session=True
     )
+
+
+def reference_curve(root: Path, *extra: str, steps: int = 36) -> dict[int, float]:
+    """Run the scenarios' run uninterrupted as `root/reference` (with `extra` settings) and
+    return its loss per step; the fault scenarios reuse its indexes and tokenizer."""
+    proc = start_run(root, "reference", *extra)
+    assert proc.wait(timeout=900) == 0, (root / "reference.supervisor.log").read_text()[-3000:]
+    curve = losses(root / "reference")
+    assert sorted(curve) == list(range(1, steps + 1))
+    return curve
 
 
 def job_of(run: Path, role: str) -> LiveJob:

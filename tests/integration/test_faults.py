@@ -33,11 +33,7 @@ def root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def reference(root: Path) -> dict[int, float]:
-    proc = faults.start_run(root, "reference")
-    assert proc.wait(timeout=900) == 0, (root / "reference.supervisor.log").read_text()[-3000:]
-    curve = runs.losses(root / "reference")
-    assert sorted(curve) == list(range(1, 37))
-    return curve
+    return faults.reference_curve(root)
 
 
 def finish(proc: subprocess.Popen[str], root: Path, name: str, timeout: float = 900) -> None:

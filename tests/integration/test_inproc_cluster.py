@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fm9g.orchestrator.state import StageStatus
 from tests.helpers import faults, runs
@@ -37,11 +38,7 @@ def root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def reference(root: Path) -> dict[int, float]:
-    proc = faults.start_run(root, "reference", *policy("wait"))
-    assert proc.wait(timeout=900) == 0, (root / "reference.supervisor.log").read_text()[-3000:]
-    curve = runs.losses(root / "reference")
-    assert sorted(curve) == list(range(1, STEPS + 1))
-    return curve
+    return faults.reference_curve(root, *policy("wait"), steps=STEPS)
 
 
 def start(root: Path, name: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
@@ -151,3 +148,67 @@ def test_supervisor_killed_during_a_recovery(root: Path, reference: dict[int, fl
     check_curve(run, reference)
     assert len(trainers_of(run, 0)) == 1, "the master's trainer kept its process throughout"
     assert [(s.role, s.node_rank) for s in runs.submissions(run) if s.attempt > 1] == [("worker", 1)]
+
+
+def trainer_pid(run: Path, node_rank: int) -> int:
+    """The pid of node `node_rank`'s newest trainer process (its events file is named by it)."""
+    files = sorted((run / "events" / "inproc").glob(f"n{node_rank}r0p*.jsonl"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no trainer of node {node_rank} has written events yet"
+    return int(files[-1].stem.rsplit("p", 1)[1])
+
+
+def test_wait_two_faults_inside_one_recovery(root: Path, reference: dict[int, float]) -> None:
+    """The worker's trainer is killed, then its replacement too while it joins: the agent
+    restarts the rank each time, alone; the master's trainer waits throughout."""
+    proc, run = start(root, "two_faults", *policy("wait"))
+    os.kill(trainer_pid(run, 1), signal.SIGKILL)
+    first = trainer_pid(run, 1)
+    runs.wait_for(lambda: trainer_pid(run, 1) != first, 60, "the restarted rank")
+    os.kill(trainer_pid(run, 1), signal.SIGKILL)
+    finish(proc, root, "two_faults")
+    check_curve(run, reference)
+    assert len(trainers_of(run, 0)) == 1
+    assert runs.failures(run) == [], "no job failed: the agent restarted the rank twice"
+    recoveries = runs.events(run, "inproc")
+    assert len([e for e in recoveries if e.data.get("event") == "rank_restart"]) == 2
+
+
+def test_shrink_hung_rank(root: Path, reference: dict[int, float]) -> None:
+    """SIGSTOP of the worker's trainer: declared hung after inproc_hang_timeout and killed
+    by its own agent, which starts it again; the master went on alone meanwhile."""
+    proc, run = start(root, "hang", *policy("shrink"))
+    hung = trainer_pid(run, 1)
+    os.kill(hung, signal.SIGSTOP)
+    finish(proc, root, "hang")
+    check_curve(run, reference)
+    assert [e["pid"] for e in inproc(run, "killed_lost")] == [hung]
+    assert len(trainers_of(run, 0)) == 1
+
+
+def test_shrink_node_crash_without_a_spare(root: Path, reference: dict[int, float]) -> None:
+    """The worker's node crashes (link down): the master gives up on it at the hang
+    timeout and trains on alone; the supervisor replaces the node on the in-band report."""
+    proc, run = start(root, "crash_shrink", *policy("shrink"))
+    crashed = faults.job_of(run, "worker")
+    try:
+        faults.crash_job(crashed)
+        finish(proc, root, "crash_shrink", timeout=1200)
+    finally:
+        faults.repair_nodes()
+    check_curve(run, reference)
+    assert len(trainers_of(run, 0)) == 1
+    assert [e.data["job_id"] for e in runs.events(run, "node_silent")] == [crashed.job_id]
+
+
+def test_wait_fault_during_a_checkpoint_save(root: Path, reference: dict[int, float]) -> None:
+    """A checkpoint every step, and the saver (rank 0, on the master) killed: no checkpoint
+    is ever left without its marker, and the replacement on its slot saves the rest."""
+    proc, run = start(root, "save_fault", *policy("wait", "--set", "train.save_iters=1"))
+    os.kill(trainer_pid(run, 0), signal.SIGKILL)
+    finish(proc, root, "save_fault")
+    check_curve(run, reference)
+    assert (run / "checkpoints" / "latest").read_text().strip() == str(STEPS)
+    complete = [p for p in (run / "checkpoints").iterdir() if p.is_dir() and p.name.isdigit()]
+    assert complete and all((p / "COMPLETE").exists() for p in complete)
+    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
+    assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)

@@ -36,19 +36,32 @@ COMMON = (
 )
 
 
+REFERENCE: Path | None = None  # the reference run: later runs take its indexes and tokenizer
+
+
 def inproc(policy: str, *extra: str) -> tuple[str, ...]:
-    return (*COMMON, "--set", f"supervise.on_node_loss={policy}", *extra)
+    shared: tuple[str, ...] = ()
+    if REFERENCE is not None:  # skipping the index and tokenizer jobs keeps each test short
+        shared = (
+            "--set",
+            f"data.dataset_config={REFERENCE / 'mixture.json'}",
+            "--set",
+            f"data.tokenizer_path={REFERENCE / 'tokenizer' / 'tokenizer.model'}",
+        )
+    return (*COMMON, "--set", f"supervise.on_node_loss={policy}", *shared, *extra)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """The uninterrupted run's loss per step (wait and shrink train the same slots)."""
+    global REFERENCE
     root = tmp_path_factory.mktemp("reference")
     result = runs.run_tiny(root / "runs", "ref", *inproc("wait"), cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     run = root / "runs" / "ref"
     assert [m["step"] for m in runs.metrics(run)] == list(range(1, STEPS + 1))
     assert {m["world_size"] for m in runs.metrics(run)} == {2}
+    REFERENCE = run
     return runs.losses(run)
 
 
@@ -209,45 +222,6 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
     assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
     assert inproc_events(run, "session_closed"), "the last spare left when training ended"
-
-
-def test_two_faults_inside_one_recovery(tmp_path: Path, reference: dict[int, float]) -> None:
-    """The replacement of a killed rank is killed too while it joins: one recovery, the
-    run completes with every step trained once and the same losses."""
-    proc = runs.start_tiny(tmp_path / "runs", "d", *inproc("wait"), cwd=tmp_path)
-    run = tmp_path / "runs" / "d"
-    inject_after_step(run, 8)
-    first = rank_pid(run, 1)
-    os.kill(first, signal.SIGKILL)
-    replacement = runs.wait_for(lambda: [e["pid"] for e in inproc_events_files(run, "rank_restart")], 60, "a restart")
-    os.kill(replacement[0], signal.SIGKILL)
-    finish(proc, run)
-    assert_trained_once_like(run, reference)
-    assert len(inproc_events(run, "rank_restart")) == 2
-    recoveries = status_json(run)["inproc_recoveries"]
-    assert [(r["path"], r["finished"]) for r in recoveries] == [("fast", True)]
-
-
-def test_rank0_killed_while_saving_every_step(tmp_path: Path, reference: dict[int, float]) -> None:
-    """Rank 0 writes every checkpoint alone; killed while it saves (a save every step),
-    it leaves at most a partial temporary folder, never a checkpoint without its marker,
-    and the replacement on its slot goes on saving."""
-    proc = runs.start_tiny(tmp_path / "runs", "k", *inproc("wait", "--set", "train.save_iters=1"), cwd=tmp_path)
-    run = tmp_path / "runs" / "k"
-    inject_after_step(run, 8)
-    os.kill(rank_pid(run, 0), signal.SIGKILL)
-    finish(proc, run)
-    steps = sorted(runs.losses(run))
-    assert steps == list(range(1, STEPS + 1))
-    got = runs.losses(run)
-    assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
-    assert (run / "checkpoints" / "latest").read_text().strip() == str(STEPS)
-    # The last saver was the replacement on rank 0's slot: its checkpoint holds the weights.
-    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
-    assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)
-    for folder in (run / "checkpoints").iterdir():
-        if folder.is_dir() and folder.name.isdigit():
-            assert (folder / "COMPLETE").exists(), f"{folder} has no COMPLETE marker"
 
 
 def inproc_events_files(run: Path, name: str) -> list[dict]:
