@@ -421,8 +421,8 @@ class TrainPolicy:
 
     def cancel_silent_nodes(self) -> None:
         """Cancel the job of a node its peers reported gone while its agent said nothing
-        (inproc_losses): the next poll sees the end and repairs it like any lost node,
-        long before Slurm would call it NODE_FAIL."""
+        (inproc_losses), and repair it at once like any lost node, long before Slurm
+        would call it NODE_FAIL."""
         records = [event.data for event in self.store.events(INPROC_KIND) if event.data.get("event") in LOST_SIGNS]
         if not records:
             return
@@ -447,7 +447,13 @@ class TrainPolicy:
                 since=lost.since,
             )
             self.say(f"node {lost.node_rank} (job {row.job_id}) went silent: replacing it")
-            self.executor.cancel([row.job_id])
+            # Ended now, not when Slurm confirms it: a job on a dead node stays RUNNING until
+            # the controller gives up on the node (SlurmdTimeout), and the survivors (under
+            # wait) are waiting for the replacement meanwhile.
+            self.tracker.cancel([row], reason="its ranks went silent")
+            ended = self.store.job(row.id)
+            if ended is not None:
+                self.on_end(ended)
 
     def run_until_done(self) -> StageStatus:
         """Start (or re-adopt) the nodes and tick until the stage ends; its final status."""
