@@ -65,6 +65,7 @@ class Heartbeat:
         self._watched: frozenset[str] = frozenset()
         self._seen: dict[str, tuple[bytes, float]] = {}  # uid -> (last counter, when it last moved)
         self._lost: set[str] = set()
+        self._to_declare: set[str] = set()  # asked by the main thread (declare)
         self._stop = threading.Event()
         store.set(Keys.identity(uid), json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         store.add(Keys.heartbeat(uid), 1)  # exists before any roster names this uid
@@ -92,6 +93,12 @@ class Heartbeat:
             quiet = {u for u, (_, moved) in self._seen.items() if now - moved >= threshold_s}
             return quiet | self._lost
 
+    def declare(self, uids: set[str]) -> None:
+        """Have the beat thread declare these peers lost at its next beat (the main thread
+        gave up waiting on them; their agents must kill them), even if no longer watched."""
+        with self._lock:
+            self._to_declare |= uids - self._lost
+
     def lost(self) -> set[str]:
         with self._lock:
             return set(self._lost)
@@ -113,6 +120,9 @@ class Heartbeat:
         self.store.add(Keys.heartbeat(self.uid), 1)
         with self._lock:
             watched = sorted(self._watched)
+            asked, self._to_declare = self._to_declare - self._lost, set()
+        for uid in sorted(asked):  # silent at least hang_timeout_s: that is why they were asked
+            self._declare(uid, self.hang_timeout_s)
         if not watched:
             return
         values = self.store.multi_get([*(Keys.heartbeat(u) for u in watched), Keys.LOST])

@@ -474,6 +474,7 @@ class Membership:
             silent = peers & self.heartbeat.silent(self.config.hang_timeout_s)
             if silent:
                 self._abandoned = work
+                self.heartbeat.declare(silent)  # their agents kill them: a hung rank must not linger
                 raise StepDiscarded(
                     f"collective abandoned: {sorted(silent)} silent for {self.config.hang_timeout_s:g}s (hang_timeout_s)"
                 )

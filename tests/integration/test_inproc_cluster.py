@@ -210,5 +210,5 @@ def test_wait_fault_during_a_checkpoint_save(root: Path, reference: dict[int, fl
     assert (run / "checkpoints" / "latest").read_text().strip() == str(STEPS)
     complete = [p for p in (run / "checkpoints").iterdir() if p.is_dir() and p.name.isdigit()]
     assert complete and all((p / "COMPLETE").exists() for p in complete)
-    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
+    (weights,) = (run / "checkpoints" / str(STEPS)).glob(f"*-{STEPS}.pt")
     assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)

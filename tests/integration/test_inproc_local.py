@@ -217,7 +217,7 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     received = [e for e in inproc_events(run, "synced") if e["received"]]
     assert [e["node_rank"] for e in received] == [spare], "the spare was promoted"
     # Whichever process was rank 0 saved; its checkpoint holds the whole (replicated) model.
-    (weights,) = (run / "checkpoints" / str(STEPS)).glob("*.pt")
+    (weights,) = (run / "checkpoints" / str(STEPS)).glob(f"*-{STEPS}.pt")
     assert "input_embedding.weight" in torch.load(weights, map_location="cpu", weights_only=False)
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
     assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
