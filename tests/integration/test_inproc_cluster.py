@@ -6,6 +6,7 @@ read back from state.db."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,27 @@ def trainers_of(run: Path, node_rank: int) -> set[str]:
     return {e["uid"] for e in inproc(run, "arrived") if e["node_rank"] == node_rank}
 
 
+def wait_for_spare(run: Path) -> int:
+    """The node rank of the job whose ranks wait as the spare, once they do: the third node
+    job may start, and import torch, well after the other two train."""
+    found = runs.wait_for(lambda: events_in_files(run, "spare"), 300, "a rank waiting as the spare")
+    return int(found[0]["node_rank"])
+
+
+def events_in_files(run: Path, name: str) -> list[dict]:
+    """Events straight from the run's events files (the supervisor imports them a tick later)."""
+    found = []
+    for path in (run / "events" / "inproc").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+    return sorted(found, key=lambda record: record["t"])
+
+
 def test_wait_scancel_worker(root: Path, reference: dict[int, float]) -> None:
     """The worker's job is cancelled: the master's trainer waits, warm, for the new job's
     rank, which gets the state from it; the master's process is never restarted."""
@@ -108,7 +130,7 @@ def test_wait_node_crash_with_a_spare(root: Path, reference: dict[int, float]) -
     and the supervisor cancels the dead node's job on the in-band report, without waiting
     for Slurm to call it NODE_FAIL."""
     proc, run = start(root, "crash_spare", *policy("wait", "--set", "cluster.spares=1"))
-    (spare,) = [e["node_rank"] for e in inproc(run, "spare")]
+    spare = wait_for_spare(run)
     member = min({1, 2} - {spare})
     crashed = next(job for job in runs.live_jobs(run) if job.node_rank == member)
     try:
@@ -124,7 +146,7 @@ def test_wait_node_crash_with_a_spare(root: Path, reference: dict[int, float]) -
 
 def test_spare_lost_while_idle_touches_nothing(root: Path, reference: dict[int, float]) -> None:
     proc, run = start(root, "spare_lost", *policy("wait", "--set", "cluster.spares=1"))
-    (spare,) = [e["node_rank"] for e in inproc(run, "spare")]
+    spare = wait_for_spare(run)
     job = next(job for job in runs.live_jobs(run) if job.node_rank == spare)
     subprocess.run(["scancel", job.job_id], check=True)
     finish(proc, root, "spare_lost")

@@ -134,21 +134,6 @@ def test_wait_killed_rank_is_replaced_alone_and_the_curve_is_unchanged(
     assert [(r["policy"], r["path"], r["steps_lost"], r["finished"]) for r in recoveries] == [("wait", "fast", 1, True)]
 
 
-def test_shrink_hung_rank_is_killed_by_its_agent(tmp_path: Path, reference: dict[int, float]) -> None:
-    proc = runs.start_tiny(tmp_path / "runs", "s", *inproc("shrink"), cwd=tmp_path)
-    run = tmp_path / "runs" / "s"
-    inject_after_step(run, 8)
-    hung = rank_pid(run, 1)
-    os.kill(hung, signal.SIGSTOP)
-    finish(proc, run)
-    assert_trained_once_like(run, reference)
-    killed = inproc_events(run, "killed_lost")
-    assert [(e["node_rank"], e["pid"]) for e in killed] == [(1, hung)]
-    # The global batch never changed, whatever the world size was.
-    assert {m["global_batch"] for m in runs.metrics(run)} == {runs.metrics(run)[0]["global_batch"]}
-    assert [r["path"] for r in status_json(run)["inproc_recoveries"]] == ["fast"]
-
-
 def test_store_loss_falls_back_to_the_disk_checkpoint(tmp_path: Path, reference: dict[int, float]) -> None:
     """The fast path forced to fail: the store job dies, every rank gives up in-process
     recovery, the agents restart their ranks from the last checkpoint, and the
@@ -168,27 +153,6 @@ def test_store_loss_falls_back_to_the_disk_checkpoint(tmp_path: Path, reference:
     assert [e.data["job_id"] for e in runs.events(run, "store_lost")]
     assert len(runs.events(run, "store_submitted")) == 2
     assert "fallback" in [r["path"] for r in status_json(run)["inproc_recoveries"]]
-
-
-def test_wait_frozen_node_is_cancelled_in_band_and_replaced(tmp_path: Path, reference: dict[int, float]) -> None:
-    """A node whose agent and ranks all stop answering (as with its link down): no socket
-    error reaches the survivor, Slurm would not notice for minutes.  The survivor abandons
-    the step at the hang timeout, reports the rank gone, and the supervisor cancels that
-    node's job and replaces it; the replacement gets the state from the survivor."""
-    proc = runs.start_tiny(
-        tmp_path / "runs", "z", *inproc("wait", "--set", "supervise.repair_local=true"), cwd=tmp_path
-    )
-    run = tmp_path / "runs" / "z"
-    inject_after_step(run, 8)
-    (agent,) = processes("fm9g.launchers.node_agent", "--node-rank 1", str(run))
-    os.killpg(os.getpgid(agent), signal.SIGSTOP)  # the agent, its starter and its rank
-    finish(proc, run)
-    assert_trained_once_like(run, reference)
-    silent = runs.events(run, "node_silent")
-    assert [e.data["node_rank"] for e in silent] == [1]
-    assert [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)][-1] == ("worker", 1, 2)
-    received = [e for e in inproc_events(run, "synced") if e["received"]]
-    assert [e["node_rank"] for e in received] == [1]
 
 
 def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: dict[int, float]) -> None:
