@@ -140,6 +140,17 @@ def repair_nodes() -> None:
     for namespace in namespaces:
         node = namespace.removeprefix("fm9g-")
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], capture_output=True)
+    # Until Slurm takes every node again: the next scenario may need all of them at once
+    # (a spare), and a node still DOWN would leave its job queued past the run's end.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all_nodes_usable():
+        time.sleep(1)
+
+
+def all_nodes_usable() -> bool:
+    """Every node responding and idle, allocated or mixed (sinfo), none down or drained."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.split()
+    return bool(out) and all(state in ("idle", "alloc", "mix") for state in out)
 
 
 def signal_walltime(run: Path) -> str:

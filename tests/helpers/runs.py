@@ -122,6 +122,21 @@ def metrics(run: Path) -> list[dict]:
     return records
 
 
+def inproc_lines(run: Path, name: str) -> list[dict]:
+    """In-process recovery events named `name`, straight from the run's events/inproc/
+    files (the supervisor imports them into state.db only on its next tick), oldest first."""
+    found = []
+    for path in (run / "events" / "inproc").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+    return sorted(found, key=lambda record: record["t"])
+
+
 def losses(run: Path) -> dict[int, float]:
     """Loss per step; a step logged twice (re-done after a failure) keeps its last value."""
     return {int(record["step"]): float(record["loss"]) for record in metrics(run)}

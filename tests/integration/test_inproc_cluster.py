@@ -6,7 +6,6 @@ read back from state.db."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -79,22 +78,19 @@ def trainers_of(run: Path, node_rank: int) -> set[str]:
 def wait_for_spare(run: Path) -> int:
     """The node rank of the job whose ranks wait as the spare, once they do: the third node
     job may start, and import torch, well after the other two train."""
-    found = runs.wait_for(lambda: events_in_files(run, "spare"), 300, "a rank waiting as the spare")
+    found = runs.wait_for(lambda: runs.inproc_lines(run, "spare"), 300, "a rank waiting as the spare")
     return int(found[0]["node_rank"])
 
 
-def events_in_files(run: Path, name: str) -> list[dict]:
-    """Events straight from the run's events files (the supervisor imports them a tick later)."""
-    found = []
-    for path in (run / "events" / "inproc").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == name:
-                found.append(record)
-    return sorted(found, key=lambda record: record["t"])
+def test_spare_lost_while_idle_touches_nothing(root: Path, reference: dict[int, float]) -> None:
+    proc, run = start(root, "spare_lost", *policy("wait", "--set", "cluster.spares=1"))
+    spare = wait_for_spare(run)
+    job = next(job for job in runs.live_jobs(run) if job.node_rank == spare)
+    subprocess.run(["scancel", job.job_id], check=True)
+    finish(proc, root, "spare_lost")
+    check_curve(run, reference)
+    assert inproc(run, "detected") == [], "no member noticed: the spare was not in the group"
+    assert [s.node_rank for s in runs.submissions(run) if s.attempt > 1] == [spare]
 
 
 def test_wait_scancel_worker(root: Path, reference: dict[int, float]) -> None:
@@ -142,17 +138,6 @@ def test_wait_node_crash_with_a_spare(root: Path, reference: dict[int, float]) -
     received = [e for e in inproc(run, "synced") if e["received"]]
     assert [e["node_rank"] for e in received] == [spare], "the spare was promoted"
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [member]
-
-
-def test_spare_lost_while_idle_touches_nothing(root: Path, reference: dict[int, float]) -> None:
-    proc, run = start(root, "spare_lost", *policy("wait", "--set", "cluster.spares=1"))
-    spare = wait_for_spare(run)
-    job = next(job for job in runs.live_jobs(run) if job.node_rank == spare)
-    subprocess.run(["scancel", job.job_id], check=True)
-    finish(proc, root, "spare_lost")
-    check_curve(run, reference)
-    assert inproc(run, "detected") == [], "no member noticed: the spare was not in the group"
-    assert [s.node_rank for s in runs.submissions(run) if s.attempt > 1] == [spare]
 
 
 def test_supervisor_killed_during_a_recovery(root: Path, reference: dict[int, float]) -> None:

@@ -171,7 +171,7 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     )
     run = tmp_path / "runs" / "p"
     # Whichever two node jobs arrive first form the group; the third waits as the spare.
-    (spare,) = [e["node_rank"] for e in runs.wait_for(lambda: inproc_events_files(run, "spare"), 300, "a spare")]
+    (spare,) = [e["node_rank"] for e in runs.wait_for(lambda: runs.inproc_lines(run, "spare"), 300, "a spare")]
     inject_after_step(run, 3)
     frozen = min({1, 2} - {spare})
     (agent,) = processes("fm9g.launchers.node_agent", f"--node-rank {frozen}", str(run))
@@ -186,17 +186,3 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
     assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
     assert inproc_events(run, "session_closed"), "the last spare left when training ended"
-
-
-def inproc_events_files(run: Path, name: str) -> list[dict]:
-    """Events straight from the run's events files (before the supervisor imports them)."""
-    found = []
-    for path in (run / "events" / "inproc").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == name:
-                found.append(record)
-    return sorted(found, key=lambda record: record["t"])
