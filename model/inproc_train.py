@@ -79,7 +79,7 @@ class SlotLoaders:
         """Read `slots` from their committed positions (`states`; a missing one starts afresh)."""
         self.close()
         for slot in slots:
-            loader = self.trainer.build_slot_loader(slot, self.total)
+            loader = self.trainer.build_loader(slot, self.total)
             if states.get(slot) is not None:
                 loader.load_state_dict(states[slot])
             self.loaders[slot] = loader
@@ -125,14 +125,6 @@ class InprocTrainer(Trainer):
     # ------------------------------------------------------------------ set-up
     def _build_loader(self) -> Any:
         return None  # the slot loaders are built per generation (SlotLoaders)
-
-    def build_slot_loader(self, slot: int, total: int) -> Any:
-        view = dataclasses.replace(self.ctx, rank=slot, world_size=total)
-        saved, self.ctx = self.ctx, view
-        try:
-            return super()._build_loader()
-        finally:
-            self.ctx = saved
 
     def _load_data(self, source: Path) -> None:
         for slot in range(self.total_slots):

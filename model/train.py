@@ -104,7 +104,7 @@ class Trainer:
         )
         self.progress = Progress()
         self.updating = False  # True while the optimizer changes parameters (an OOM there cannot be skipped)
-        self.loader = self._build_loader()
+        self.loader = self._build_loader()  # this rank's share of the data
         self.peak, peak_note = peak_flops(ctx.device, self.cfg.peak_tflops)
         self.notes.append(peak_note)
         if ctx.device.type == "cuda":
@@ -165,6 +165,10 @@ class Trainer:
         return args
 
     def _build_loader(self) -> Any:
+        return self.build_loader(self.ctx.rank, self.ctx.world_size)
+
+    def build_loader(self, rank: int, world_size: int) -> Any:
+        """The loader of data share `rank` of `world_size` (the strided split every rank reads)."""
         from fm9g.data.loader import PackedLoader
         from fm9g.data.mixture import load_mixture
 
@@ -180,8 +184,8 @@ class Trainer:
             self.tokenizer,
             batch_size=self.cfg.batch_size,
             max_length=data.max_length,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
+            rank=rank,
+            world_size=world_size,
             seed=self.cfg.seed,
             sft=data.sft,
             oversize_rule=data.oversize_rule,
