@@ -29,8 +29,8 @@ from typing import Any
 
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.config import RunConfig
-from fm9g.rundir.inproc_events import EventWriter
-from fm9g.rundir.store_endpoint import read_store_endpoint
+from fm9g.rundir.inproc_events import EventWriter, trainer_uid
+from fm9g.rundir.store_endpoint import read_store_endpoint, session_namespace
 
 PRELOAD = ["torch", "torch._dynamo", "fm9g.model.inproc_train"]
 POLL_S = 0.1
@@ -86,7 +86,7 @@ class LocalRanks:
         )
         process.start()
         previous = self.ranks.get(local_rank)
-        rank = Rank(local_rank, process, f"n{self.node_rank}r{local_rank}p{process.pid}")
+        rank = Rank(local_rank, process, trainer_uid(self.node_rank, local_rank, process.pid))
         if previous is not None:
             rank.restarts, rank.exits = previous.restarts + 1, previous.exits
         self.ranks[local_rank] = rank
@@ -186,8 +186,8 @@ class LocalRanks:
             client = connect(endpoint.host, endpoint.port, timeout_s=5.0)
         except (dist.DistError, RuntimeError):
             return None
-        namespace = f"{protocol.slug(self.run.name)}-s{self.env.get(protocol.ENV_GENERATION, '0')}"
-        self._store = dist.PrefixStore(namespace + "/", client)  # as the ranks' session_namespace
+        namespace = session_namespace(self.run.name, self.env.get(protocol.ENV_GENERATION, "0"))
+        self._store = dist.PrefixStore(namespace + "/", client)  # scoped as the ranks scope theirs
         self._store_serial = endpoint.serial
         return self._store
 
@@ -202,7 +202,9 @@ def _describe(code: int) -> str:
 
 
 def rank_environment(base: dict[str, str], nproc: int) -> dict[str, str]:
-    """The environment every rank of this node starts with (the agent's, plus thread limits)."""
+    """The environment every rank of this node starts with (the agent's, plus thread limits).
+    Oversubscribed OpenMP threads spin against each other: on 2 cores, two trainers with 2
+    threads each ran 30x slower than with 1 each."""
     env = dict(base)
     if "OMP_NUM_THREADS" not in env:
         cpus = int(env.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)

@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from fm9g.launchers.inproc_ranks import LocalRanks
+from fm9g.launchers.inproc_ranks import LocalRanks, rank_environment
 from fm9g.launchers.torchrun import TorchrunProcess, TrainerCommand, torchrun_argv
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.atomic import write_json
@@ -155,12 +155,7 @@ class NodeAgent:
             trainer=TrainerCommand(TRAINER, ("--run-dir", str(self.run.root))),
             local_addr=os.environ.get("FM9G_HOST"),
         )
-        env = dict(os.environ)
-        if "OMP_NUM_THREADS" not in env:
-            # Oversubscribed OpenMP threads spin against each other: on 2 cores, two
-            # trainers with 2 threads each ran 30x slower than with 1 each.
-            cpus = int(env.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-            env["OMP_NUM_THREADS"] = str(max(1, cpus // self.nproc_per_node()))
+        env = rank_environment(dict(os.environ), self.nproc_per_node())
         env.update(
             {
                 protocol.ENV_RUN_DIR: str(self.run.root),
@@ -236,8 +231,6 @@ class NodeAgent:
     def run_inproc(self) -> int:
         """supervise.on_node_loss wait/shrink: this node's ranks, each restarted alone when it
         dies; no torchrun and no endpoint (the ranks meet in the run's store job)."""
-        from fm9g.launchers.inproc_ranks import rank_environment
-
         if self.run.done_flag.exists():
             self.log("the run is done; nothing to start")
             return protocol.EXIT_OK

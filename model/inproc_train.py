@@ -41,8 +41,8 @@ from fm9g.model.metrics import MetricsLogger
 from fm9g.model.train import Outcome, Trainer, fatal_exit, step_figures
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.config import RunConfig, load_resolved
-from fm9g.rundir.inproc_events import EventWriter
-from fm9g.rundir.store_endpoint import StoreEndpoint, read_store_endpoint
+from fm9g.rundir.inproc_events import EventWriter, trainer_uid
+from fm9g.rundir.store_endpoint import StoreEndpoint, read_store_endpoint, session_namespace
 
 ENV_LOCAL_RANK = "FM9G_LOCAL_RANK"
 ENV_LOCAL_WORLD = "FM9G_LOCAL_WORLD_SIZE"
@@ -354,12 +354,6 @@ class InprocTrainer(Trainer):
 # ---------------------------------------------------------------------- process entry
 
 
-def session_namespace(run: RunDir) -> str:
-    """The store key prefix of this session's ranks: the run, and the session number the
-    supervisor gave every node job of one (re)start (a continue starts a new session)."""
-    return f"{protocol.slug(run.name)}-s{int(os.environ.get(protocol.ENV_GENERATION, '0'))}"
-
-
 def wait_for_store(run: RunDir, timeout_s: float) -> tuple[StoreEndpoint, dist.TCPStore]:
     """The run's store job and a client of it; retried while the job (re)starts."""
     deadline = time.monotonic() + timeout_s
@@ -385,7 +379,7 @@ def run_inproc(run_dir: str | Path) -> int:
     node_rank = int(os.environ.get(protocol.ENV_NODE_RANK, "0"))
     local_rank = int(os.environ.get(ENV_LOCAL_RANK, "0"))
     local_world = int(os.environ.get(ENV_LOCAL_WORLD, "1"))
-    uid = f"n{node_rank}r{local_rank}p{os.getpid()}"
+    uid = trainer_uid(node_rank, local_rank, os.getpid())
     events = EventWriter(run.inproc_events, uid, node_rank=node_rank, local_rank=local_rank)
     cuda = use_cuda()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -395,7 +389,7 @@ def run_inproc(run_dir: str | Path) -> int:
     trainer: InprocTrainer | None = None
     try:
         endpoint, probe = wait_for_store(run, config.supervise.inproc_join_timeout)
-        namespace = session_namespace(run)
+        namespace = session_namespace(run.name, os.environ.get(protocol.ENV_GENERATION, "0"))
         # A group formed in this store before: this process replaces a lost rank (or is a
         # spare) and gets its state from a peer instead of reading the disk.
         scoped = dist.PrefixStore(namespace + "/", probe)  # as Membership scopes its keys

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fm9g.rundir.inproc_events import parse_trainer_uid
+
 LOST_SIGNS = frozenset({"arrived", "gone", "rank_exit"})  # the only records lost_nodes reads
 GRACE_S = 3.0  # a live agent reports its rank's exit within a poll (0.1 s); this is ample
 
@@ -26,18 +28,6 @@ class LostNode:
     uid: str  # the trainer process reported gone
     since: float  # when it was first reported gone
     joined: float  # when that process first asked to join: the job hosting it started before
-
-
-def parse_trainer_uid(uid: str) -> tuple[int, int, int] | None:
-    """(node rank, local rank, pid) of a trainer uid 'n<k>r<l>p<pid>', else None."""
-    if not uid.startswith("n") or "r" not in uid or "p" not in uid:
-        return None
-    try:
-        node, rest = uid[1:].split("r", 1)
-        local, pid = rest.split("p", 1)
-        return int(node), int(local), int(pid)
-    except ValueError:
-        return None
 
 
 def lost_nodes(records: Iterable[Mapping[str, Any]], now: float, grace_s: float = GRACE_S) -> list[LostNode]:

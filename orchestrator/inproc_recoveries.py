@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fm9g.rundir.inproc_events import trainer_uid
+
 # The state.db event kind of an imported record (orchestrator/inproc_import.py).
 INPROC_KIND = "inproc"
 # Events that open a recovery (rank_exit only with a nonzero code).
@@ -92,11 +94,6 @@ def _int(value: Any) -> int | None:
 def _time(record: Mapping[str, Any]) -> float:
     value = record.get("t")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def trainer_uid(node_rank: Any, local_rank: Any, pid: Any) -> str:
-    """The uid a trainer process writes its events under (n<node>r<local>p<pid>)."""
-    return f"n{node_rank}r{local_rank}p{pid}"
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from fm9g.orchestrator.failures import Failure, FailureClass, classify
 from fm9g.orchestrator.inproc_import import LOSS_EVENTS, import_inproc_events
@@ -139,6 +140,8 @@ class TrainPolicy:
         self.timeline = RecoveryTimeline(store, STAGE)
         self.hang_cancelled: set[int] = set()  # master job rows the hang watchdog cancelled
         self.silent_cancelled: set[int] = set()  # node job rows cancelled as silent (cancel_silent_nodes)
+        self.inproc_seen = 0  # the last `inproc` event id cancel_silent_nodes has read
+        self.loss_records: list[dict[str, Any]] = []  # its `arrived`, `gone` and `rank_exit` records so far
         # Allocations (cluster.start: together) whose end was paid for this tick: the
         # nodes of one allocation that ended together are one failure, not N.
         self.paid_allocations: set[str] = set()
@@ -423,7 +426,12 @@ class TrainPolicy:
         """Cancel the job of a node its peers reported gone while its agent said nothing
         (inproc_losses), and repair it at once like any lost node, long before Slurm
         would call it NODE_FAIL."""
-        records = [event.data for event in self.store.events(INPROC_KIND) if event.data.get("event") in LOST_SIGNS]
+        # Only the events imported since the last tick are read: the rest are kept here.
+        fresh = self.store.events(INPROC_KIND, since_id=self.inproc_seen)
+        if fresh:
+            self.inproc_seen = fresh[-1].id
+            self.loss_records += [event.data for event in fresh if event.data.get("event") in LOST_SIGNS]
+        records = self.loss_records
         if not records:
             return
         rows = self.latest_rows()

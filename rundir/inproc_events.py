@@ -20,6 +20,23 @@ from pathlib import Path
 from typing import Any
 
 
+def trainer_uid(node_rank: object, local_rank: object, pid: object) -> str:
+    """The uid a trainer process writes its events and joins its groups under."""
+    return f"n{node_rank}r{local_rank}p{pid}"
+
+
+def parse_trainer_uid(uid: str) -> tuple[int, int, int] | None:
+    """(node rank, local rank, pid) of a trainer uid 'n<k>r<l>p<pid>', else None."""
+    if not uid.startswith("n") or "r" not in uid or "p" not in uid:
+        return None
+    try:
+        node, rest = uid[1:].split("r", 1)
+        local, pid = rest.split("p", 1)
+        return int(node), int(local), int(pid)
+    except ValueError:
+        return None
+
+
 class EventWriter:
     """Appends one process's events; safe to call from several threads."""
 

@@ -25,6 +25,15 @@ class StoreEndpoint:
         return f"{self.host}:{self.port}"
 
 
+def session_namespace(run_name: str, session: int | str) -> str:
+    """The key prefix of one session's ranks in the store: the run, and the session number
+    the supervisor gives every node job of one (re)start (so a continue never meets an
+    earlier session's groups).  The trainers and the node agents both use it."""
+    from fm9g.rundir.protocol import slug
+
+    return f"{slug(run_name)}-s{int(session)}"
+
+
 def read_store_endpoint(path: Path) -> StoreEndpoint | None:
     """The published store, or None when there is none (or the file is unreadable)."""
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fm9g.orchestrator.inproc_losses import LostNode, lost_nodes, parse_trainer_uid
+from fm9g.orchestrator.inproc_losses import LostNode, lost_nodes
+from fm9g.rundir.inproc_events import parse_trainer_uid
 
 
 def gone(t: float, *uids: str) -> dict:
