@@ -240,12 +240,17 @@ class Ranks:
             process.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        """Kill every rank still running and forget them (the forkserver stays for the next test)."""
-        for process in self.processes:
-            if process.is_alive():
-                os.kill(process.pid or 0, signal.SIGKILL)
+        """Kill every rank still running and forget them (the forkserver stays for the next test).
+
+        `Process.kill` rather than `os.kill`: a rank's parent is the forkserver, which reaps it
+        the moment it exits, so its pid can vanish between `is_alive()` and the signal; the
+        list is cleared even if something raises, or the next test would index stale ranks."""
+        try:
+            for process in self.processes:
+                process.kill()
                 process.join(5)
-        self.processes.clear()
+        finally:
+            self.processes.clear()
 
 
 def wait_for(path: Path, predicate: Any, timeout_s: float = 60.0) -> list[dict[str, Any]]:
