@@ -75,13 +75,7 @@ class TorchBackend:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            policy = self.mixed_precision()
-            for layer in model.encoder.layers:
-                fully_shard(layer, **policy)
-            fully_shard(model, **policy)
-            self.model = model
+            self.model = self.shard(model)
         elif self.ctx.world_size == 1:
             # Nothing to all-reduce with one rank; DDP would only add its reducer (and its
             # unrecoverable state after an OOM, see can_skip_a_batch).
@@ -93,6 +87,16 @@ class TorchBackend:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
             self.ddp = True
         return self.model
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 over the default process group: each layer, then the root (embedding, norm, head)."""
+        from torch.distributed.fsdp import fully_shard
+
+        policy = self.mixed_precision()
+        for layer in model.encoder.layers:
+            fully_shard(layer, **policy)
+        fully_shard(model, **policy)
+        return model
 
     def mixed_precision(self) -> dict[str, Any]:
         """FSDP2's `mp_policy` for bf16 runs: bf16 all-gathers and compute, fp32 gradient reduction.
@@ -170,7 +174,7 @@ class TorchBackend:
                     for name, value in entry.items():
                         if value.dim() > 0:
                             entry[name] = DTensor.from_local(
-                                value.to(param.device),
+                                local_rows(value, param).to(param.device),
                                 param.device_mesh,
                                 param.placements,
                                 shape=param.shape,
@@ -197,6 +201,18 @@ def make_backend(
 
         return BMTrainBackend(ctx, use_checkpoint=use_checkpoint, bf16=bf16, offload=offload)
     return TorchBackend(ctx, fsdp, bf16=bf16)
+
+
+def local_rows(value: torch.Tensor, param: Any) -> torch.Tensor:
+    """This rank's rows of an optimizer moment saved whole (a DDP or in-process checkpoint),
+    cut as FSDP2 cut its parameter; a moment saved as a shard passes through."""
+    local = param.to_local()
+    if tuple(value.shape) == tuple(param.shape) and tuple(local.shape) != tuple(param.shape):
+        mesh = param.device_mesh
+        per = -(-value.shape[0] // mesh.size())
+        start = min(mesh.get_local_rank() * per, value.shape[0])
+        return value[start : start + per]
+    return value
 
 
 def global_norm(norm: torch.Tensor) -> float:

@@ -143,15 +143,19 @@ class Membership:
         on_event: EventSink | None = None,
         on_lost: Callable[[LostRecord], None] | None = None,
         rank_hint: int | None = None,
+        regroup: Callable[[Generation], int] | None = None,
     ) -> None:
         """`applied`: the steps this rank's state already holds (0 for a fresh model built
         from the shared seed, the step of a loaded checkpoint), or None for a replacement
         that must receive its state from a peer.  `rank_hint`: the rank this process would
-        like in its first generation (torchrun's RANK), granted when free."""
+        like in its first generation (torchrun's RANK), granted when free.  `regroup`: for
+        state that is sharded over the ranks (FSDP2), a collective every member runs after
+        each formation instead of the one-source broadcast; it returns the restored step."""
         self.uid, self.config, self.state = check_uid(uid), config.validate(), state
         self.device = device or torch.device("cpu")
         self.applied = -1 if applied is None else applied
         self.on_event = on_event
+        self.regroup = regroup
         self.rules = Rules(config.policy, config.world_size, config.min_world_size, config.settle_s)
         self.endpoint = f"{host}:{port}"
         timeout_s = max(config.join_timeout_s, config.collective_timeout_s)
@@ -201,6 +205,19 @@ class Membership:
         at its next commit.  Returns the announced number."""
         current = int(self.store.get(Keys.GEN))
         return self._announce(current + 1)
+
+    def watch(self, work: dist.Work) -> bool:
+        """Between steps, after a commit: wait for a collective the caller started with
+        async_op=True (sharded state's peer snapshot).  False when it failed or a peer
+        went silent: nothing committed is lost, and the next step() re-forms first."""
+        assert self.generation is not None
+        try:
+            self._await_work(work, self.generation)
+            return True
+        except StepDiscarded as error:
+            self._pending = str(error)
+            self._emit("detected", gen=self.generation.number, applied=self.applied, reason=str(error)[:300])
+            return False
 
     def close_session(self) -> None:
         """Tell every rank still waiting to be admitted that training is over."""
@@ -352,6 +369,8 @@ class Membership:
         if decision.source is None:
             self._leave()
             raise NoLiveState(f"generation {gen}: no member holds training state; load the disk checkpoint")
+        if self.regroup is not None:
+            return self._regroup(Generation(gen, decision.members, rank, decision.source, True), t2)
         received = self.uid in decision.needs_state
         if decision.needs_state:
             try:
@@ -364,6 +383,28 @@ class Membership:
                 "synced", gen=gen, source=decision.source, received=received, sync_s=round(time.monotonic() - t2, 4)
             )
         return Generation(gen, decision.members, rank, decision.source, received)
+
+    def _regroup(self, generation: Generation, started: float) -> Generation | None:
+        """Sharded state: every member re-shards (shard_state.ShardedState.regroup)."""
+        assert self.regroup is not None
+        try:
+            self.applied = self.regroup(generation)
+        except NoLiveState:
+            self._leave()
+            raise
+        except Exception as error:  # a member lost mid-transfer: form again
+            self._leave()
+            self._emit("start_failed", gen=generation.number, reason=f"regroup: {error}"[:300])
+            return None
+        self._emit(
+            "synced",
+            gen=generation.number,
+            source="shards",
+            received=True,
+            step=self.applied,
+            sync_s=round(time.monotonic() - started, 4),
+        )
+        return generation
 
     def _sync_state(self, decision: Decision, receive: bool) -> None:
         src = decision.members.index(decision.source or "")

@@ -18,6 +18,11 @@ Gradients are summed with one all-reduce inside the step guard, not by DDP: DDP 
 its process group, which dies with every generation.  Checkpoints are written by the
 generation's rank 0 alone (the state is replicated), with one data file per slot, so a
 `restart` run reads them like its own.
+
+With `model.fsdp: true` the state is sharded instead (`shard_state.ShardedState`): FSDP2
+is applied per generation to a model rebuilt on the meta device, gradients are summed
+by FSDP2's reduce-scatter, peers keep host copies of each other's shards, and a
+checkpoint is assembled whole on rank 0 at the start of the step after a save step.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fm9g.model.attention import set_attention
 from fm9g.model.checkpoint import Checkpointer
 from fm9g.model.distributed import Dist, use_cuda
+from fm9g.model.dragonfly import build_model
 from fm9g.model.generation_rules import Keys
 from fm9g.model.generations import Generation, Membership, MembershipConfig, RecoveryFailed, SessionClosed, connect
 from fm9g.model.metrics import MetricsLogger
+from fm9g.model.shard_state import ShardedState
 from fm9g.model.train import Outcome, Trainer, fatal_exit, step_figures
 from fm9g.rundir import RunDir, protocol
 from fm9g.rundir.config import RunConfig, load_resolved
@@ -121,6 +129,11 @@ class InprocTrainer(Trainer):
         )
         self.gen: Generation | None = None
         self.membership: Membership | None = None
+        self.shards: ShardedState | None = None
+        if config.model.fsdp:
+            self.shards = ShardedState(self, ctx.local_world_size, config.supervise.snapshot_every)
+            # The whole model is held (and loaded) unsharded until the first generation shards it.
+            self.backend.fsdp = False  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ set-up
     def _build_loader(self) -> Any:
@@ -142,6 +155,8 @@ class InprocTrainer(Trainer):
         finally:
             self.cfg = self.cfg.model_copy(update={"resume_ckpt": saved})
         self.progress.origin = saved.strip()
+        if self.shards is not None:
+            self.shards.whole = False  # its freshly built weights are nobody's state
 
     # ------------------------------------------------------------------ PeerState
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +176,45 @@ class InprocTrainer(Trainer):
         self.slot_states = {int(slot): value for slot, value in state["slots"].items()}
         self.start_step = self.progress.step  # this process's first step is the peer's next
         self.saved_step = self.progress.step
+
+    # ------------------------------------------------------------------ ShardedState's side
+    def build_sharded_model(self) -> torch.nn.Module:
+        """A fresh model sharded by FSDP2 over this generation's group: built on the meta
+        device, only its shards allocated (uninitialised; `ShardedState.regroup` fills them)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        model = build_model(self.args, "meta")
+        model.encoder.checkpoint_layers = self.cfg.use_checkpoint
+        set_attention(model, self.raw_model.attention_kernel)
+        self.backend.shard(model)  # type: ignore[attr-defined]
+        model.to_empty(device=self.ctx.device)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # Sum over ranks, as the replicated path's all-reduce does (the loss is already
+                # divided by the global micro-batch count); force plain SUM, which gloo has.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    def install_sharded(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Train `model` from here on, with a new optimizer the scheduler drives."""
+        self.raw_model = self.model = model
+        self.backend.model = model  # type: ignore[attr-defined]
+        self.backend.fsdp = True  # type: ignore[attr-defined]
+        self.optimizer = self.backend.build_optimizer(
+            lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, scale_width=self.args.scale_width
+        )
+        self.scheduler.optimizer = self.optimizer
+        return self.optimizer
+
+    def load_small_state(self, small: dict[str, Any]) -> None:
+        """The replicated part of a restored state: schedule, progress, slot positions."""
+        had_state = self.shards is not None and (self.shards.whole or self.shards.layout is not None)
+        self.scheduler.load_state_dict(small["scheduler"])  # also sets the new optimizer's lr
+        self.progress.load_state_dict(small["progress"])
+        self.slot_states = {int(slot): value for slot, value in small["slots"].items()}
+        if not had_state:  # a replacement: its first step is the restored one's next
+            self.start_step = self.saved_step = self.progress.step
 
     # ------------------------------------------------------------------ generations
     def enter(self, generation: Generation) -> None:
@@ -197,17 +251,23 @@ class InprocTrainer(Trainer):
         while not (cfg.stop_when_end and self.progress.step >= cfg.train_iters):
             started = time.perf_counter()
             limit = bool(cfg.max_session_steps) and session_steps >= cfg.max_session_steps
+            whole: dict[str, Any] | None = None
             with self.membership.step() as guard:
                 self.enter(guard.generation)
+                whole = self.upkeep(guard)
                 stats, control = self.step(guard, limit)
             if guard.discarded is not None:
                 continue
+            if self.shards is not None:
+                self.shards.exchange(self.membership.watch)
+            if whole is not None:
+                self.save_whole(whole)
             ended, checkpoint_now, session_limit = control
             if ended:
                 break
             elapsed = time.perf_counter() - started
             self.checkpointer.finish()
-            if cfg.save and self.ctx.rank == 0 and self.progress.step % cfg.save_iters == 0:
+            if cfg.save and self.shards is None and self.ctx.rank == 0 and self.progress.step % cfg.save_iters == 0:
                 self.save()
             self._report(stats, elapsed)
             self._heartbeat()
@@ -218,39 +278,65 @@ class InprocTrainer(Trainer):
                 return self._stop("checkpoint_now")
             if session_limit:
                 return self._stop("session_limit")
-        if cfg.save and self.ctx.rank == 0 and self.saved_step != self.progress.step:
-            self.save(blocking=True)
+        self.save_last()
         self.checkpointer.finish()
         return "done"
 
+    def upkeep(self, guard: Any) -> dict[str, Any] | None:
+        """Sharded state, at the start of a step: the whole state for rank 0 to save when
+        the last step was a save step (a collective, so inside the guard)."""
+        if self.shards is None:
+            return None
+        step = self.progress.step
+        if self.cfg.save and step and step % self.cfg.save_iters == 0 and self.saved_step != step:
+            return self.shards.gather_whole(guard)
+        return None
+
+    def save_last(self, force: bool = False) -> None:
+        """The checkpoint of the last step, unless it is on disk already (or train.save is
+        off and nothing `force`s it: a stop before the end always checkpoints)."""
+        if not (self.cfg.save or force) or self.saved_step == self.progress.step:
+            return
+        if self.shards is None:
+            if self.ctx.rank == 0:
+                self.save(blocking=True)
+            return
+        assert self.membership is not None
+        while self.saved_step != self.progress.step:  # a collective: retried after a loss
+            with self.membership.step() as guard:
+                self.enter(guard.generation)
+                whole = self.shards.gather_whole(guard)
+                guard.commit()
+            if guard.discarded is None:
+                self.save_whole(whole, blocking=True)
+
     def step(self, guard: Any, limit: bool) -> tuple[dict[str, Any], tuple[bool, bool, bool]]:
-        """One step inside the guard: forward/backward over this rank's slots, the gradient
-        and figure all-reduces, every slot's position, the vote, then the update."""
+        """One step inside the guard: the stop flags, forward/backward over this rank's
+        slots, the summed gradients and figures, every slot's position, the vote, then the
+        update.  The flags go first: under FSDP2 a rank that skipped its backward would
+        leave its peers' reduce-scatters waiting."""
         per_slot = self.slots.next_batches(self.cfg.grad_accum)
         self.publish_slots(guard)
         ended = any(batches is None for batches in per_slot.values())
-        self.model.train()
-        self.backend.zero_grad()
-        n = len(self.slot_task_names())
-        sums = torch.zeros(3 * n + 3, dtype=torch.float64)
-        if not ended:
-            for batches in per_slot.values():
-                assert batches is not None
-                sums += self.forward_backward(batches, divisor=self.cfg.grad_accum * self.total_slots)
         flags = torch.tensor([float(ended), float(self.run.checkpoint_now_flag.exists()), float(limit)])
-        figures = guard.all_reduce(torch.cat([sums, flags.double()]))
-        control = tuple(bool(flag > 0) for flag in figures[-3:].tolist())
+        control = tuple(bool(flag > 0) for flag in guard.all_reduce(flags.double()).tolist())
         if control[0]:  # some rank's data ended: nobody applies anything
             guard.commit()
             return {}, control  # type: ignore[return-value]
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = guard.all_reduce(torch.cat([g.flatten() for g in grads]))
-        offset = 0
-        for p in params:
-            size = p.numel()
-            p.grad = flat[offset : offset + size].view_as(p).clone()
-            offset += size
+        self.model.train()
+        self.backend.zero_grad()
+        batches = [batch for slot in sorted(per_slot) for batch in per_slot[slot] or []]
+        divisor = self.cfg.grad_accum * self.total_slots
+        if self.shards is not None:
+            # Every rank runs as many micro-batches as the rank with the most slots (FSDP2's
+            # all-gathers pair up across ranks); the extra ones repeat a batch at weight 0.
+            most = -(-self.total_slots // guard.generation.world_size) * self.cfg.grad_accum
+            pad = most - len(batches)
+            sums = self.forward_backward(batches + batches[:pad], divisor=divisor, pad=pad)
+        else:
+            sums = self.forward_backward(batches, divisor=divisor)
+            self.all_reduce_gradients(guard)
+        figures = guard.all_reduce(sums)
         gathered = self.gather_slots(guard)
         grad_norm = self.backend.clip_grad_norm(self.cfg.clip_grad)
         guard.commit()
@@ -259,11 +345,22 @@ class InprocTrainer(Trainer):
         self.scheduler.step()
         self.progress.step += 1
         self.slot_states.update(gathered)
-        stats = step_figures(figures[:-3], self.slot_task_names(), 1, lr, grad_norm)
+        stats = step_figures(figures, self.slot_task_names(), 1, lr, grad_norm)
         self.progress.tokens_passed += stats["tokens"]
         for task, count in stats["task_tokens"].items():
             self.progress.task_tokens[task] = self.progress.task_tokens.get(task, 0) + count
         return stats, control  # type: ignore[return-value]
+
+    def all_reduce_gradients(self, guard: Any) -> None:
+        """Replicated state: sum every gradient over the generation with one all-reduce."""
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = guard.all_reduce(torch.cat([g.flatten() for g in grads]))
+        offset = 0
+        for p in params:
+            size = p.numel()
+            p.grad = flat[offset : offset + size].view_as(p).clone()
+            offset += size
 
     # Slot positions travel through the store, not a gloo gather: a gather cannot be
     # watched and abandoned like the guard's all-reduce.  Each rank writes its slots'
@@ -297,25 +394,59 @@ class InprocTrainer(Trainer):
         return self.total_slots * self.cfg.grad_accum * self.cfg.batch_size
 
     def save(self, blocking: bool | None = None) -> None:
-        """Not collective here: this rank writes every file, one data file per slot."""
-        step = self.progress.step
+        """Replicated state, not collective: this rank writes every file, one data file per slot."""
+        self.write_checkpoint(
+            self.progress.state_dict(),
+            self.backend.model_state(),
+            self.backend.optimizer_state(),
+            {"scheduler": self.scheduler.state_dict(), "slots": self.slot_states},
+            {"backend": self.backend.name, "world_size": self.total_slots},
+            blocking,
+        )
+
+    def save_whole(self, whole: dict[str, Any], blocking: bool | None = None) -> None:
+        """Sharded state, after `ShardedState.gather_whole` committed: rank 0 writes the
+        whole tensors, which any torch layout and world size can load."""
+        small = whole["small"]
+        if self.ctx.rank == 0:
+            slots = {int(slot): state for slot, state in small["slots"].items()}
+            self.write_checkpoint(
+                small["progress"],
+                whole["model"],
+                whole["optimizer"],
+                {"scheduler": small["scheduler"], "slots": slots},
+                {"backend": self.backend.name, "world_size": self.total_slots, "whole": True},
+                blocking,
+            )
+        self.saved_step = small["progress"]["step"]
+
+    def write_checkpoint(
+        self,
+        progress: dict[str, Any],
+        model: dict[str, torch.Tensor],
+        optimizer: dict[str, Any] | None,
+        replicated: dict[str, Any],
+        layout: dict[str, Any],
+        blocking: bool | None,
+    ) -> None:
+        step = progress["step"]
         self.checkpointer.save(
             step,
-            model=self.backend.model_state(),
-            optimizer=self.backend.optimizer_state(),
+            model=model,
+            optimizer=optimizer,
             data=None,
-            data_by_rank=dict(self.slot_states),
+            data_by_rank=dict(replicated["slots"]),
             trainer={
-                "progress": self.progress.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "progress": progress,
+                "scheduler": replicated["scheduler"],
                 "rng": [],
                 "world_size": self.total_slots,
-                "optimizer_layout": {"backend": self.backend.name, "world_size": self.total_slots},
+                "optimizer_layout": layout,
             },
             log={
                 "iteration": step,
-                "global_token_pass": self.progress.tokens_passed,
-                "global_total_task_token": self.progress.task_tokens,
+                "global_token_pass": progress["tokens_passed"],
+                "global_total_task_token": progress["task_tokens"],
             },
             config=self.args.to_json(),
             tokenizer=self.tokenizer,
@@ -324,8 +455,7 @@ class InprocTrainer(Trainer):
         self.saved_step = step
 
     def _stop(self, outcome: Outcome) -> Outcome:
-        if self.ctx.rank == 0 and self.saved_step != self.progress.step:
-            self.save(blocking=True)
+        self.save_last(force=True)
         self.checkpointer.finish()
         self.logger.say(f"{outcome}: checkpointed at step {self.progress.step}; exiting without DONE")
         return outcome
@@ -418,6 +548,7 @@ def run_inproc(run_dir: str | Path) -> int:
             device=device,
             on_event=events,
             rank_hint=ctx.rank,
+            regroup=trainer.shards.regroup if trainer.shards is not None else None,
         )
         outcome = trainer.train()
         trainer.finish(outcome)

@@ -278,15 +278,17 @@ class Trainer:
     def _check_optimizer_layout(self, source: Path, saved: dict[str, Any] | None) -> None:
         """Refuse optimizer files this backend and world size cannot use, before they fail obscurely.
 
-        DDP's state is replicated, so any world size can read it (rank % files); sharded states
-        (FSDP2, bmtrain) only fit the backend and world size that wrote them.
+        Whole tensors (DDP's replicated state, or an in-process run's, marked `whole`) fit any
+        torch layout at any world size: FSDP2 cuts its rows on load (`backends.local_rows`).
+        Sharded states (FSDP2, bmtrain) only fit the backend and world size that wrote them.
         """
         if saved is None:  # a checkpoint from before the layout was recorded, or a bare FM9G one
             return
+        if saved.get("whole") or saved["backend"] == "torch-ddp":
+            if self.backend.name.startswith("torch"):  # whole tensors: any torch layout cuts its own rows
+                return
         here = {"backend": self.backend.name, "world_size": self.ctx.world_size}
-        if saved["backend"] == here["backend"] and (
-            here["backend"] == "torch-ddp" or saved["world_size"] == here["world_size"]
-        ):
+        if saved["backend"] == here["backend"] and saved["world_size"] == here["world_size"]:
             return
         raise CheckpointError(
             f"{source}: its optimizer state was written by {saved['backend']} with {saved['world_size']} ranks and "
@@ -325,9 +327,10 @@ class Trainer:
         self.scheduler.step()
         return step_figures(self.ctx.all_reduce(sums), names, self.ctx.world_size, lr, grad_norm)
 
-    def forward_backward(self, batches: list[dict[str, Any]], divisor: int) -> torch.Tensor:
+    def forward_backward(self, batches: list[dict[str, Any]], divisor: int, pad: int = 0) -> torch.Tensor:
         """Forward and backward of each micro-batch, its mean loss divided by `divisor`; the
-        step's sums (loss, tokens, flops, per-task loss sums, counts and tokens), not reduced."""
+        step's sums (loss, tokens, flops, per-task loss sums, counts and tokens), not reduced.
+        The last `pad` batches only keep collectives paired: weight 0, left out of the sums."""
         names = list(batches[0]["task_names"])
         n = len(names)
         sums = torch.zeros(3 * n + 3, dtype=torch.float64)
@@ -348,7 +351,10 @@ class Trainer:
                 )  # targets come pre-shifted
                 trained = targets.flatten() != -100
                 loss = per_token.sum() / trained.sum().clamp(min=1)
-                self.backend.backward(loss / divisor)
+                padding = index >= len(batches) - pad
+                self.backend.backward(loss * 0.0 if padding else loss / divisor)
+            if padding:
+                continue
             tasks = batch["task_ids"].to(device).flatten().long()
             sums[0] += float(loss.detach()) / divisor
             sums[1] += int(batch["num_tokens"])

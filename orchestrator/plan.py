@@ -152,11 +152,6 @@ def check_recovery(config: RunConfig) -> None:
             "ZeRO-3 shards have no live copy on a peer): set model.backend: torch, "
             "or supervise.on_node_loss: restart"
         )
-    if config.model.fsdp:
-        raise ConfigError(
-            f"supervise.on_node_loss: {mode} with model.fsdp: true: FSDP2 shards have no live copy on a "
-            "peer yet: set model.fsdp: false or supervise.on_node_loss: restart"
-        )
     if config.cluster.start == "together":
         raise ConfigError(
             f"cluster.start: together is not supported with supervise.on_node_loss: {mode} yet: "

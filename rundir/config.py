@@ -374,14 +374,24 @@ class SuperviseConfig(Section):
             "their processes and wait, warm, for the replacement, which gets the state from a peer (the loss "
             "curve equals an uninterrupted run's). shrink: the survivors go on at once with fewer ranks, "
             "each taking over the lost ranks' data slots so the global batch stays the same, and grow back "
-            "when the replacement joins. wait and shrink need model.backend: torch without fsdp, and host "
-            "the run's store in a 1-CPU job of its own."
+            "when the replacement joins. wait and shrink need model.backend: torch (with fsdp, each rank's "
+            "shards are copied to a peer every supervise.snapshot_every steps), and host the run's store in "
+            "a 1-CPU job of its own."
         ),
     )
     inproc_hang_timeout: float = Field(
         10.0,
         gt=0,
         description="wait/shrink: seconds a rank's heartbeat may stay silent before it is declared hung and killed.",
+    )
+    snapshot_every: int = Field(
+        1,
+        ge=1,
+        description=(
+            "wait/shrink with model.fsdp: every this many steps each rank copies its parameter and Adam "
+            "shards to host memory and to a peer rank on the next node, so a lost node's shards survive. "
+            "Larger: less traffic per step, more steps retrained after a loss that strikes mid-copy."
+        ),
     )
     inproc_join_timeout: float = Field(
         300.0,

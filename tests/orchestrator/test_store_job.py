@@ -90,7 +90,6 @@ def test_the_store_script_quotes_a_hostile_run_dir(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "settings,field,fix",
     [
-        (["model.fsdp=true", WAIT], "model.fsdp", "set model.fsdp: false or supervise.on_node_loss: restart"),
         (["model.backend=bmtrain", "supervise.on_node_loss=shrink"], "model.backend", "set model.backend: torch"),
         (["cluster.spares=1"], "cluster.spares", "set cluster.spares: 0, or supervise.on_node_loss: wait"),
         (["cluster.start=together", WAIT], "cluster.start", "set cluster.start: separate"),
