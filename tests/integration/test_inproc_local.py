@@ -186,3 +186,64 @@ def test_wait_warm_spare_takes_a_frozen_nodes_place(tmp_path: Path, reference: d
     assert [e.data["node_rank"] for e in runs.events(run, "node_silent")] == [frozen]
     assert ("worker", frozen, 2) in [(s.role, s.node_rank, s.attempt) for s in runs.submissions(run)]
     assert inproc_events(run, "session_closed"), "the last spare left when training ended"
+
+
+def whole_shapes(run: Path, step: int) -> tuple[dict[str, tuple[int, ...]], list[tuple[int, ...]]]:
+    """The model's and the optimizer's exp_avg shapes in the checkpoint of `step`."""
+    (weights,) = (run / "checkpoints" / str(step)).glob(f"*-{step}.pt")
+    (optimizer,) = (run / "checkpoints" / str(step)).glob("*.rank-*.opt")
+    model = torch.load(weights, map_location="cpu", weights_only=False)
+    state = torch.load(optimizer, map_location="cpu", weights_only=False)["state"]
+    return {k: tuple(v.shape) for k, v in model.items()}, [tuple(s["exp_avg"].shape) for s in state.values()]
+
+
+def assert_same_curve_counting_rollbacks(run: Path, reference: dict[int, float]) -> list[dict]:
+    """Every step trained, with the reference's loss; a step logged twice only where a
+    re-shard said it rolled back (a loss that struck a peer copy mid-transfer)."""
+    steps = [m["step"] for m in runs.metrics(run)]
+    assert sorted(set(steps)) == list(range(1, STEPS + 1))
+    got = runs.losses(run)
+    assert max(abs(got[step] - reference[step]) for step in got) <= 1e-5
+    reshards = [e for e in inproc_events(run, "resharded") if e["gen"] > 0]
+    rolled = max([e["rolled_back"] or 0 for e in reshards] or [0])
+    assert len(steps) - STEPS <= rolled
+    return reshards
+
+
+def test_fsdp_wait_a_killed_ranks_shards_come_back_from_its_buddys_copy(
+    tmp_path: Path, reference: dict[int, float]
+) -> None:
+    """model.fsdp: no rank holds another's parameter or Adam shards.  The killed rank's
+    come back from the host copy its buddy on the other node kept, and the curve equals
+    the uninterrupted (unsharded) run's."""
+    proc = runs.start_tiny(tmp_path / "runs", "s", *inproc("wait", "--set", "model.fsdp=true"), cwd=tmp_path)
+    run = tmp_path / "runs" / "s"
+    inject_after_step(run, 8)
+    survivor = rank_pid(run, 0)
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    finish(proc, run)
+    reshards = assert_same_curve_counting_rollbacks(run, reference)
+    assert {(e["world_before"], e["world_after"], e["from_copies"]) for e in reshards} == {(2, 2, 1)}
+    assert {event["uid"] for event in inproc_events(run, "first_step")} == {f"n0r0p{survivor}"}
+    assert runs.failures(run) == []
+    # The checkpoints hold whole tensors (assembled from the shards), so any layout loads them.
+    model, moments = whole_shapes(run, STEPS)
+    assert sorted(moments) == sorted(model.values())
+
+
+def test_fsdp_shrink_reshards_onto_the_survivor_and_back(tmp_path: Path, reference: dict[int, float]) -> None:
+    """model.fsdp with shrink: node 1 freezes; the survivor takes all the shards (and both
+    data slots) at world size 1, then re-shards onto two ranks when node 1's replacement
+    job joins."""
+    extra = ("--set", "model.fsdp=true", "--set", "supervise.repair_local=true", "--set", "train.step_sleep=0.3")
+    proc = runs.start_tiny(tmp_path / "runs", "h", *inproc("shrink", *extra), cwd=tmp_path)
+    run = tmp_path / "runs" / "h"
+    inject_after_step(run, 5)
+    (agent,) = processes("fm9g.launchers.node_agent", "--node-rank 1", str(run))
+    os.killpg(os.getpgid(agent), signal.SIGSTOP)
+    finish(proc, run)
+    reshards = assert_same_curve_counting_rollbacks(run, reference)
+    moves = [(e["world_before"], e["world_after"]) for e in sorted(reshards, key=lambda e: e["gen"])]
+    assert moves[0] == (2, 1) and moves[-1] == (1, 2)
+    assert {m["world_size"] for m in runs.metrics(run)} == {1, 2}
+    assert {m["global_batch"] for m in runs.metrics(run)} == {runs.metrics(run)[0]["global_batch"]}
