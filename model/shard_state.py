@@ -115,20 +115,10 @@ class ShardedState:
 
     def live_pieces(self) -> dict[tuple[str, str], torch.Tensor]:
         """(parameter, kind) -> this rank's live rows (the whole tensor while unsharded)."""
-        out: dict[tuple[str, str], torch.Tensor] = {}
-        state = self.trainer.optimizer.state
-        for name, param in self.trainer.raw_model.named_parameters():
-            local = _local(param.detach())
-            out[(name, "param")] = local
-            moments = state.get(param, {})
-            for kind in KINDS[1:]:
-                value = moments.get(kind)
-                out[(name, kind)] = _local(value) if value is not None else torch.zeros_like(local)
-        return out
+        return live_pieces(self.trainer.raw_model, self.trainer.optimizer)
 
     def pack_live(self) -> torch.Tensor:
-        pieces = self.live_pieces()
-        return torch.cat([pieces[(name, kind)].reshape(-1) for name in self.shapes for kind in KINDS])
+        return pack(self.live_pieces(), list(self.shapes))
 
     # ------------------------------------------------------------------ snapshots
     def due(self) -> bool:
@@ -147,20 +137,15 @@ class ShardedState:
             return
         assert self.layout is not None
         step, world = self.trainer.progress.step, self.layout.world
-        flat = self.pack_live()
-        self._keep(self.own, Snapshot(self.layout, self.rank, step, flat.to("cpu", copy=True), self.small_state()))
+        flat = self.pack_live()  # a fresh tensor: on the CPU it is the host copy itself
+        self._keep(self.own, Snapshot(self.layout, self.rank, step, flat.to("cpu"), self.small_state()))
         buddy = buddy_of(self.rank, world, self.ranks_per_node)
         ward = ward_of(self.rank, world, self.ranks_per_node)
         if buddy is None or ward is None:
             return
         received = torch.empty(self.flat_numel(ward, world), dtype=flat.dtype, device=flat.device)
-        # One all-to-all in which each rank sends only to its buddy: gloo's point-to-point
-        # works cannot be polled (is_completed stays False until wait()), and a collective
-        # can, so a peer lost mid-transfer is noticed like in a step's collectives.
-        send_sizes, receive_sizes = [0] * world, [0] * world
-        send_sizes[buddy], receive_sizes[ward] = flat.numel(), received.numel()
         try:
-            work = dist.all_to_all_single(received, flat, receive_sizes, send_sizes, async_op=True)
+            work = send_to_buddy(flat, received, buddy, ward, world)
         except Exception:
             return  # the group is broken: the next step's collective fails and re-forms
         if watch(work):
@@ -309,6 +294,38 @@ class ShardedState:
             whole[start:end].copy_(rows[(name, kind)])
         dist.all_reduce(whole)
         return whole.cpu()
+
+
+def live_pieces(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[tuple[str, str], torch.Tensor]:
+    """(parameter, kind) -> this rank's rows of each parameter and its Adam moments (zeros
+    before the first step)."""
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        local = _local(param.detach())
+        out[(name, "param")] = local
+        moments = optimizer.state.get(param, {})
+        for kind in KINDS[1:]:
+            value = moments.get(kind)
+            out[(name, kind)] = _local(value) if value is not None else torch.zeros_like(local)
+    return out
+
+
+def pack(pieces: dict[tuple[str, str], torch.Tensor], names: list[str]) -> torch.Tensor:
+    """One flat tensor of `pieces`, KINDS per parameter in `names` order."""
+    return torch.cat([pieces[(name, kind)].reshape(-1) for name in names for kind in KINDS])
+
+
+def send_to_buddy(flat: torch.Tensor, received: torch.Tensor, buddy: int, ward: int, world: int) -> dist.Work:
+    """Start sending `flat` to `buddy` and receiving the ward's into `received`.
+
+    One all-to-all in which each rank sends only to its buddy: gloo's point-to-point works
+    cannot be polled (is_completed stays False until wait()), and a collective can, so a
+    peer lost mid-transfer is noticed like in a step's collectives."""
+    send_sizes, receive_sizes = [0] * world, [0] * world
+    send_sizes[buddy], receive_sizes[ward] = flat.numel(), received.numel()
+    work = dist.all_to_all_single(received, flat, receive_sizes, send_sizes, async_op=True)
+    assert work is not None
+    return work
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:

@@ -170,19 +170,31 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path: Path, corpus: dict[str, Path]) 
 
 
 def test_sharded_optimizer_state_is_refused_by_another_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
-    ddp = make_run(tmp_path / "ddp_state", corpus, train_iters=2, save_iters=2)
-    assert train.run(ddp.root) == 0
-    step2 = str(ddp.checkpoints / "2")
-    fsdp = make_run(tmp_path / "fsdp_from_ddp", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2)
-    assert train.run(fsdp.root) == protocol.EXIT_CONFIG
-    reason = json.loads((fsdp.control / "fatal.json").read_text())["reason"]
-    assert "written by torch-ddp with 1 ranks" in reason and "train.load_grad: false" in reason
+    fsdp = make_run(tmp_path / "fsdp_state", corpus, model={"fsdp": True}, train_iters=2, save_iters=2)
+    assert train.run(fsdp.root) == 0
+    step2 = str(fsdp.checkpoints / "2")
+    ddp = make_run(tmp_path / "ddp_from_fsdp", corpus, train_iters=4, resume_ckpt=step2)
+    assert train.run(ddp.root) == protocol.EXIT_CONFIG
+    reason = json.loads((ddp.control / "fatal.json").read_text())["reason"]
+    assert "written by torch-fsdp2 with 1 ranks" in reason and "train.load_grad: false" in reason
     # The fix the message names: weights, schedule position and data continue; Adam restarts.
-    weights = make_run(
-        tmp_path / "fsdp_weights", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=step2, load_grad=False
-    )
+    weights = make_run(tmp_path / "ddp_weights", corpus, train_iters=4, resume_ckpt=step2, load_grad=False)
     assert train.run(weights.root) == 0
     assert sorted(metrics(weights)) == [3, 4]
+
+
+def test_fsdp_resumes_whole_optimizer_state_from_a_ddp_checkpoint(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    """DDP's Adam moments are whole tensors: FSDP2 cuts its own rows of them, and the run
+    continues exactly as the DDP run that wrote them."""
+    ddp = make_run(tmp_path / "ddp", corpus, train_iters=4, save_iters=2)
+    assert train.run(ddp.root) == 0
+    fsdp = make_run(
+        tmp_path / "fsdp", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=str(ddp.checkpoints / "2")
+    )
+    assert train.run(fsdp.root) == 0
+    assert sorted(metrics(fsdp)) == [3, 4]
+    for step in (3, 4):
+        assert abs(metrics(fsdp)[step]["loss"] - metrics(ddp)[step]["loss"]) <= 1e-5
 
 
 def test_tensorboard_heartbeat_and_layout(tmp_path: Path, corpus: dict[str, Path]) -> None:
