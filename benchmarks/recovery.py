@@ -5,6 +5,9 @@ Modes (supervise.on_node_loss, cluster.spares):
   wait     in-process: the survivors wait, warm, for the replacement's rank
   shrink   in-process: the survivors go on at once with fewer ranks, then grow back
   spare    in-process, wait, plus one warm spare node job (cluster.spares: 1)
+  fsdp-restart, fsdp-wait, fsdp-shrink
+           the same with model.fsdp: true (not run by default; pass them in --modes,
+           fsdp-restart first: the others' ratio is against it)
 
 Faults: trainer (kill -9 of one trainer rank), worker / master (scancel of that node's
 job), hang (SIGSTOP of a trainer rank), crash (link down, then everything on the node
@@ -48,7 +51,12 @@ MODES = {
     "wait": ("--set", "supervise.on_node_loss=wait"),
     "shrink": ("--set", "supervise.on_node_loss=shrink"),
     "spare": ("--set", "supervise.on_node_loss=wait", "--set", "cluster.spares=1"),
+    # model.fsdp: the same, with the state sharded by FSDP2 (peer copies, re-sharding)
+    "fsdp-restart": ("--set", "model.fsdp=true"),
+    "fsdp-wait": ("--set", "supervise.on_node_loss=wait", "--set", "model.fsdp=true"),
+    "fsdp-shrink": ("--set", "supervise.on_node_loss=shrink", "--set", "model.fsdp=true"),
 }
+DEFAULT_MODES = "restart,wait,shrink,spare"
 INPROC = ("--set", f"supervise.inproc_hang_timeout={HANG_TIMEOUT:g}", "--set", "train.train_iters=60")
 
 
@@ -63,7 +71,7 @@ def member_job(run: Path, mode: str) -> runs.LiveJob:
 
 
 def trainer_pid(run: Path, mode: str, job: runs.LiveJob) -> int:
-    if mode == "restart":
+    if mode.endswith("restart"):
         return faults.trainer_pid(run, job.node_rank)
     files = sorted((run / "events" / "inproc").glob(f"n{job.node_rank}r0p*.jsonl"), key=lambda p: p.stat().st_mtime)
     return int(files[-1].stem.rsplit("p", 1)[1])
@@ -111,7 +119,8 @@ def measure(root: Path, mode: str, fault: str, index: int, reuse: Path | None) -
     name = f"{mode}-{fault}{index}"
     nodes = 2
     # today's path notices a hang only through the supervisor's watchdog (10 s at least)
-    watchdog = ("--set", "supervise.hang_timeout=15") if (mode, fault) == ("restart", "hang") else ()
+    restart = mode.endswith("restart")
+    watchdog = ("--set", "supervise.hang_timeout=15") if restart and fault == "hang" else ()
     proc = faults.start_run(root, name, "--nodes", str(nodes), *MODES[mode], *INPROC, *watchdog, reuse=reuse)
     run = root / name
     want = nodes + (1 if mode == "spare" else 0)
@@ -128,13 +137,13 @@ def measure(root: Path, mode: str, fault: str, index: int, reuse: Path | None) -
             faults.repair_nodes()
     proc.wait(timeout=900)
     after = next(int(m["step"]) for m in runs.metrics(run) if float(m["time"]) > fault_at + 0.05)
-    phases = inproc_phases(run, fault_at) if mode != "restart" else {}
+    phases = inproc_phases(run, fault_at) if not restart else {}
     return Result(float(recovered) - fault_at, before - after + 2, median_step_time(run, first=12), phases)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=DEFAULT_MODES)
     parser.add_argument("--faults", default="trainer,worker,master,hang,crash")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
@@ -154,7 +163,7 @@ def main() -> None:
                 total = statistics.median(r.total for r in results)
                 step = statistics.median(r.step for r in results)
                 lost = max(r.lost for r in results)
-                if mode == "restart":
+                if mode.endswith("restart"):
                     restart_totals[fault] = total
                 versus = f"{total / restart_totals[fault]:9.2f}" if fault in restart_totals else f"{'-':>9s}"
                 phases = results[len(results) // 2].phases
