@@ -235,7 +235,9 @@ def test_fsdp_shrink_reshards_onto_the_survivor_and_back(tmp_path: Path, referen
     """model.fsdp with shrink: node 1 freezes; the survivor takes all the shards (and both
     data slots) at world size 1, then re-shards onto two ranks when node 1's replacement
     job joins."""
-    extra = ("--set", "model.fsdp=true", "--set", "supervise.repair_local=true", "--set", "train.step_sleep=0.3")
+    # Slow steps (the losses do not depend on them): node 1's replacement job must join
+    # before training ends, even on a loaded machine.
+    extra = ("--set", "model.fsdp=true", "--set", "supervise.repair_local=true", "--set", "train.step_sleep=0.5")
     proc = runs.start_tiny(tmp_path / "runs", "h", *inproc("shrink", *extra), cwd=tmp_path)
     run = tmp_path / "runs" / "h"
     inject_after_step(run, 5)
