@@ -711,4 +711,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with gloo, a rank whose C++ threads were still being
+    # torn down at exit occasionally aborted ("terminate called without an active
+    # exception", exit -6) after a clean finish, and torchrun reported the whole group
+    # failed.  Everything this process writes is closed by now (the trainer's close,
+    # the checkpointer's finish); the in-process ranks leave the same way (os._exit in
+    # multiprocessing's child).
+    os._exit(code)
