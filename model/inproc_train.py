@@ -214,7 +214,8 @@ class InprocTrainer(Trainer):
         self.progress.load_state_dict(small["progress"])
         self.slot_states = {int(slot): value for slot, value in small["slots"].items()}
         if not had_state:  # a replacement: its first step is the restored one's next
-            self.start_step = self.saved_step = self.progress.step
+            self.start_step = self.progress.step
+        self.saved_step = small["saved_step"]
 
     # ------------------------------------------------------------------ generations
     def enter(self, generation: Generation) -> None:

@@ -62,6 +62,7 @@ class ShardedState:
         self.layout: Layout | None = None  # the live shards' layout; None while the whole state is held
         self.rank = 0
         self.whole = True  # the process holds the unsharded model it loaded (or built) at start
+        self.committed = False  # a step committed in the live layout (its shards are new state)
         self.own: list[Snapshot] = []
         self.wards: list[Snapshot] = []
 
@@ -83,6 +84,9 @@ class ShardedState:
             "progress": trainer.progress.state_dict(),
             "slots": {str(slot): state for slot, state in trainer.slot_states.items()},
             "adam_step": self.adam_step(),
+            # Which checkpoint is on disk decides a collective (the whole-state gather), so
+            # every rank must agree on it: a replacement takes it from here.
+            "saved_step": trainer.saved_step,
         }
 
     def adam_step(self) -> float:
@@ -133,6 +137,7 @@ class ShardedState:
         """Right after a commit: keep a host copy of this rank's shards and swap copies with
         the buddy and the ward.  `watch` (Membership.watch) waits for the transfer; a peer
         lost mid-transfer leaves the previous copies in place and the group re-forms."""
+        self.committed = True
         if not self.due():
             return
         assert self.layout is not None
@@ -203,8 +208,10 @@ class ShardedState:
         small = broadcast_state(source, plan.small_source, None, trainer.ctx.device)
         live = self.live_pieces()
         writes = self._pieces_for(plan, me, live)
-        if self.layout is not None and not self._held(self.own, self.layout, trainer.progress.step):
+        if self.committed and self.layout is not None and not self._held(self.own, self.layout, trainer.progress.step):
             # The old live shards stay restorable until the new generation has committed.
+            # A layout that never committed holds nothing its sources do not: keeping it
+            # would only push a useful copy out of the ring when re-forms repeat.
             old = self.pack_live().to("cpu", copy=True)
             self._keep(self.own, Snapshot(self.layout, self.rank, trainer.progress.step, old, self.small_state()))
         model = trainer.build_sharded_model()
@@ -243,7 +250,7 @@ class ShardedState:
                 "rolled_back": None if before is None else before - plan.step,
             },
         )
-        self.layout, self.rank, self.whole = layout, me, False
+        self.layout, self.rank, self.whole, self.committed = layout, me, False, False
         return plan.step
 
     def _held(self, ring: list[Snapshot], layout: Layout, step: int) -> bool:

@@ -216,7 +216,10 @@ def test_fsdp_wait_a_killed_ranks_shards_come_back_from_its_buddys_copy(
     """model.fsdp: no rank holds another's parameter or Adam shards.  The killed rank's
     come back from the host copy its buddy on the other node kept, and the curve equals
     the uninterrupted (unsharded) run's."""
-    proc = runs.start_tiny(tmp_path / "runs", "s", *inproc("wait", "--set", "model.fsdp=true"), cwd=tmp_path)
+    # A checkpoint every step: the replacement joins while the survivor owes the whole-state
+    # gather for the last step's checkpoint, a collective both must agree to run.
+    extra = ("--set", "model.fsdp=true", "--set", "train.save_iters=1")
+    proc = runs.start_tiny(tmp_path / "runs", "s", *inproc("wait", *extra), cwd=tmp_path)
     run = tmp_path / "runs" / "s"
     inject_after_step(run, 8)
     survivor = rank_pid(run, 0)
