@@ -206,12 +206,12 @@ def make_backend(
 def local_rows(value: torch.Tensor, param: Any) -> torch.Tensor:
     """This rank's rows of an optimizer moment saved whole (a DDP or in-process checkpoint),
     cut as FSDP2 cut its parameter; a moment saved as a shard passes through."""
+    from fm9g.model.shard_plan import chunk_rows
+
     local = param.to_local()
     if tuple(value.shape) == tuple(param.shape) and tuple(local.shape) != tuple(param.shape):
-        mesh = param.device_mesh
-        per = -(-value.shape[0] // mesh.size())
-        start = min(mesh.get_local_rank() * per, value.shape[0])
-        return value[start : start + per]
+        start, end = chunk_rows(value.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank())
+        return value[start:end]
     return value
 
 

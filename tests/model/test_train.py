@@ -352,6 +352,15 @@ def test_torchrun_two_processes(tmp_path: Path, corpus: dict[str, Path]) -> None
         assert abs(a[step]["loss"] - c[step]["loss"]) <= 1e-5, (step, a[step], c[step])
         assert abs(a[step]["grad_norm"] - c[step]["grad_norm"]) <= 1e-4 * a[step]["grad_norm"], (step, a[step], c[step])
 
+    # Two FSDP2 ranks resume DDP's whole Adam moments, each cutting its own rows of them.
+    resumed = make_run(
+        tmp_path / "fsdp2_from_ddp", corpus, model={"fsdp": True}, train_iters=4, resume_ckpt=str(run.checkpoints / "2")
+    )
+    _torchrun2(resumed)
+    d = metrics(resumed)
+    assert sorted(d) == [3, 4]
+    assert all(abs(a[step]["loss"] - d[step]["loss"]) <= 1e-5 for step in d), (a, d)
+
 
 def test_convert_a_trained_run(tmp_path: Path, corpus: dict[str, Path]) -> None:
     transformers = pytest.importorskip("transformers")
