@@ -39,6 +39,12 @@ def describe(record: Mapping[str, Any]) -> str:
     if event == "synced":
         how = f"from {record.get('source')}" if record.get("received") else "nothing to receive"
         return f"{uid}: synced{gen} ({how})"
+    if event == "resharded":
+        back = f", rolled back {record['rolled_back']}" if record.get("rolled_back") else ""
+        return (
+            f"{uid}: re-sharded{gen} at step {record.get('step', '?')} (world {record.get('world_before')} -> "
+            f"{record.get('world_after')}; {record.get('from_copies', 0)} shard(s) from peer copies{back})"
+        )
     if event == "detected":
         return f"{uid}: detected a loss at{gen} step {record.get('seq', '?')} ({record.get('reason', '')})"
     if event == "gone":

@@ -48,6 +48,7 @@ class InprocRecovery:
     path: str = "fast"  # or "fallback"
     lost_steps: set[tuple[int, int]] = field(default_factory=set)  # (gen, seq) of each discarded step
     lost: list[str] = field(default_factory=list)  # uids seen gone or exited, in order
+    rolled_back: int = 0  # committed steps trained again: sharded state restored from an older copy
 
     @property
     def finished(self) -> bool:
@@ -55,7 +56,7 @@ class InprocRecovery:
 
     @property
     def steps_lost(self) -> int:
-        return len(self.lost_steps)
+        return len(self.lost_steps) + self.rolled_back
 
     @property
     def total_s(self) -> float | None:
@@ -104,6 +105,7 @@ class _Generation:
     synced: float | None = None  # the latest member's `synced` that received state
     first_step: float | None = None  # the earliest member's `first_step`
     world_size: int | None = None
+    rolled_back: int = 0  # the most steps a member's `resharded` rolled back
 
 
 def _generations(records: list[Mapping[str, Any]]) -> dict[int, _Generation]:
@@ -122,6 +124,8 @@ def _generations(records: list[Mapping[str, Any]]) -> dict[int, _Generation]:
             info.synced = t if info.synced is None else max(info.synced, t)
         elif event == "first_step":
             info.first_step = t if info.first_step is None else min(info.first_step, t)
+        elif event == "resharded":
+            info.rolled_back = max(info.rolled_back, _int(record.get("rolled_back")) or 0)
     return gens
 
 
@@ -180,6 +184,7 @@ def _settle(recovery: InprocRecovery, gens: Mapping[int, _Generation], newest: i
     recovery.world_after = info.world_size
     recovery.re_formed = info.formed
     recovery.state_synced = info.synced
+    recovery.rolled_back = info.rolled_back
 
 
 def inproc_recoveries(records: Iterable[Mapping[str, Any]], policy: str) -> list[InprocRecovery]:

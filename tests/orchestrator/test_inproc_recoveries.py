@@ -156,3 +156,20 @@ def test_records_are_ordered_by_time_not_by_file() -> None:
     )
     [recovery] = inproc_recoveries(by_file, "shrink")
     assert recovery.detected == 10.0 and recovery.finished
+
+
+def test_a_sharded_restore_from_an_older_copy_counts_the_rolled_back_steps() -> None:
+    """FSDP2 state: a loss during a peer copy leaves the previous copy, one step older; the
+    step trained again counts as lost beside the discarded one."""
+    survivor, replacement = "n0r0p10", "n1r0p99"
+    records = [
+        *formation(2, 0.0, MEMBERS[:2]),
+        ev("detected", 30.0, survivor, gen=2, applied=12, reason="snapshot copy failed"),
+        ev("detected", 30.4, survivor, gen=2, seq=13, applied=12, reason="peer"),
+        *formation(3, 31.0, [survivor, replacement], stepped=32.0),
+        ev("resharded", 31.5, survivor, gen=3, step=11, world_before=2, world_after=2, rolled_back=1),
+        ev("resharded", 31.5, replacement, gen=3, step=11, world_before=2, world_after=2, rolled_back=None),
+    ]
+    [recovery] = inproc_recoveries(records, "wait")
+    assert recovery.steps_lost == 2 and recovery.rolled_back == 1
+    assert recovery.to_json()["steps_lost"] == 2
