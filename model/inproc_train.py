@@ -171,11 +171,8 @@ class InprocTrainer(Trainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.raw_model.load_state_dict(state["model"])
         self.backend.load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress.load_state_dict(state["progress"])
-        self.slot_states = {int(slot): value for slot, value in state["slots"].items()}
-        self.start_step = self.progress.step  # this process's first step is the peer's next
-        self.saved_step = self.progress.step
+        # Only a rank that lacks state receives one: it has saved nothing of it.
+        self.load_small_state({**state, "saved_step": state["progress"]["step"]})
 
     # ------------------------------------------------------------------ ShardedState's side
     def build_sharded_model(self) -> torch.nn.Module:
@@ -208,7 +205,8 @@ class InprocTrainer(Trainer):
         return self.optimizer
 
     def load_small_state(self, small: dict[str, Any]) -> None:
-        """The replicated part of a restored state: schedule, progress, slot positions."""
+        """The replicated part of a restored state: schedule, progress, slot positions and
+        the step on disk (replicated state: received only by a rank that held none)."""
         had_state = self.shards is not None and (self.shards.whole or self.shards.layout is not None)
         self.scheduler.load_state_dict(small["scheduler"])  # also sets the new optimizer's lr
         self.progress.load_state_dict(small["progress"])

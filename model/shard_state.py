@@ -170,12 +170,9 @@ class ShardedState:
         kinds = KINDS if adam_step > 0 else KINDS[:1]
         whole: dict[tuple[str, str], torch.Tensor] = {}
         for name, shape in self.shapes.items():
-            start, end = chunk_rows(shape[0], self.layout.world, self.rank)
             for kind in kinds:
                 piece = live[(name, kind)]
-                buffer = torch.zeros(shape, dtype=piece.dtype, device=piece.device)
-                buffer[start:end].copy_(piece)
-                guard.all_reduce(buffer)
+                buffer = whole_from_rows(shape, self.layout.world, {self.rank: piece}, piece, guard.all_reduce)
                 if keep:
                     whole[(name, kind)] = buffer.cpu()
         optimizer = None
@@ -290,17 +287,14 @@ class ShardedState:
     ) -> torch.Tensor:
         """The whole tensor (CPU): this process's own copy when every member holds the whole
         state, else the sum of every writer's rows (each row has exactly one writer)."""
-        shape = self.shapes[name]
+        piece = live[(name, kind)]
         if plan.everyone_full:
-            return live[(name, kind)].detach().cpu()
-        whole = torch.zeros(shape, dtype=torch.float32, device=self.trainer.ctx.device)
-        if plan.full_source == me:
-            whole.copy_(live[(name, kind)])
-        for old_rank, rows in writes.items():
-            start, end = chunk_rows(shape[0], plan.layout.world, old_rank)
-            whole[start:end].copy_(rows[(name, kind)])
-        dist.all_reduce(whole)
-        return whole.cpu()
+            return piece.detach().cpu()
+        if plan.full_source is not None:  # one member writes the whole tensor
+            rows, world = ({0: piece} if plan.full_source == me else {}), 1
+        else:
+            rows, world = {rank: held[(name, kind)] for rank, held in writes.items()}, plan.layout.world
+        return whole_from_rows(self.shapes[name], world, rows, piece, dist.all_reduce).cpu()
 
 
 def live_pieces(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[tuple[str, str], torch.Tensor]:
@@ -333,6 +327,24 @@ def send_to_buddy(flat: torch.Tensor, received: torch.Tensor, buddy: int, ward: 
     work = dist.all_to_all_single(received, flat, receive_sizes, send_sizes, async_op=True)
     assert work is not None
     return work
+
+
+def whole_from_rows(
+    shape: tuple[int, ...],
+    world: int,
+    rows: dict[int, torch.Tensor],
+    like: torch.Tensor,
+    reduce: Callable[[torch.Tensor], Any],
+) -> torch.Tensor:
+    """A whole tensor from rows of a `world`-rank layout: each rank's rows written where
+    torch.chunk puts them (zeros elsewhere), then summed over the group by `reduce`; every
+    row has exactly one writer among the members."""
+    whole = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    for rank, piece in rows.items():
+        start, end = chunk_rows(shape[0], world, rank)
+        whole[start:end].copy_(piece)
+    reduce(whole)
+    return whole
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
